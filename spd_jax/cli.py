@@ -1,0 +1,49 @@
+"""Shared command-line plumbing for the `launch/` scripts (kept here so the scripts stay thin)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+
+def common_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML run config (configs/*.yaml); flags override it")
+    p.add_argument("--model", help="HF model directory, .gguf file, or 'embedded' (default)")
+    p.add_argument("--tp", type=int, help="tensor-parallel degree")
+    p.add_argument("--spd-blocks", help="blocks that drop the attention sync: 'all', 'none', or e.g. '0,2,5-9'")
+    p.add_argument("--spd-plan", help="plan.json written by launch/train_distill.py (overrides --spd-blocks)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"])
+    p.add_argument("--emulate", action="store_true", default=None,
+                   help="run the N-way TP maths on one device (vmap over shards) instead of N devices")
+    from spd_jax.distributed import add_distributed_args
+
+    add_distributed_args(p)
+
+
+def ensure_devices(args: argparse.Namespace) -> None:
+    """On a CPU-only host, expose enough simulated devices for --tp (must run before JAX starts)."""
+    want = max(int(getattr(args, "tp", None) or 1), 8)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={want}".strip()
+
+
+def run_config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None):
+    from spd_jax.config import load_run_config
+
+    overrides = {"model": args.model, "tp": args.tp, "spd_blocks": args.spd_blocks, "spd_plan": args.spd_plan,
+                 "dtype": args.dtype, "emulate": args.emulate, **(extra or {})}
+    return load_run_config(args.config, overrides)
+
+
+def die(e: BaseException) -> None:
+    """Print a one-line error for user mistakes; let real bugs keep their traceback."""
+    from spd_jax.config import ConfigError
+    from spd_jax.loading import WeightLoadError
+
+    if isinstance(e, (ConfigError, WeightLoadError, FileNotFoundError)):
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    raise e

@@ -1,0 +1,274 @@
+"""Typed configuration: model architecture, run settings, YAML loading.
+
+`ModelConfig` is the architecture as our model code needs it (built from a transformers config).
+`RunConfig` is what a user writes in `configs/*.yaml`: where the model comes from, the TP degree,
+which blocks drop their attention sync point, dtype and generation settings. CLI flags override it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which and what is allowed."""
+
+
+Arch = Literal["llama", "qwen2", "opt"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    kind: Literal["default", "llama3", "linear"] = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    arch: Arch
+    vocab_size: int
+    hidden: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate: int
+    max_position: int
+    norm_eps: float = 1e-5
+    rope: RopeConfig | None = RopeConfig()
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # qwen2 and OPT
+    o_bias: bool = False  # OPT
+    mlp_bias: bool = False  # OPT (fc1/fc2)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    @property
+    def is_opt(self) -> bool:
+        return self.arch == "opt"
+
+    def validate(self) -> None:
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        for name in ("vocab_size", "hidden", "n_layers", "n_heads", "head_dim", "intermediate"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model config: {name} must be positive, got {getattr(self, name)}")
+
+
+def _rope_from_hf(hf: Any) -> RopeConfig:
+    params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+    theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default")) or "default"
+    if kind == "default":
+        return RopeConfig(theta=float(theta))
+    if kind == "linear":
+        return RopeConfig(theta=float(theta), kind="linear", factor=float(params["factor"]))
+    if kind == "llama3":
+        return RopeConfig(
+            theta=float(theta),
+            kind="llama3",
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position=int(params["original_max_position_embeddings"]),
+        )
+    raise ConfigError(f"RoPE type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def _eos_ids(hf: Any) -> tuple[int, ...]:
+    eos = getattr(hf, "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "opt")
+
+
+def model_config_from_hf(hf: Any) -> ModelConfig:
+    """Build a ModelConfig from a transformers PretrainedConfig (LLaMA, Qwen2 or OPT)."""
+    mt = getattr(hf, "model_type", None)
+    if mt not in SUPPORTED_ARCHS:
+        raise ConfigError(f"unknown architecture {mt!r}: spd-jax supports {', '.join(SUPPORTED_ARCHS)}")
+    common = dict(
+        vocab_size=hf.vocab_size,
+        hidden=hf.hidden_size,
+        n_layers=hf.num_hidden_layers,
+        n_heads=hf.num_attention_heads,
+        bos_token_id=getattr(hf, "bos_token_id", None),
+        eos_token_ids=_eos_ids(hf),
+        pad_token_id=getattr(hf, "pad_token_id", None),
+    )
+    if mt == "opt":
+        if not getattr(hf, "do_layer_norm_before", True):
+            raise ConfigError("OPT with do_layer_norm_before=False (opt-350m, post-LN) is not supported")
+        if getattr(hf, "word_embed_proj_dim", hf.hidden_size) != hf.hidden_size:
+            raise ConfigError("OPT with word_embed_proj_dim != hidden_size (opt-350m) is not supported")
+        if not getattr(hf, "enable_bias", True) or not getattr(hf, "layer_norm_elementwise_affine", True):
+            raise ConfigError("OPT without biases or affine layer norms is not supported")
+        cfg = ModelConfig(
+            arch="opt",
+            n_kv_heads=hf.num_attention_heads,
+            head_dim=hf.hidden_size // hf.num_attention_heads,
+            intermediate=hf.ffn_dim,
+            max_position=hf.max_position_embeddings,
+            norm_eps=1e-5,
+            rope=None,
+            tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+            qkv_bias=True,
+            o_bias=True,
+            mlp_bias=True,
+            **common,
+        )
+    else:
+        if getattr(hf, "hidden_act", "silu") != "silu":
+            raise ConfigError(f"hidden_act {hf.hidden_act!r} not supported for {mt} (only silu)")
+        if getattr(hf, "mlp_bias", False):
+            raise ConfigError("llama with mlp_bias=True is not supported")
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        cfg = ModelConfig(
+            arch=mt,
+            n_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+            head_dim=head_dim,
+            intermediate=hf.intermediate_size,
+            max_position=hf.max_position_embeddings,
+            norm_eps=float(hf.rms_norm_eps),
+            rope=_rope_from_hf(hf),
+            tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            qkv_bias=(mt == "qwen2") or bool(getattr(hf, "attention_bias", False)),
+            o_bias=(mt == "llama") and bool(getattr(hf, "attention_bias", False)),
+            **common,
+        )
+    cfg.validate()
+    return cfg
+
+
+# ----------------------------------------------------------------------------- run configuration
+
+
+@dataclasses.dataclass
+class GenerationConfig:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int = 0
+    stop_at_eos: bool = True
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    model: str = "embedded"  # "embedded", an HF model directory, or a .gguf file
+    tp: int = 1
+    spd_blocks: str = "none"  # "none", "all", or "0,2,5-9"
+    spd_plan: str | None = None  # plan.json written by the SPD pipeline (overrides spd_blocks)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    spd_attn_bias: Literal["full", "none"] = "full"  # see docs/design.md (OPT bias in the MLP input)
+    emulate: bool = False  # run N-way TP on one device (vmap over shards) instead of N devices
+    generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
+
+    def validate(self) -> None:
+        if self.tp < 1:
+            raise ConfigError(f"tp must be >= 1, got {self.tp}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.spd_attn_bias not in ("full", "none"):
+            raise ConfigError(f"spd_attn_bias must be 'full' or 'none', got {self.spd_attn_bias!r}")
+        self.generation.validate()
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    kwargs = {}
+    for k, v in data.items():
+        if k == "generation":
+            kwargs[k] = _from_dict(GenerationConfig, v, f"{where}.generation")
+        else:
+            kwargs[k] = v
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load a YAML run config (or defaults when path is None) and apply non-None overrides.
+
+    Overrides use dotted keys for nested fields, e.g. {"generation.max_new_tokens": 20}.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    cfg = _from_dict(RunConfig, data, str(path or "config"))
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        target = cfg
+        parts = key.split(".")
+        for part in parts[:-1]:
+            target = getattr(target, part)
+        if not hasattr(target, parts[-1]):
+            raise ConfigError(f"unknown override {key!r}")
+        setattr(target, parts[-1], value)
+    cfg.validate()
+    return cfg
+
+
+def parse_block_spec(spec: str | None, n_layers: int) -> tuple[bool, ...]:
+    """Parse "all" / "none" / "0,2,5-9" into a per-block SPD flag tuple (True = drop attention sync)."""
+    if spec is None or spec.strip().lower() in ("", "none"):
+        return (False,) * n_layers
+    if spec.strip().lower() == "all":
+        return (True,) * n_layers
+    chosen: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                a, b = (int(x) for x in part.split("-", 1))
+                if a > b:
+                    raise ConfigError(f"block range {part!r} is reversed")
+                chosen.update(range(a, b + 1))
+            else:
+                chosen.add(int(part))
+        except ValueError:
+            raise ConfigError(f"bad block spec {spec!r}: use 'all', 'none' or e.g. '0,2,5-9'") from None
+    bad = sorted(i for i in chosen if not 0 <= i < n_layers)
+    if bad:
+        raise ConfigError(f"block index(es) {bad} out of range: the model has blocks 0..{n_layers - 1}")
+    return tuple(i in chosen for i in range(n_layers))
+
+
+def ceil_to(n: int, m: int) -> int:
+    return int(math.ceil(n / m) * m)

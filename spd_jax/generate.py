@@ -1,0 +1,177 @@
+"""Generation: KV cache, jitted prefill and an on-device decode loop (no Python per token).
+
+Prompts of different lengths are left-padded into one batch; pad slots are masked out of attention
+and positions start at 0 at each prompt's first real token, so a padded batch gives the same tokens as
+the prompts run one at a time. The prefill and decode functions donate the cache. The decode loop is a
+`lax.while_loop` that stops when every sequence has emitted an end-of-sequence token or the budget is
+spent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spd_jax.config import ConfigError, GenerationConfig
+from spd_jax.runtime import Engine, Params
+
+PAD_ID = 0
+
+
+class ContextLengthError(ConfigError):
+    pass
+
+
+def sample_tokens(logits_bv, key, *, temperature: float, top_k: int, top_p: float):
+    """Greedy (temperature == 0) or temperature / top-k / top-p sampling. Static settings."""
+    if temperature == 0.0:
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    logits = logits_bv.astype(jnp.float32) / temperature
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_desc = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each candidate
+        keep = before < top_p  # always keeps the top token
+        threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # generated ids per prompt (stops before EOS)
+    finished: list[bool]  # hit EOS
+    prompt_lengths: list[int]
+    ttft_s: float  # prefill + first token (device-synchronised)
+    decode_s: float  # the on-device decode loop
+    decode_tokens: int  # tokens produced by the decode loop (all sequences, excluding the first)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+class Generator:
+    """Jitted prefill + decode for one engine, parameter set and SPD configuration."""
+
+    def __init__(self, engine: Engine, params: Params, spd_modes: Sequence[bool], *, bucket: int = 16):
+        self.engine = engine
+        self.params = params
+        self.spd_modes = tuple(bool(m) for m in spd_modes)
+        self.cfg = engine.mdef.cfg
+        self.bucket = bucket
+        self._prefill = {}
+        self._decode = {}
+
+    def _prefill_fn(self, gen: GenerationConfig):
+        key = (gen.temperature, gen.top_k, gen.top_p)
+        if key not in self._prefill:
+            fwd = self.engine.forward(self.spd_modes, attend_cache=False, with_cache=True)
+
+            def prefill(params, tokens, pad, cache, rng):
+                logits, cache = fwd(params, tokens, pad, cache, jnp.int32(0))
+                tok = sample_tokens(logits[:, -1], rng, temperature=gen.temperature, top_k=gen.top_k,
+                                    top_p=gen.top_p)
+                return tok, cache
+
+            self._prefill[key] = jax.jit(prefill, donate_argnums=(3,))
+        return self._prefill[key]
+
+    def _decode_fn(self, gen: GenerationConfig, max_new: int):
+        key = (gen.temperature, gen.top_k, gen.top_p, max_new, gen.stop_at_eos)
+        if key not in self._decode:
+            fwd = self.engine.forward(self.spd_modes, attend_cache=True, with_cache=True)
+            eos = jnp.asarray(self.cfg.eos_token_ids or (-1,), jnp.int32)
+
+            def is_eos(t):
+                return jnp.any(t[:, None] == eos[None, :], axis=-1) if gen.stop_at_eos else jnp.zeros_like(t, bool)
+
+            def decode(params, cache, first, pad, start, rng):
+                b = first.shape[0]
+                out = jnp.full((b, max_new), PAD_ID, jnp.int32).at[:, 0].set(first)
+                done = is_eos(first)
+
+                def cond(c):
+                    i, _, _, done, _ = c
+                    return (i < max_new) & ~jnp.all(done)
+
+                def body(c):
+                    i, cache, out, done, n = c
+                    prev = jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1)
+                    logits, cache = fwd(params, prev, pad, cache, start + i - 1)
+                    tok = sample_tokens(logits[:, -1], jax.random.fold_in(rng, i), temperature=gen.temperature,
+                                        top_k=gen.top_k, top_p=gen.top_p)
+                    tok = jnp.where(done, PAD_ID, tok)
+                    n = n + jnp.sum(~done)
+                    out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
+                    return i + 1, cache, out, done | is_eos(tok), n
+
+                _, cache, out, done, n = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, out, done, jnp.int32(0)))
+                return out, done, n, cache
+
+            self._decode[key] = jax.jit(decode, donate_argnums=(1,))
+        return self._decode[key]
+
+    def generate(self, prompts: Sequence[Sequence[int]], gen: GenerationConfig) -> GenerationResult:
+        gen.validate()
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ConfigError("every prompt must have at least one token")
+        lengths = [len(p) for p in prompts]
+        longest = max(lengths)
+        ctx = self.cfg.max_position
+        if longest + gen.max_new_tokens > ctx:
+            raise ContextLengthError(
+                f"prompt of {longest} tokens + {gen.max_new_tokens} new tokens = {longest + gen.max_new_tokens} "
+                f"exceeds the model's context of {ctx} tokens; shorten the prompt or lower --max-new-tokens")
+        t_pad = _round_up(longest, self.bucket)
+        b = len(prompts)
+        tokens = np.full((b, t_pad), PAD_ID, np.int32)
+        pad = np.zeros((b,), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, t_pad - len(p):] = p
+            pad[i] = t_pad - len(p)
+        max_len = _round_up(t_pad + gen.max_new_tokens, self.bucket)
+        eng = self.engine
+        cache = eng.init_cache(b, max_len)
+        rng = jax.random.PRNGKey(gen.seed)
+        r_first, r_loop = jax.random.split(rng)
+        tokens_d, pad_d = eng.replicate(tokens), eng.replicate(pad)
+
+        t0 = time.perf_counter()
+        first, cache = self._prefill_fn(gen)(self.params, tokens_d, pad_d, cache, r_first)
+        first.block_until_ready()
+        ttft = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        out, done, n, cache = self._decode_fn(gen, gen.max_new_tokens)(
+            self.params, cache, first, pad_d, jnp.int32(t_pad), r_loop)
+        out = np.asarray(jax.device_get(out))
+        decode_s = time.perf_counter() - t1
+        done = np.asarray(done)
+
+        eos = set(self.cfg.eos_token_ids) if gen.stop_at_eos else set()
+        seqs = []
+        for row in out:
+            seq = []
+            for t in row.tolist():
+                if t in eos:
+                    break
+                seq.append(t)
+            seqs.append(seq)
+        return GenerationResult(seqs, done.tolist(), lengths, ttft, decode_s, int(n))
+
+    def warmup(self, gen: GenerationConfig, prompt_len: int = 8, batch: int = 1):
+        """Compile prefill and decode for this shape class (so timings exclude compilation)."""
+        self.generate([[1] * prompt_len] * batch, dataclasses.replace(gen, stop_at_eos=False))

@@ -1,0 +1,56 @@
+"""From a RunConfig to a ready model: open weights, pick the SPD blocks, place shards, build a Generator."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any
+
+from spd_jax.config import RunConfig, parse_block_spec
+from spd_jax.generate import GenerationResult, Generator
+from spd_jax.loading import LoadedModel, load_params, open_model
+from spd_jax.plan import load_plan, modes_from_plan
+from spd_jax.runtime import Engine, Params, build_model_def
+
+
+@dataclasses.dataclass
+class Session:
+    run: RunConfig
+    loaded: LoadedModel
+    engine: Engine
+    params: Params
+    spd_modes: tuple[bool, ...]
+    tokenizer: Any
+
+    @property
+    def cfg(self):
+        return self.loaded.cfg
+
+    def generator(self) -> Generator:
+        return Generator(self.engine, self.params, self.spd_modes)
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        return list(ids)
+
+    def generate_text(self, prompts: list[str], gen=None) -> tuple[list[str], GenerationResult]:
+        gen = gen or self.run.generation
+        res = self.generator().generate([self.encode(p) for p in prompts], gen)
+        return [self.tokenizer.decode(t, skip_special_tokens=True) for t in res.tokens], res
+
+
+def resolve_spd_modes(run: RunConfig, n_layers: int) -> tuple[bool, ...]:
+    if run.spd_plan:
+        return modes_from_plan(load_plan(run.spd_plan), n_layers, where=str(run.spd_plan))
+    return parse_block_spec(run.spd_blocks, n_layers)
+
+
+def open_session(run: RunConfig, *, params: Params | None = None, verbose: bool = False) -> Session:
+    loaded = open_model(run.model)
+    modes = resolve_spd_modes(run, loaded.cfg.n_layers)
+    mdef = build_model_def(loaded.cfg, run.tp, run.dtype)
+    engine = Engine.create(mdef, emulate=run.emulate, spd_attn_bias=run.spd_attn_bias)
+    if params is None:
+        log = (lambda name: print(f"  loading {name}", file=sys.stderr)) if verbose else None
+        params = load_params(engine, loaded.source, progress=log)
+    return Session(run, loaded, engine, params, modes, loaded.tokenizer())

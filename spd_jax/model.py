@@ -1,0 +1,277 @@
+"""Model math for ONE tensor-parallel shard, with explicit collectives over the `tp` axis.
+
+Modules are constructed with *global* shapes (so `nnx.split` gives the global parameter tree that the
+loader fills and `jax.shard_map` partitions) but are called on *local* shards: every size used in the
+computation is read from the arrays, never from the config. The same code therefore runs
+  * under `jax.shard_map` on N devices (`spd_jax.runtime`, real TP), and
+  * under `jax.vmap(..., axis_name="tp")` on one device (the single-device N-way TP emulation),
+because both bind the collective `psum` / `axis_index` to the axis name "tp".
+
+The decoder block has a per-block, static sync mode (SPD_METHOD.md sections 1-2):
+  sync:  H = X + AllReduce(Y_i) + b_o ;  out = H + AllReduce(Z_i(LN2(H))) + b_down
+  spd:   M_i = X + Y_i (+ b_o) ;         out = X + AllReduce(Y_i + Z_i(LN2(M_i))) + b_o + b_down
+where Y_i is device i's partial attention output (row-parallel o-projection without its bias).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spd_jax.config import ModelConfig, RopeConfig
+from spd_jax.sharding import TP_AXIS, TPLayout
+
+NEG_INF = float(np.finfo(np.float32).min)
+
+
+def psum(x):
+    return jax.lax.psum(x, TP_AXIS)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class Linear(nnx.Module):
+    """y = x @ w (+ b). w is [in, out]. Row-parallel callers add their bias after the all-reduce."""
+
+    def __init__(self, din: int, dout: int, *, bias: bool, dtype):
+        self.w = nnx.Param(jnp.zeros((din, dout), dtype))
+        self.b = nnx.Param(jnp.zeros((dout,), dtype)) if bias else None
+
+    def __call__(self, x, add_bias: bool = True):
+        y = jnp.einsum("...i,io->...o", x, self.w[...])
+        if add_bias and self.b is not None:
+            y = y + self.b[...]
+        return y
+
+    def bias(self):
+        return None if self.b is None else self.b[...]
+
+
+class Norm(nnx.Module):
+    """RMSNorm (llama/qwen2, HF semantics: normalise in f32, cast, then scale) or LayerNorm (OPT)."""
+
+    def __init__(self, d: int, *, eps: float, layernorm: bool, dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((d,), dtype))
+        self.bias = nnx.Param(jnp.zeros((d,), dtype)) if layernorm else None
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        if self.bias is None:
+            xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+            return self.scale[...] * xf.astype(x.dtype)
+        mu = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
+        xf = (xf - mu) * jax.lax.rsqrt(var + self.eps)
+        return (xf * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, rope: RopeConfig) -> np.ndarray:
+    inv = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
+    inv = inv.astype(np.float32)
+    if rope.kind == "linear":
+        return (inv / rope.factor).astype(np.float32)
+    if rope.kind == "llama3":
+        low_wl = rope.original_max_position / rope.low_freq_factor
+        high_wl = rope.original_max_position / rope.high_freq_factor
+        wl = 2 * math.pi / inv
+        out = np.where(wl > low_wl, inv / rope.factor, inv)
+        smooth = (rope.original_max_position / wl - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * out / rope.factor + smooth * out
+        medium = ~(wl < high_wl) & ~(wl > low_wl)
+        return np.where(medium, smoothed, out).astype(np.float32)
+    return inv
+
+
+def apply_rope(x_bthd, cos_btd, sin_btd):
+    """HF 'rotate_half' convention on [B, T, H, hd] with cos/sin [B, T, hd]."""
+    half = x_bthd.shape[-1] // 2
+    x1, x2 = x_bthd[..., :half], x_bthd[..., half:]
+    rot = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = cos_btd[:, :, None, :], sin_btd[:, :, None, :]
+    xf = x_bthd.astype(jnp.float32)
+    return (xf * cos + rot.astype(jnp.float32) * sin).astype(x_bthd.dtype)
+
+
+def attention_core(q_bthd, k_bskd, v_bskd, mask_bts):
+    """Grouped-query attention on local heads. q heads h use kv head h // (H/K)."""
+    b, t, h, d = q_bthd.shape
+    kh = k_bskd.shape[2]
+    q = q_bthd.reshape(b, t, kh, h // kh, d)
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd, preferred_element_type=jnp.float32)
+    s = s / np.float32(math.sqrt(d))
+    s = jnp.where(mask_bts[:, None, None, :, :], s, NEG_INF)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v_bskd.dtype), v_bskd)
+    return o.reshape(b, t, h * d)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layout: TPLayout, dtype):
+        d, hd = cfg.hidden, cfg.head_dim
+        self.head_dim = hd
+        self.q = Linear(d, cfg.n_heads * hd, bias=cfg.qkv_bias, dtype=dtype)
+        self.k = Linear(d, layout.kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype)
+        self.v = Linear(d, layout.kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype)
+        self.o = Linear(cfg.n_heads * hd, d, bias=cfg.o_bias, dtype=dtype)
+
+    def __call__(self, h_btd, rope_cs, mask_bts, kv_cache, cache_index, attend_cache: bool):
+        """Returns (Y_i: this shard's partial o-projection, no bias, new kv cache or None)."""
+        b, t, _ = h_btd.shape
+        hd = self.head_dim
+        q = self.q(h_btd).reshape(b, t, -1, hd)
+        k = self.k(h_btd).reshape(b, t, -1, hd)
+        v = self.v(h_btd).reshape(b, t, -1, hd)
+        if rope_cs is not None:
+            q, k = apply_rope(q, *rope_cs), apply_rope(k, *rope_cs)
+        new_cache = None
+        if kv_cache is not None:
+            ck = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), (0, cache_index, 0, 0))
+            cv = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), (0, cache_index, 0, 0))
+            new_cache = {"k": ck, "v": cv}
+            if attend_cache:
+                k, v = ck, cv
+        o = attention_core(q, k, v, mask_bts)
+        return self.o(o, add_bias=False), new_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU (llama/qwen2: gate, up, down) or ReLU (OPT: fc1, fc2). Returns the partial sum Z_i."""
+
+    def __init__(self, cfg: ModelConfig, layout: TPLayout, dtype):
+        d, f = cfg.hidden, layout.intermediate
+        self.relu = cfg.is_opt
+        if cfg.is_opt:
+            self.fc1 = Linear(d, f, bias=True, dtype=dtype)
+            self.fc2 = Linear(f, d, bias=True, dtype=dtype)
+        else:
+            self.gate = Linear(d, f, bias=False, dtype=dtype)
+            self.up = Linear(d, f, bias=False, dtype=dtype)
+            self.down = Linear(f, d, bias=False, dtype=dtype)
+
+    def __call__(self, h_btd):
+        if self.relu:
+            return self.fc2(jax.nn.relu(self.fc1(h_btd)), add_bias=False)
+        return self.down(jax.nn.silu(self.gate(h_btd)) * self.up(h_btd), add_bias=False)
+
+    def out_bias(self):
+        return self.fc2.bias() if self.relu else None
+
+
+def _add(x, b):
+    return x if b is None else x + b
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layout: TPLayout, dtype):
+        ln = cfg.is_opt
+        self.attn_norm = Norm(cfg.hidden, eps=cfg.norm_eps, layernorm=ln, dtype=dtype)
+        self.attn = Attention(cfg, layout, dtype)
+        self.mlp_norm = Norm(cfg.hidden, eps=cfg.norm_eps, layernorm=ln, dtype=dtype)
+        self.mlp = MLP(cfg, layout, dtype)
+
+    def __call__(self, x_btd, rope_cs, mask_bts, kv_cache, cache_index, *, spd: bool, attend_cache: bool,
+                 spd_attn_bias: str = "full"):
+        y, new_cache = self.attn(self.attn_norm(x_btd), rope_cs, mask_bts, kv_cache, cache_index, attend_cache)
+        b_o, b_out = self.attn.o.bias(), self.mlp.out_bias()
+        if not spd:  # two sync points
+            h = _add(x_btd + psum(y), b_o)
+            z = self.mlp(self.mlp_norm(h))
+            return _add(h + psum(z), b_out), new_cache
+        # SPD: the MLP on this shard sees only its local attention partial; one all-reduce.
+        m = x_btd + y
+        if spd_attn_bias == "full":
+            m = _add(m, b_o)
+        z = self.mlp(self.mlp_norm(m))
+        out = _add(_add(x_btd + psum(y + z), b_o), b_out)
+        return out, new_cache
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab: int, d: int, dtype):
+        self.w = nnx.Param(jnp.zeros((vocab, d), dtype))
+
+
+class LMHead(nnx.Module):
+    def __init__(self, d: int, vocab: int, dtype):
+        self.w = nnx.Param(jnp.zeros((d, vocab), dtype))
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM (LLaMA/Qwen2/OPT). `__call__` runs one TP shard; see module docstring."""
+
+    def __init__(self, cfg: ModelConfig, layout: TPLayout, dtype=jnp.float32):
+        self.cfg = cfg
+        self.embed = Embedding(layout.vocab, cfg.hidden, dtype)
+        self.pos_embed = nnx.Param(jnp.zeros((cfg.max_position + 2, cfg.hidden), dtype)) if cfg.is_opt else None
+        self.layers = nnx.List([Block(cfg, layout, dtype) for _ in range(cfg.n_layers)])
+        self.final_norm = Norm(cfg.hidden, eps=cfg.norm_eps, layernorm=cfg.is_opt, dtype=dtype)
+        self.lm_head = None if cfg.tie_embeddings else LMHead(cfg.hidden, layout.vocab, dtype)
+
+    def embed_tokens(self, tokens_bt):
+        """Vocab-parallel lookup: each shard owns rows [i*Vl, (i+1)*Vl); one all-reduce."""
+        w = self.embed.w[...]
+        vl = w.shape[0]
+        ids = tokens_bt - jax.lax.axis_index(TP_AXIS) * vl
+        ok = (ids >= 0) & (ids < vl)
+        x = jnp.take(w, jnp.clip(ids, 0, vl - 1), axis=0) * ok[..., None].astype(w.dtype)
+        return psum(x)
+
+    def logits_local(self, h_btd):
+        """This shard's slice of the vocabulary logits, in float32."""
+        w = self.embed.w[...].T if self.lm_head is None else self.lm_head.w[...]
+        return jnp.einsum("btd,dv->btv", h_btd, w, preferred_element_type=jnp.float32)
+
+    def hidden_in(self, tokens_bt, positions_bt):
+        x = self.embed_tokens(tokens_bt)
+        if self.pos_embed is not None:  # OPT: learned positions with offset 2
+            x = x + jnp.take(self.pos_embed[...], positions_bt + 2, axis=0)
+        return x
+
+    def rope(self, positions_bt):
+        if self.cfg.rope is None:
+            return None
+        inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope)
+        f = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+        emb = jnp.concatenate([f, f], axis=-1)
+        return jnp.cos(emb), jnp.sin(emb)
+
+    def __call__(self, tokens_bt, pad_b, cache, cache_index, *, spd_modes: tuple[bool, ...],
+                 attend_cache: bool = False, spd_attn_bias: str = "full", return_hidden: bool = False):
+        """One shard's forward.
+
+        tokens_bt: [B, T] token ids, left-padded by pad_b[b] tokens (pad slots are never attended to).
+        cache: None (no KV cache) or a list of {"k","v"} [B, S, KVl, hd] per layer.
+        cache_index: slot where tokens_bt[:, 0] is written (0 for a fresh prefill).
+        attend_cache: attend over the whole cache (decode) instead of only over tokens_bt (prefill).
+        Returns (local logits [B, T, Vl] float32, new cache or None[, per-block inputs]).
+        """
+        b, t = tokens_bt.shape
+        slots = cache_index + jnp.arange(t, dtype=jnp.int32)  # [T]
+        positions = jnp.maximum(slots[None, :] - pad_b[:, None], 0)
+        if attend_cache:
+            keys = jnp.arange(cache[0]["k"].shape[1], dtype=jnp.int32)
+        else:
+            keys = slots
+        mask = (keys[None, None, :] <= slots[None, :, None]) & (keys[None, None, :] >= pad_b[:, None, None])
+        rope_cs = self.rope(positions)
+        x = self.hidden_in(tokens_bt, positions)
+        new_cache = [] if cache is not None else None
+        block_inputs = []
+        for i, layer in enumerate(self.layers):
+            block_inputs.append(x)
+            x, c = layer(x, rope_cs, mask, None if cache is None else cache[i], cache_index,
+                         spd=spd_modes[i], attend_cache=attend_cache, spd_attn_bias=spd_attn_bias)
+            if cache is not None:
+                new_cache.append(c)
+        logits = self.logits_local(self.final_norm(x))
+        if return_hidden:
+            return logits, new_cache, block_inputs
+        return logits, new_cache

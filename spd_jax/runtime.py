@@ -1,0 +1,240 @@
+"""Run the per-shard model as real TP (`jax.shard_map` over a `tp` mesh) or emulated TP (one device).
+
+Parameters are a plain nested dict (`nnx.to_pure_dict` of the model state), merged back into the NNX
+module inside the traced function (`nnx.merge`), so no Python object sits on the per-token path.
+
+* Real TP: params are global `jax.Array`s with `NamedSharding(mesh, spec)`; the shard function runs
+  under `jax.shard_map(..., check_vma=True)`, so a missing or extra psum fails at trace time.
+* Emulated TP (`emulate=True`): each sharded param is stored stacked as [tp, *local_shape] on one
+  device, and the *same* shard function runs under `jax.vmap(axis_name="tp")`; the collectives then
+  act across the stacked axis. This gives the N-way TP numbers (including SPD's per-shard MLP inputs)
+  on a single CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
+
+from spd_jax.config import ModelConfig
+from spd_jax.model import Transformer
+from spd_jax.sharding import TP_AXIS, TPLayout, make_mesh, named, param_spec
+
+Params = dict[str, Any]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def path_names(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+
+
+def tp_axis_of(spec: P) -> int | None:
+    for i, s in enumerate(spec):
+        if s == TP_AXIS:
+            return i
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDef:
+    """Everything static about a model split `tp` ways: config, layout, NNX graphdef, global shapes."""
+
+    cfg: ModelConfig
+    layout: TPLayout
+    graphdef: Any
+    abstract: Params  # pure dict of ShapeDtypeStruct with global shapes
+    dtype: Any
+
+    @property
+    def tp(self) -> int:
+        return self.layout.tp
+
+    def specs(self) -> Params:
+        return jax.tree_util.tree_map_with_path(lambda p, x: param_spec(path_names(p), x.ndim), self.abstract)
+
+    def cache_shape(self, batch: int, max_len: int) -> tuple[int, ...]:
+        return (batch, max_len, self.layout.kv_heads, self.cfg.head_dim)
+
+
+def build_model_def(cfg: ModelConfig, tp: int, dtype: str | Any = "float32") -> ModelDef:
+    dt = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    layout = TPLayout(cfg, tp)
+    abs_model = nnx.eval_shape(lambda: Transformer(cfg, layout, dt))
+    graphdef, state = nnx.split(abs_model)
+    return ModelDef(cfg, layout, graphdef, nnx.to_pure_dict(state), dt)
+
+
+# ----------------------------------------------------------------------------- shard stacking (emulation)
+
+
+def stack_shards(x: np.ndarray | jax.Array, spec: P, tp: int):
+    """Global array -> [tp, *local] for a sharded spec; replicated arrays are returned unchanged."""
+    ax = tp_axis_of(spec)
+    if ax is None:
+        return x
+    shape = x.shape
+    y = x.reshape(shape[:ax] + (tp, shape[ax] // tp) + shape[ax + 1 :])
+    return jnp.moveaxis(y, ax, 0) if isinstance(y, jax.Array) else np.moveaxis(y, ax, 0)
+
+
+def unstack_shards(x, spec: P):
+    ax = tp_axis_of(spec)
+    if ax is None:
+        return x
+    y = jnp.moveaxis(x, 0, ax)
+    return y.reshape(y.shape[:ax] + (y.shape[ax] * y.shape[ax + 1],) + y.shape[ax + 2 :])
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+CACHE_SPEC = P(None, None, TP_AXIS, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    """A ModelDef bound to an execution mode: `mesh` (real TP) or `emulate=True` (one device)."""
+
+    mdef: ModelDef
+    mesh: Mesh | None = None
+    emulate: bool = False
+    spd_attn_bias: str = "full"
+
+    @staticmethod
+    def create(mdef: ModelDef, *, emulate: bool = False, devices=None, spd_attn_bias: str = "full") -> "Engine":
+        mesh = None if emulate else make_mesh(mdef.tp, devices)
+        return Engine(mdef, mesh, emulate, spd_attn_bias)
+
+    # ---- placement
+    def param_axes(self) -> Params:
+        return jax.tree.map(lambda s: 0 if tp_axis_of(s) is not None else None, self.mdef.specs(),
+                            is_leaf=lambda x: isinstance(x, P))
+
+    def shardings(self) -> Params:
+        """Sharding of each param in this engine's storage layout."""
+        if self.emulate:
+            dev = jax.devices()[0]
+            return jax.tree.map(lambda s: jax.sharding.SingleDeviceSharding(dev), self.mdef.specs(),
+                                is_leaf=lambda x: isinstance(x, P))
+        return jax.tree.map(lambda s: named(self.mesh, s), self.mdef.specs(), is_leaf=lambda x: isinstance(x, P))
+
+    def storage_shape(self, global_shape: tuple[int, ...], spec: P) -> tuple[int, ...]:
+        ax = tp_axis_of(spec)
+        if not self.emulate or ax is None:
+            return tuple(global_shape)
+        tp = self.mdef.tp
+        local = list(global_shape)
+        local[ax] //= tp
+        return (tp, *local)
+
+    def from_global(self, params: Params) -> Params:
+        """Global arrays (host or device) -> this engine's storage layout."""
+        specs = self.mdef.specs()
+        if self.emulate:
+            return jax.tree.map(lambda x, s: jnp.asarray(stack_shards(x, s, self.mdef.tp)), params, specs,
+                                is_leaf=lambda x: isinstance(x, P))
+        return jax.tree.map(lambda x, s: jax.device_put(x, named(self.mesh, s)), params, specs,
+                            is_leaf=lambda x: isinstance(x, P))
+
+    def to_global(self, params: Params) -> Params:
+        if not self.emulate:
+            return params
+        return jax.tree.map(lambda x, s: unstack_shards(x, s), params, self.mdef.specs(),
+                            is_leaf=lambda x: isinstance(x, P))
+
+    def init_cache(self, batch: int, max_len: int, dtype=None):
+        dtype = dtype or self.mdef.dtype
+        shape = self.mdef.cache_shape(batch, max_len)
+        n = self.mdef.cfg.n_layers
+        if self.emulate:
+            tp = self.mdef.tp
+            local = (tp, batch, max_len, shape[2] // tp, shape[3])
+            return [{"k": jnp.zeros(local, dtype), "v": jnp.zeros(local, dtype)} for _ in range(n)]
+        sh = named(self.mesh, CACHE_SPEC)
+        z = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sh)
+        return [{"k": z(), "v": z()} for _ in range(n)]
+
+    # ---- the forward
+    def _shard_fn(self, spd_modes, attend_cache, return_hidden):
+        graphdef = self.mdef.graphdef
+        bias_mode = self.spd_attn_bias
+
+        def fn(params, tokens, pad, cache, cache_index):
+            model = nnx.merge(graphdef, params)
+            return model(tokens, pad, cache, cache_index, spd_modes=spd_modes, attend_cache=attend_cache,
+                         spd_attn_bias=bias_mode, return_hidden=return_hidden)
+
+        return fn
+
+    def forward(self, spd_modes: tuple[bool, ...], *, attend_cache: bool = False, with_cache: bool = False,
+                return_hidden: bool = False) -> Callable:
+        """An (unjitted) function (params, tokens[B,T], pad[B], cache, cache_index) -> (logits[B,T,V], cache).
+
+        Logits are float32 over the true vocabulary (padding sliced off). `cache` is None unless
+        with_cache. With return_hidden the block inputs (list of [B,T,D]) come back as a third output.
+        """
+        spd_modes = tuple(bool(m) for m in spd_modes)
+        if len(spd_modes) != self.mdef.cfg.n_layers:
+            raise ValueError(f"spd_modes has {len(spd_modes)} entries, model has {self.mdef.cfg.n_layers} blocks")
+        fn = self._shard_fn(spd_modes, attend_cache, return_hidden)
+        vocab = self.mdef.cfg.vocab_size
+        n_layers = self.mdef.cfg.n_layers
+        cache_axes = [{"k": 0, "v": 0}] * n_layers if with_cache else None
+        hidden_axes = [None] * n_layers if return_hidden else None
+
+        if self.emulate:
+            tp = self.mdef.tp
+            vm = jax.vmap(fn, in_axes=(self.param_axes(), None, None, cache_axes, None),
+                          out_axes=(0, cache_axes, hidden_axes) if return_hidden else (0, cache_axes),
+                          axis_name=TP_AXIS, axis_size=tp)
+
+            def run(params, tokens, pad, cache, cache_index):
+                out = vm(params, tokens, pad, cache, cache_index)
+                lg = out[0]  # [tp, B, T, Vl]
+                lg = jnp.moveaxis(lg, 0, 2).reshape(lg.shape[1], lg.shape[2], -1)[..., :vocab]
+                return (lg, *out[1:])
+
+            return run
+
+        cache_specs = [{"k": CACHE_SPEC, "v": CACHE_SPEC}] * n_layers if with_cache else None
+        out_specs = (P(None, None, TP_AXIS), cache_specs)
+        if return_hidden:
+            out_specs = (*out_specs, [P()] * n_layers)
+        sm = jax.shard_map(fn, mesh=self.mesh,
+                           in_specs=(self.mdef.specs(), P(), P(), cache_specs, P()),
+                           out_specs=out_specs, check_vma=True)
+
+        def run(params, tokens, pad, cache, cache_index):
+            out = sm(params, tokens, pad, cache, cache_index)
+            return (out[0][..., :vocab], *out[1:])
+
+        return run
+
+    def replicate(self, x):
+        """Put a small host array where the forward expects replicated inputs."""
+        if self.emulate:
+            return jnp.asarray(x)
+        return jax.device_put(x, named(self.mesh, P()))
+
+    @functools.cached_property
+    def _logits_jit(self):
+        return {}
+
+    def logits(self, params: Params, tokens, pad=None, spd_modes=None):
+        """Full-sequence logits (no cache), jitted per SPD configuration. tokens: [B, T] int."""
+        tokens = np.asarray(tokens, np.int32)
+        spd_modes = tuple(spd_modes) if spd_modes is not None else (False,) * self.mdef.cfg.n_layers
+        pad = np.zeros(tokens.shape[0], np.int32) if pad is None else np.asarray(pad, np.int32)
+        key = spd_modes
+        if key not in self._logits_jit:
+            f = self.forward(spd_modes)
+            self._logits_jit[key] = jax.jit(lambda p, t, pd: f(p, t, pd, None, jnp.int32(0))[0])
+        return self._logits_jit[key](params, self.replicate(tokens), self.replicate(pad))
