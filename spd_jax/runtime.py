@@ -188,7 +188,7 @@ class Engine:
         vocab = self.mdef.cfg.vocab_size
         n_layers = self.mdef.cfg.n_layers
         cache_axes = [{"k": 0, "v": 0}] * n_layers if with_cache else None
-        hidden_axes = [None] * n_layers if return_hidden else None
+        hidden_axes = [0] * n_layers if return_hidden else None  # psum results stay batched under vmap
 
         if self.emulate:
             tp = self.mdef.tp
@@ -200,6 +200,8 @@ class Engine:
                 out = vm(params, tokens, pad, cache, cache_index)
                 lg = out[0]  # [tp, B, T, Vl]
                 lg = jnp.moveaxis(lg, 0, 2).reshape(lg.shape[1], lg.shape[2], -1)[..., :vocab]
+                if return_hidden:  # replicated values: every shard holds the same copy
+                    return lg, out[1], [h[0] for h in out[2]]
                 return (lg, *out[1:])
 
             return run

@@ -1,0 +1,105 @@
+"""Generation: KV-cache decode vs full recompute, determinism, seeds, padding, EOS, context limit."""
+
+import dataclasses
+
+import chex
+import numpy as np
+import pytest
+
+from spd_jax.config import GenerationConfig
+from spd_jax.generate import ContextLengthError, Generator
+from spd_jax.loading import load_params, open_model
+from spd_jax.runtime import Engine, build_model_def
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_models):
+    lm = open_model(tiny_models["llama"][0])
+    eng = Engine.create(build_model_def(lm.cfg, 2))
+    return lm, eng, load_params(eng, lm.source)
+
+
+def _recompute_greedy(eng, params, prompt, n, modes):
+    seq = list(prompt)
+    for _ in range(n):
+        logits = np.asarray(eng.logits(params, np.array([seq]), spd_modes=modes))
+        seq.append(int(logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("modes", [(False, False, False), (True, False, True)])
+def test_kv_cache_decode_equals_full_recompute(tiny, modes):
+    lm, eng, params = tiny
+    gen = GenerationConfig(max_new_tokens=8, stop_at_eos=False)
+    prompt = [5, 17, 33, 8, 61]
+    out = Generator(eng, params, modes).generate([prompt], gen)
+    assert out.tokens[0] == _recompute_greedy(eng, params, prompt, 8, modes)
+    assert out.decode_tokens == 7 and out.ttft_s > 0 and out.decode_s > 0
+
+
+def test_greedy_is_deterministic_and_padding_does_not_change_tokens(tiny):
+    lm, eng, params = tiny
+    g = Generator(eng, params, (True, True, False))
+    gen = GenerationConfig(max_new_tokens=6, stop_at_eos=False)
+    prompts = [[5, 17, 33], [9, 8, 7, 6, 5, 4, 3, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31], [44]]
+    batch = g.generate(prompts, gen)
+    assert batch.tokens == g.generate(prompts, gen).tokens
+    for p, toks in zip(prompts, batch.tokens):
+        assert g.generate([p], gen).tokens[0] == toks
+
+
+def test_sampling_reproducible_by_seed(tiny):
+    lm, eng, params = tiny
+    g = Generator(eng, params, (False,) * 3)
+    gen = GenerationConfig(max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.95, seed=7, stop_at_eos=False)
+    a = g.generate([[5, 6, 7]], gen).tokens
+    assert a == g.generate([[5, 6, 7]], gen).tokens
+    assert a != g.generate([[5, 6, 7]], dataclasses.replace(gen, seed=8)).tokens
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=1), dict(top_p=1e-6)])
+def test_top_k_1_and_tiny_top_p_reduce_to_greedy(tiny, kw):
+    lm, eng, params = tiny
+    g = Generator(eng, params, (False,) * 3)
+    greedy = g.generate([[5, 6, 7]], GenerationConfig(max_new_tokens=6, stop_at_eos=False)).tokens
+    sampled = g.generate([[5, 6, 7]], GenerationConfig(max_new_tokens=6, temperature=1.5, seed=3,
+                                                       stop_at_eos=False, **kw)).tokens
+    assert sampled == greedy
+
+
+def test_sample_tokens_top_p_keeps_the_nucleus():
+    import jax
+
+    from spd_jax.generate import sample_tokens
+
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
+    draws = {int(sample_tokens(logits, jax.random.PRNGKey(s), temperature=1.0, top_k=0, top_p=0.7)[0])
+             for s in range(200)}
+    assert draws == {0, 1}  # 0.5 + 0.3 >= 0.7: tokens 2 and 3 are never drawn
+
+
+def test_stops_at_eos(tiny):
+    lm, eng, params = tiny
+    g = Generator(eng, params, (False,) * 3)
+    free = g.generate([[5, 17, 33]], GenerationConfig(max_new_tokens=8, stop_at_eos=False)).tokens[0]
+    eos = free[3]
+    g.cfg = dataclasses.replace(lm.cfg, eos_token_ids=(eos,))
+    out = g.generate([[5, 17, 33], [5, 17, 33]], GenerationConfig(max_new_tokens=8))
+    assert out.tokens[0] == free[: free.index(eos)] and out.finished == [True, True]
+
+
+def test_prompt_longer_than_context_is_a_clear_error(tiny):
+    lm, eng, params = tiny
+    g = Generator(eng, params, (False,) * 3)
+    with pytest.raises(ContextLengthError, match="exceeds the model's context of 128 tokens"):
+        g.generate([[5] * 120], GenerationConfig(max_new_tokens=20))
+
+
+def test_emulated_generation_matches_real_tp(tiny_models):
+    lm = open_model(tiny_models["opt"][0])
+    gen = GenerationConfig(max_new_tokens=6, stop_at_eos=False)
+    out = []
+    for emulate in (False, True):
+        eng = Engine.create(build_model_def(lm.cfg, 4), emulate=emulate)
+        out.append(Generator(eng, load_params(eng, lm.source), (True, False, True)).generate([[4, 9, 12]], gen).tokens)
+    chex.assert_equal(out[0], out[1])
