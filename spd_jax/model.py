@@ -236,12 +236,17 @@ class Transformer(nnx.Module):
         return x
 
     def rope(self, positions_bt):
-        if self.cfg.rope is None:
-            return None
-        inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope)
-        f = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-        emb = jnp.concatenate([f, f], axis=-1)
-        return jnp.cos(emb), jnp.sin(emb)
+        return rope_tables(self.cfg, positions_bt)
+
+    def run_blocks(self, x_btd, pad_b, start: int, spd_modes: tuple[bool, ...], spd_attn_bias: str = "full"):
+        """Blocks start..L-1 on hidden states x (no cache, fresh sequence). For the SPD pipeline."""
+        t = x_btd.shape[1]
+        slots = jnp.arange(t, dtype=jnp.int32)
+        rope_cs, mask = self.rope(positions_for(slots, pad_b)), attention_mask(slots, slots, pad_b)
+        for i in range(start, len(self.layers)):
+            x_btd, _ = self.layers[i](x_btd, rope_cs, mask, None, 0, spd=spd_modes[i], attend_cache=False,
+                                      spd_attn_bias=spd_attn_bias)
+        return x_btd
 
     def __call__(self, tokens_bt, pad_b, cache, cache_index, *, spd_modes: tuple[bool, ...],
                  attend_cache: bool = False, spd_attn_bias: str = "full", return_hidden: bool = False):
@@ -251,27 +256,63 @@ class Transformer(nnx.Module):
         cache: None (no KV cache) or a list of {"k","v"} [B, S, KVl, hd] per layer.
         cache_index: slot where tokens_bt[:, 0] is written (0 for a fresh prefill).
         attend_cache: attend over the whole cache (decode) instead of only over tokens_bt (prefill).
-        Returns (local logits [B, T, Vl] float32, new cache or None[, per-block inputs]).
+        Returns (local logits [B, T, Vl] float32, new cache or None[, hidden states]); with return_hidden
+        the hidden states are the L block inputs followed by the last block's output (L + 1 arrays).
         """
-        b, t = tokens_bt.shape
+        t = tokens_bt.shape[1]
         slots = cache_index + jnp.arange(t, dtype=jnp.int32)  # [T]
-        positions = jnp.maximum(slots[None, :] - pad_b[:, None], 0)
-        if attend_cache:
-            keys = jnp.arange(cache[0]["k"].shape[1], dtype=jnp.int32)
-        else:
-            keys = slots
-        mask = (keys[None, None, :] <= slots[None, :, None]) & (keys[None, None, :] >= pad_b[:, None, None])
+        positions = positions_for(slots, pad_b)
+        keys = jnp.arange(cache[0]["k"].shape[1], dtype=jnp.int32) if attend_cache else slots
+        mask = attention_mask(slots, keys, pad_b)
         rope_cs = self.rope(positions)
         x = self.hidden_in(tokens_bt, positions)
         new_cache = [] if cache is not None else None
-        block_inputs = []
+        hidden = []
         for i, layer in enumerate(self.layers):
-            block_inputs.append(x)
+            hidden.append(x)
             x, c = layer(x, rope_cs, mask, None if cache is None else cache[i], cache_index,
                          spd=spd_modes[i], attend_cache=attend_cache, spd_attn_bias=spd_attn_bias)
             if cache is not None:
                 new_cache.append(c)
+        hidden.append(x)
         logits = self.logits_local(self.final_norm(x))
         if return_hidden:
-            return logits, new_cache, block_inputs
+            return logits, new_cache, hidden
         return logits, new_cache
+
+
+def positions_for(slots_t, pad_b):
+    """Position of each slot per sequence: 0 at the first real (non-pad) token."""
+    return jnp.maximum(slots_t[None, :] - pad_b[:, None], 0)
+
+
+def attention_mask(q_slots_t, k_slots_s, pad_b):
+    """[B, T, S]: causal and not a pad slot."""
+    return (k_slots_s[None, None, :] <= q_slots_t[None, :, None]) & (k_slots_s[None, None, :] >= pad_b[:, None, None])
+
+
+def rope_tables(cfg: ModelConfig, positions_bt):
+    if cfg.rope is None:
+        return None
+    inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope)
+    f = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([f, f], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def vocab_parallel_nll(logits_local_btv, targets_bt, vocab_size: int):
+    """Per-token negative log-likelihood from vocab-sharded logits (Megatron-style), [B, T] float32.
+
+    Each shard holds vocab columns [i*Vl, (i+1)*Vl); padded columns (>= vocab_size) are excluded.
+    """
+    vl = logits_local_btv.shape[-1]
+    start = jax.lax.axis_index(TP_AXIS) * vl
+    col = start + jnp.arange(vl)
+    lg = jnp.where(col < vocab_size, logits_local_btv.astype(jnp.float32), -jnp.inf)
+    m = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(lg, axis=-1)), TP_AXIS)
+    sumexp = psum(jnp.sum(jnp.exp(lg - m[..., None]), axis=-1))
+    local_t = targets_bt - start
+    ok = (local_t >= 0) & (local_t < vl)
+    tgt = jnp.take_along_axis(lg, jnp.clip(local_t, 0, vl - 1)[..., None], axis=-1)[..., 0]
+    tgt = psum(jnp.where(ok, tgt, 0.0))
+    return jnp.log(sumexp) + m - tgt

@@ -162,61 +162,63 @@ class Engine:
         z = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sh)
         return [{"k": z(), "v": z()} for _ in range(n)]
 
+    # ---- running a per-shard function
+    def sharded(self, fn: Callable, in_specs, out_specs) -> Callable:
+        """Run `fn` (one shard's computation, collectives over "tp") as real or emulated TP.
+
+        in_specs/out_specs are pytrees of PartitionSpec as for `jax.shard_map`. Under emulation,
+        inputs with a "tp" spec are expected in stacked [tp, *local] layout (as params are stored) and
+        such outputs come back stacked too (use `gather` for the global array); replicated outputs
+        come back as one copy.
+        """
+        is_p = lambda x: isinstance(x, P)  # noqa: E731
+        if not self.emulate:
+            return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=True)
+        in_axes = jax.tree.map(lambda s: 0 if tp_axis_of(s) is not None else None, in_specs, is_leaf=is_p)
+        out_axes = jax.tree.map(lambda s: 0, out_specs, is_leaf=is_p)
+        vm = jax.vmap(fn, in_axes=in_axes, out_axes=out_axes, axis_name=TP_AXIS, axis_size=self.mdef.tp)
+
+        def run(*args):
+            out = vm(*args)
+            return jax.tree.map(lambda s, o: o if tp_axis_of(s) is not None else o[0], out_specs, out, is_leaf=is_p)
+
+        return run
+
+    def gather(self, x, spec: P):
+        """A sharded output of `sharded` as its global array."""
+        return unstack_shards(x, spec) if self.emulate else x
+
     # ---- the forward
-    def _shard_fn(self, spd_modes, attend_cache, return_hidden):
-        graphdef = self.mdef.graphdef
-        bias_mode = self.spd_attn_bias
+    def forward(self, spd_modes: tuple[bool, ...], *, attend_cache: bool = False, with_cache: bool = False,
+                return_hidden: bool = False) -> Callable:
+        """An (unjitted) function (params, tokens[B,T], pad[B], cache, cache_index) -> (logits[B,T,V], cache).
+
+        Logits are float32 over the true vocabulary (padding sliced off). `cache` is None unless
+        with_cache. With return_hidden the hidden states (L block inputs + the last block's output,
+        each [B,T,D]) come back as a third output.
+        """
+        spd_modes = tuple(bool(m) for m in spd_modes)
+        n_layers = self.mdef.cfg.n_layers
+        if len(spd_modes) != n_layers:
+            raise ValueError(f"spd_modes has {len(spd_modes)} entries, model has {n_layers} blocks")
+        graphdef, bias_mode = self.mdef.graphdef, self.spd_attn_bias
 
         def fn(params, tokens, pad, cache, cache_index):
             model = nnx.merge(graphdef, params)
             return model(tokens, pad, cache, cache_index, spd_modes=spd_modes, attend_cache=attend_cache,
                          spd_attn_bias=bias_mode, return_hidden=return_hidden)
 
-        return fn
-
-    def forward(self, spd_modes: tuple[bool, ...], *, attend_cache: bool = False, with_cache: bool = False,
-                return_hidden: bool = False) -> Callable:
-        """An (unjitted) function (params, tokens[B,T], pad[B], cache, cache_index) -> (logits[B,T,V], cache).
-
-        Logits are float32 over the true vocabulary (padding sliced off). `cache` is None unless
-        with_cache. With return_hidden the block inputs (list of [B,T,D]) come back as a third output.
-        """
-        spd_modes = tuple(bool(m) for m in spd_modes)
-        if len(spd_modes) != self.mdef.cfg.n_layers:
-            raise ValueError(f"spd_modes has {len(spd_modes)} entries, model has {self.mdef.cfg.n_layers} blocks")
-        fn = self._shard_fn(spd_modes, attend_cache, return_hidden)
-        vocab = self.mdef.cfg.vocab_size
-        n_layers = self.mdef.cfg.n_layers
-        cache_axes = [{"k": 0, "v": 0}] * n_layers if with_cache else None
-        hidden_axes = [0] * n_layers if return_hidden else None  # psum results stay batched under vmap
-
-        if self.emulate:
-            tp = self.mdef.tp
-            vm = jax.vmap(fn, in_axes=(self.param_axes(), None, None, cache_axes, None),
-                          out_axes=(0, cache_axes, hidden_axes) if return_hidden else (0, cache_axes),
-                          axis_name=TP_AXIS, axis_size=tp)
-
-            def run(params, tokens, pad, cache, cache_index):
-                out = vm(params, tokens, pad, cache, cache_index)
-                lg = out[0]  # [tp, B, T, Vl]
-                lg = jnp.moveaxis(lg, 0, 2).reshape(lg.shape[1], lg.shape[2], -1)[..., :vocab]
-                if return_hidden:  # replicated values: every shard holds the same copy
-                    return lg, out[1], [h[0] for h in out[2]]
-                return (lg, *out[1:])
-
-            return run
-
         cache_specs = [{"k": CACHE_SPEC, "v": CACHE_SPEC}] * n_layers if with_cache else None
-        out_specs = (P(None, None, TP_AXIS), cache_specs)
+        logits_spec = P(None, None, TP_AXIS)
+        out_specs = (logits_spec, cache_specs)
         if return_hidden:
-            out_specs = (*out_specs, [P()] * n_layers)
-        sm = jax.shard_map(fn, mesh=self.mesh,
-                           in_specs=(self.mdef.specs(), P(), P(), cache_specs, P()),
-                           out_specs=out_specs, check_vma=True)
+            out_specs = (*out_specs, [P()] * (n_layers + 1))
+        sm = self.sharded(fn, (self.mdef.specs(), P(), P(), cache_specs, P()), out_specs)
+        vocab = self.mdef.cfg.vocab_size
 
         def run(params, tokens, pad, cache, cache_index):
             out = sm(params, tokens, pad, cache, cache_index)
-            return (out[0][..., :vocab], *out[1:])
+            return (self.gather(out[0], logits_spec)[..., :vocab], *out[1:])
 
         return run
 

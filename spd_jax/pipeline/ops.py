@@ -1,0 +1,110 @@
+"""Jitted model operations the SPD pipeline needs, on top of an `Engine` (real or emulated TP).
+
+* hidden states of the all-sync (teacher) model: the input of every block (cached once; blocks
+  before i are in sync mode in every configuration Algorithm 1 compares, so h_i is shared);
+* mean NLL of running blocks start..L-1 (with given SPD modes) from cached h_start;
+* one block's output in sync or SPD mode (for block-to-block distillation).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from spd_jax.model import Block, attention_mask, positions_for, rope_tables, vocab_parallel_nll
+from spd_jax.runtime import Engine, Params
+
+
+def batches(n: int, batch_size: int):
+    for s in range(0, n, batch_size):
+        yield slice(s, min(n, s + batch_size))
+
+
+class ModelOps:
+    def __init__(self, engine: Engine, batch_size: int = 8):
+        self.engine = engine
+        self.mdef = engine.mdef
+        self.cfg = engine.mdef.cfg
+        self.batch_size = batch_size
+        self.specs = self.mdef.specs()
+        self.block_specs = self.specs["layers"][0]
+        cfg, layout, dtype = self.cfg, self.mdef.layout, self.mdef.dtype
+        self.block_graphdef = nnx.split(nnx.eval_shape(lambda: Block(cfg, layout, dtype)))[0]
+        self._suffix = {}
+        self._block = {}
+
+    @property
+    def n_layers(self) -> int:
+        return self.cfg.n_layers
+
+    # ---- teacher hidden states
+    @functools.cached_property
+    def _hidden_fn(self):
+        fwd = self.engine.forward((False,) * self.n_layers, return_hidden=True)
+        return jax.jit(lambda p, t, pad: jnp.stack(fwd(p, t, pad, None, jnp.int32(0))[2]).astype(jnp.float32))
+
+    def hidden_states(self, params: Params, tokens_nt: np.ndarray) -> np.ndarray:
+        """[L+1, N, T, D] float32 on host: inputs of blocks 0..L-1 and the last block's output."""
+        outs = []
+        pad = np.zeros((0,), np.int32)
+        for sl in batches(len(tokens_nt), self.batch_size):
+            t = tokens_nt[sl]
+            pad = np.zeros((len(t),), np.int32)
+            outs.append(np.asarray(self._hidden_fn(params, self.engine.replicate(t), self.engine.replicate(pad))))
+        return np.concatenate(outs, axis=1)
+
+    # ---- NLL of the suffix of the network
+    def _suffix_fn(self, start: int, modes: tuple[bool, ...]):
+        key = (start, modes)
+        if key not in self._suffix:
+            graphdef, bias, vocab = self.mdef.graphdef, self.engine.spd_attn_bias, self.cfg.vocab_size
+
+            def shard(params, x, targets, pad):
+                model = nnx.merge(graphdef, params)
+                h = model.run_blocks(x, pad, start, modes, bias)
+                return vocab_parallel_nll(model.logits_local(model.final_norm(h))[:, :-1], targets, vocab)
+
+            f = self.engine.sharded(shard, (self.specs, P(), P(), P()), P())
+            self._suffix[key] = jax.jit(lambda p, x, t, pad: jnp.sum(f(p, x.astype(self.mdef.dtype), t, pad)))
+        return self._suffix[key]
+
+    def suffix_nll(self, params: Params, h_start: np.ndarray, tokens_nt: np.ndarray, start: int,
+                   modes: tuple[bool, ...]) -> float:
+        """Mean next-token NLL when blocks start..L-1 run with `modes`, from block input h_start [N,T,D]."""
+        f = self._suffix_fn(start, tuple(bool(m) for m in modes))
+        total = 0.0
+        for sl in batches(len(tokens_nt), self.batch_size):
+            t = tokens_nt[sl]
+            pad = np.zeros((len(t),), np.int32)
+            total += float(f(params, self.engine.replicate(h_start[sl]), self.engine.replicate(t[:, 1:]),
+                             self.engine.replicate(pad)))
+        return total / (tokens_nt.shape[0] * (tokens_nt.shape[1] - 1))
+
+    def ppl(self, params, hidden, tokens_nt, modes) -> float:
+        """Perplexity for a full SPD configuration, starting from the first block that differs from sync."""
+        modes = tuple(bool(m) for m in modes)
+        start = modes.index(True) if any(modes) else self.n_layers
+        return float(np.exp(self.suffix_nll(params, hidden[start], tokens_nt, start, modes)))
+
+    # ---- one block
+    def block_fn(self, spd: bool):
+        """(block_params, x[B,T,D]) -> block output [B,T,D] (unjitted, differentiable)."""
+        if spd not in self._block:
+            graphdef, bias, cfg = self.block_graphdef, self.engine.spd_attn_bias, self.cfg
+
+            def shard(bp, x):
+                blk = nnx.merge(graphdef, bp)
+                slots = jnp.arange(x.shape[1], dtype=jnp.int32)
+                pad = jnp.zeros((x.shape[0],), jnp.int32)
+                rope = rope_tables(cfg, positions_for(slots, pad))
+                out, _ = blk(x, rope, attention_mask(slots, slots, pad), None, 0, spd=spd, attend_cache=False,
+                             spd_attn_bias=bias)
+                return out
+
+            self._block[spd] = self.engine.sharded(shard, (self.block_specs, P()), P())
+        return self._block[spd]
