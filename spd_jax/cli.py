@@ -14,6 +14,7 @@ def common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, help="tensor-parallel degree")
     p.add_argument("--spd-blocks", help="blocks that drop the attention sync: 'all', 'none', or e.g. '0,2,5-9'")
     p.add_argument("--spd-plan", help="plan.json written by launch/train_distill.py (overrides --spd-blocks)")
+    p.add_argument("--checkpoint", help="output dir of launch/train_distill.py: distilled weights + its plan")
     p.add_argument("--dtype", choices=["float32", "bfloat16"])
     p.add_argument("--emulate", action="store_true", default=None,
                    help="run the N-way TP maths on one device (vmap over shards) instead of N devices")
@@ -34,6 +35,7 @@ def run_config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None 
     from spd_jax.config import load_run_config
 
     overrides = {"model": args.model, "tp": args.tp, "spd_blocks": args.spd_blocks, "spd_plan": args.spd_plan,
+                 "checkpoint": getattr(args, "checkpoint", None),
                  "dtype": args.dtype, "emulate": args.emulate, **(extra or {})}
     return load_run_config(args.config, overrides)
 

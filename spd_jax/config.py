@@ -182,6 +182,7 @@ class RunConfig:
     tp: int = 1
     spd_blocks: str = "none"  # "none", "all", or "0,2,5-9"
     spd_plan: str | None = None  # plan.json written by the SPD pipeline (overrides spd_blocks)
+    checkpoint: str | None = None  # output dir of the SPD pipeline: distilled params + its plan.json
     dtype: Literal["float32", "bfloat16"] = "float32"
     spd_attn_bias: Literal["full", "none"] = "full"  # see docs/design.md (OPT bias in the MLP input)
     emulate: bool = False  # run N-way TP on one device (vmap over shards) instead of N devices

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Any
 
-from spd_jax.config import RunConfig, parse_block_spec
+from spd_jax.config import ConfigError, RunConfig, parse_block_spec
 from spd_jax.generate import GenerationResult, Generator
 from spd_jax.loading import LoadedModel, load_params, open_model
 from spd_jax.plan import load_plan, modes_from_plan
@@ -39,7 +40,20 @@ class Session:
         return [self.tokenizer.decode(t, skip_special_tokens=True) for t in res.tokens], res
 
 
+def checkpoint_dirs(path: str) -> tuple[Path, Path]:
+    """(pipeline output dir holding plan.json, Orbax directory) from either of them."""
+    p = Path(path)
+    if p.name == "checkpoint":
+        return p.parent, p
+    return p, p / "checkpoint"
+
+
 def resolve_spd_modes(run: RunConfig, n_layers: int) -> tuple[bool, ...]:
+    if run.spd_plan is None and run.checkpoint:
+        out, _ = checkpoint_dirs(run.checkpoint)
+        if not (out / "plan.json").is_file():
+            raise ConfigError(f"{out} has no plan.json next to its checkpoint")
+        return modes_from_plan(load_plan(out / "plan.json"), n_layers, where=str(out / "plan.json"))
     if run.spd_plan:
         return modes_from_plan(load_plan(run.spd_plan), n_layers, where=str(run.spd_plan))
     return parse_block_spec(run.spd_blocks, n_layers)
@@ -50,6 +64,10 @@ def open_session(run: RunConfig, *, params: Params | None = None, verbose: bool 
     modes = resolve_spd_modes(run, loaded.cfg.n_layers)
     mdef = build_model_def(loaded.cfg, run.tp, run.dtype)
     engine = Engine.create(mdef, emulate=run.emulate, spd_attn_bias=run.spd_attn_bias)
+    if params is None and run.checkpoint:
+        from spd_jax.checkpoint import load_checkpoint_params
+
+        params, _ = load_checkpoint_params(checkpoint_dirs(run.checkpoint)[1], engine)
     if params is None:
         log = (lambda name: print(f"  loading {name}", file=sys.stderr)) if verbose else None
         params = load_params(engine, loaded.source, progress=log)

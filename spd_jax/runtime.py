@@ -135,20 +135,29 @@ class Engine:
         local[ax] //= tp
         return (tp, *local)
 
-    def from_global(self, params: Params) -> Params:
-        """Global arrays (host or device) -> this engine's storage layout."""
-        specs = self.mdef.specs()
+    def from_global(self, params: Params, specs: Params | None = None) -> Params:
+        """Global arrays (host or device) -> this engine's storage layout. `specs` defaults to the model's."""
+        specs = self.mdef.specs() if specs is None else specs
+        is_p = lambda x: isinstance(x, P)  # noqa: E731
         if self.emulate:
-            return jax.tree.map(lambda x, s: jnp.asarray(stack_shards(x, s, self.mdef.tp)), params, specs,
-                                is_leaf=lambda x: isinstance(x, P))
-        return jax.tree.map(lambda x, s: jax.device_put(x, named(self.mesh, s)), params, specs,
-                            is_leaf=lambda x: isinstance(x, P))
+            dev = jax.devices()[0]
+            return jax.tree.map(lambda x, s: jax.device_put(stack_shards(jnp.asarray(x), s, self.mdef.tp), dev),
+                                params, specs, is_leaf=is_p)
+        return jax.tree.map(lambda x, s: jax.device_put(x, named(self.mesh, s)), params, specs, is_leaf=is_p)
 
-    def to_global(self, params: Params) -> Params:
+    def to_global(self, params: Params, specs: Params | None = None) -> Params:
         if not self.emulate:
             return params
-        return jax.tree.map(lambda x, s: unstack_shards(x, s), params, self.mdef.specs(),
-                            is_leaf=lambda x: isinstance(x, P))
+        specs = self.mdef.specs() if specs is None else specs
+        return jax.tree.map(lambda x, s: unstack_shards(x, s), params, specs, is_leaf=lambda x: isinstance(x, P))
+
+    def global_shardings(self) -> Params:
+        """Where a checkpoint's global arrays are restored: NamedSharding (real TP) or one device."""
+        if self.emulate:
+            dev = jax.devices()[0]
+            return jax.tree.map(lambda s: jax.sharding.SingleDeviceSharding(dev), self.mdef.specs(),
+                                is_leaf=lambda x: isinstance(x, P))
+        return self.shardings()
 
     def init_cache(self, batch: int, max_len: int, dtype=None):
         dtype = dtype or self.mdef.dtype

@@ -1,0 +1,77 @@
+"""Orbax checkpoints of (distilled) parameters plus pipeline state, saved atomically.
+
+Parameters are always saved in the *global* layout (emulated runs unstack their shards first), so a
+checkpoint written on one CPU with `--emulate` is served by real TP on N devices and vice versa. The
+layout depends on the TP degree (vocab/MLP padding, kv replication), so a checkpoint records its TP
+degree and is only restored at that degree.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a process killed
+mid-save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from spd_jax.config import ConfigError
+from spd_jax.runtime import Engine, Params
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, max_to_keep: int = 2):
+        self.dir = Path(directory).absolute()
+        self.mngr = ocp.CheckpointManager(
+            self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+    def latest(self) -> int | None:
+        return self.mngr.latest_step()
+
+    def save(self, step: int, engine: Engine, params: Params, state: dict, opt_state: Any = None) -> None:
+        items = {"params": ocp.args.StandardSave(engine.to_global(params)), "state": ocp.args.JsonSave(state)}
+        if opt_state is not None:
+            items["opt"] = ocp.args.StandardSave(opt_state)
+        self.mngr.save(step, args=ocp.args.Composite(**items), force=True)
+        self.mngr.wait_until_finished()
+
+    def restore_state(self, step: int | None = None) -> dict:
+        step = self.latest() if step is None else step
+        return self.mngr.restore(step, args=ocp.args.Composite(state=ocp.args.JsonRestore()))["state"]
+
+    def restore(self, engine: Engine, step: int | None = None, opt_target: Any = None):
+        """Returns (params in the engine's layout, state, opt_state or None)."""
+        step = self.latest() if step is None else step
+        if step is None:
+            raise ConfigError(f"no checkpoint in {self.dir}")
+        state = self.restore_state(step)
+        if state.get("tp") is not None and state["tp"] != engine.mdef.tp:
+            raise ConfigError(f"checkpoint {self.dir} was written for tp={state['tp']}, not tp={engine.mdef.tp}")
+        target = _abstract(engine.mdef.abstract, engine.global_shardings())
+        items = {"params": ocp.args.StandardRestore(target)}
+        if opt_target is not None:
+            items["opt"] = ocp.args.StandardRestore(jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), opt_target))
+        try:
+            out = self.mngr.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # orbax raises assorted errors for damaged or mismatched checkpoints
+            raise ConfigError(f"checkpoint {self.dir} step {step} could not be restored: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+        return engine.from_global(out["params"]), state, out.get("opt") if opt_target is not None else None
+
+
+def load_checkpoint_params(directory: str | Path, engine: Engine) -> tuple[Params, dict]:
+    d = Path(directory)
+    if not d.exists():
+        raise ConfigError(f"checkpoint directory not found: {d}")
+    ck = Checkpointer(d)
+    if ck.latest() is None:
+        raise ConfigError(f"{d} holds no complete checkpoint")
+    params, state, _ = ck.restore(engine)
+    return params, state

@@ -1,0 +1,227 @@
+"""Head grouping (HG) for extremely sensitive blocks, SPD_METHOD.md section 5.
+
+1. Attention-score maps: for each head, the softmax attention map averaged over calibration samples.
+2. Scatter: split the heads into `tp` equal groups so that heads on the same device are as different
+   as possible (maximise the sum of pairwise Euclidean distances between score maps inside groups).
+   Exhaustive over all partitions when there are at most `EXHAUSTIVE_LIMIT` of them, greedy beyond.
+3. Match (MC): choose which group goes to which device (i.e. to which MLP shard) to maximise the total
+   norm of the MLP outputs before the residual add, sum_j ||MLP_j(LN2(X + Y_{g(j)}))||. Exhaustive over
+   the tp! assignments for tp <= 8, the Hungarian method (exact) beyond.
+4. Permute: physically reorder the Q/K/V columns and O rows so device j holds its matched group. MLP
+   shards stay in place (moving heads onto a shard is the same matching as moving the shard); the
+   permutation code also supports reordering MLP shards. In sync mode the block output is unchanged.
+
+Granularity for grouped-query attention: a query head must stay with its kv head, so the unit that is
+grouped is a kv head together with its query heads ("kv group"). With tp > kv heads (kv heads
+replicated across devices) there is no freedom left that keeps each device's query heads on one kv
+head, so HG is skipped for such a block (reported in the plan).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spd_jax.model import apply_rope, attention_core, attention_mask, positions_for, rope_tables
+
+EXHAUSTIVE_LIMIT = 20000
+
+
+def grouping_units(layout) -> tuple[int, int] | None:
+    """(number of units, query heads per unit), or None when kv heads are replicated (tp > kv heads)."""
+    if layout.kv_repeat != 1:
+        return None
+    u = layout.kv_heads
+    return u, layout.cfg.n_heads // u
+
+
+def _qkv(blk, x, cfg):
+    b, t, _ = x.shape
+    hd = cfg.head_dim
+    h = blk.attn_norm(x)
+    q = blk.attn.q(h).reshape(b, t, -1, hd)
+    k = blk.attn.k(h).reshape(b, t, -1, hd)
+    v = blk.attn.v(h).reshape(b, t, -1, hd)
+    slots = jnp.arange(t, dtype=jnp.int32)
+    pad = jnp.zeros((b,), jnp.int32)
+    rope = rope_tables(cfg, positions_for(slots, pad))
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    return q, k, v, attention_mask(slots, slots, pad)
+
+
+def attention_maps(block_graphdef, bp_global, x_ntd, cfg) -> np.ndarray:
+    """[H, T, T] mean attention probabilities per query head."""
+
+    @jax.jit
+    def f(bp, x):
+        blk = nnx.merge(block_graphdef, bp)
+        q, k, _, mask = _qkv(blk, x, cfg)
+        hq, hk = q.shape[2], k.shape[2]
+        kk = jnp.repeat(k, hq // hk, axis=2)
+        s = jnp.einsum("bthd,bshd->bhts", q, kk, preferred_element_type=jnp.float32) / math.sqrt(cfg.head_dim)
+        s = jnp.where(mask[:, None], s, -jnp.inf)
+        return jnp.mean(jax.nn.softmax(s, axis=-1), axis=0)
+
+    return np.asarray(f(bp_global, jnp.asarray(x_ntd)))
+
+
+def _partitions(units: list[int], k: int):
+    if not units:
+        yield []
+        return
+    first, rest = units[0], units[1:]
+    for comp in itertools.combinations(rest, k - 1):
+        remaining = [u for u in rest if u not in comp]
+        for p in _partitions(remaining, k):
+            yield [[first, *comp], *p]
+
+
+def n_partitions(n: int, groups: int) -> int:
+    k = n // groups
+    return math.factorial(n) // (math.factorial(k) ** groups * math.factorial(groups))
+
+
+def _within(dist, groups):
+    return sum(dist[a, b] for g in groups for a, b in itertools.combinations(g, 2))
+
+
+def scatter(dist: np.ndarray, tp: int) -> tuple[list[list[int]], str]:
+    """Split units into tp equal groups maximising within-group distance. Returns (groups, method)."""
+    n = dist.shape[0]
+    k = n // tp
+    if k == 1:
+        return [[u] for u in range(n)], "trivial"
+    if n_partitions(n, tp) <= EXHAUSTIVE_LIMIT:
+        best = max(_partitions(list(range(n)), k), key=lambda g: _within(dist, g))
+        return [sorted(g) for g in best], "exhaustive"
+    groups: list[list[int]] = [[] for _ in range(tp)]
+    for u in sorted(range(n), key=lambda u: -dist[u].sum()):
+        open_ = [g for g in groups if len(g) < k]
+        best = max(open_, key=lambda g: (sum(dist[u, v] for v in g), -len(g)))
+        best.append(u)
+    return [sorted(g) for g in groups], "greedy"
+
+
+def match(norms: np.ndarray) -> tuple[list[int], str]:
+    """norms[g, j] = MLP-output norm with group g on shard j. Returns device_of_group, method."""
+    tp = norms.shape[0]
+    if tp <= 8:
+        best = max(itertools.permutations(range(tp)), key=lambda p: sum(norms[g, p[g]] for g in range(tp)))
+        return list(best), "exhaustive"
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(-norms)
+    return [int(c) for _, c in sorted(zip(rows, cols))], "hungarian"
+
+
+def mlp_norms(block_graphdef, bp_global, x_ntd, cfg, groups_q: list[list[int]], tp: int, bias_mode: str) -> np.ndarray:
+    """norms[g, j] = sum over samples of ||MLP shard j (LN2(X + Y_g))||_F, Y_g = group g's attention partial."""
+
+    @jax.jit
+    def f(bp, x):
+        blk = nnx.merge(block_graphdef, bp)
+        q, k, v, mask = _qkv(blk, x, cfg)
+        hd = cfg.head_dim
+        hq, hk = q.shape[2], k.shape[2]
+        per = hq // hk
+        wo = blk.attn.o.w[...]
+        f_total = (blk.mlp.fc1.w if cfg.is_opt else blk.mlp.gate.w)[...].shape[1]
+        fs = f_total // tp
+        out = []
+        for heads_list in groups_q:
+            heads = np.asarray(heads_list)
+            kv = np.asarray(sorted({int(h) // per for h in heads_list}))
+            o = attention_core(q[:, :, heads], k[:, :, kv], v[:, :, kv], mask)
+            rows = (heads[:, None] * hd + np.arange(hd)[None, :]).reshape(-1)
+            y = o @ wo[rows]
+            m = x + y
+            if bias_mode == "full" and blk.attn.o.b is not None:
+                m = m + blk.attn.o.b[...]
+            hn = blk.mlp_norm(m)
+            row = []
+            for j in range(tp):
+                c = slice(j * fs, (j + 1) * fs)
+                if cfg.is_opt:
+                    z = jax.nn.relu(hn @ blk.mlp.fc1.w[...][:, c] + blk.mlp.fc1.b[...][c]) @ blk.mlp.fc2.w[...][c]
+                else:
+                    z = (jax.nn.silu(hn @ blk.mlp.gate.w[...][:, c]) * (hn @ blk.mlp.up.w[...][:, c])) @ blk.mlp.down.w[...][c]
+                row.append(jnp.sqrt(jnp.sum(jnp.square(z.astype(jnp.float32)), axis=(1, 2))).sum())
+            out.append(jnp.stack(row))
+        return jnp.stack(out)
+
+    return np.asarray(f(bp_global, jnp.asarray(x_ntd)))
+
+
+def permute_block(bp: dict, cfg, q_order: list[int], kv_order: list[int], mlp_shard_order: list[int] | None,
+                  tp: int) -> dict:
+    """Reorder heads (q heads by q_order, kv heads by kv_order) and optionally MLP shards, in global layout."""
+    hd = cfg.head_dim
+    bp = jax.tree.map(lambda a: a, bp)  # shallow copy of the dict structure
+
+    def cols(a, order, width):
+        idx = (np.asarray(order)[:, None] * width + np.arange(width)[None, :]).reshape(-1)
+        return jnp.take(a, jnp.asarray(idx), axis=-1)
+
+    def rows(a, order, width):
+        idx = (np.asarray(order)[:, None] * width + np.arange(width)[None, :]).reshape(-1)
+        return jnp.take(a, jnp.asarray(idx), axis=0)
+
+    attn = dict(bp["attn"])
+    for name, order in (("q", q_order), ("k", kv_order), ("v", kv_order)):
+        lin = dict(attn[name])
+        lin["w"] = cols(lin["w"], order, hd)
+        if lin.get("b") is not None:
+            lin["b"] = cols(lin["b"], order, hd)
+        attn[name] = lin
+    o = dict(attn["o"])
+    o["w"] = rows(o["w"], q_order, hd)
+    attn["o"] = o
+    bp["attn"] = attn
+    if mlp_shard_order is not None:
+        mlp = {k: dict(v) for k, v in bp["mlp"].items()}
+        up_names = ("fc1",) if cfg.is_opt else ("gate", "up")
+        down = "fc2" if cfg.is_opt else "down"
+        f_total = mlp[up_names[0]]["w"].shape[1]
+        fs = f_total // tp
+        for n in up_names:
+            mlp[n]["w"] = cols(mlp[n]["w"], mlp_shard_order, fs)
+            if mlp[n].get("b") is not None:
+                mlp[n]["b"] = cols(mlp[n]["b"], mlp_shard_order, fs)
+        mlp[down]["w"] = rows(mlp[down]["w"], mlp_shard_order, fs)
+        bp["mlp"] = mlp
+    return bp
+
+
+def head_group_block(block_graphdef, bp_global: dict, x_ntd: np.ndarray, cfg, layout, bias_mode: str = "full"):
+    """Full HG for one block (global-layout params). Returns (new params, info dict) or (params, skip info)."""
+    tp = layout.tp
+    units = grouping_units(layout)
+    if units is None:
+        return bp_global, {"applied": False, "reason": f"tp={tp} > {cfg.n_kv_heads} kv heads: kv heads are "
+                                                        "replicated, no head regrouping is possible"}
+    n_units, per = units
+    maps = attention_maps(block_graphdef, bp_global, x_ntd, cfg)  # [H, T, T]
+    unit_maps = maps.reshape(n_units, per, -1).mean(axis=1)
+    dist = np.sqrt(((unit_maps[:, None, :] - unit_maps[None, :, :]) ** 2).sum(-1))
+    groups, scatter_method = scatter(dist, tp)
+    groups_q = [[u * per + i for u in g for i in range(per)] for g in groups]
+    norms = mlp_norms(block_graphdef, bp_global, x_ntd, cfg, groups_q, tp, bias_mode)
+    device_of_group, match_method = match(norms)
+    group_on_device = [device_of_group.index(j) for j in range(tp)]
+    kv_order = [u for j in range(tp) for u in groups[group_on_device[j]]]
+    q_order = [u * per + i for u in kv_order for i in range(per)]
+    k = n_units // tp
+    orig_q = [[u * per + i for u in range(j * k, (j + 1) * k) for i in range(per)] for j in range(tp)]
+    orig = mlp_norms(block_graphdef, bp_global, x_ntd, cfg, orig_q, tp, bias_mode)
+    new = permute_block(bp_global, cfg, q_order, kv_order, None, tp)
+    return new, {"applied": True, "unit": "kv group" if per > 1 else "head", "groups": groups,
+                 "device_of_group": device_of_group, "kv_order": kv_order, "scatter": scatter_method,
+                 "match": match_method,
+                 "mlp_norm_total": float(sum(norms[g, device_of_group[g]] for g in range(tp))),
+                 "mlp_norm_original_layout": float(np.trace(orig))}

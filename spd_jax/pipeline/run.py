@@ -1,0 +1,344 @@
+"""The SPD pipeline end to end (launch/train_distill.py is a thin wrapper over `run_pipeline`).
+
+Stages: calibration data -> teacher hidden states -> sensitivity (Algorithm 1) -> classes + plan ->
+head grouping of the chosen ESB blocks -> block-to-block distillation of the chosen SB/ESB blocks ->
+final perplexities -> plan.json, Orbax checkpoint, report.json and PNG plots in --out.
+
+Resumable: the checkpoint (params + pipeline state, + optimizer state mid-block) is saved after
+sensitivity, after each grouped/distilled block and every `save_every` distillation steps. `--resume`
+continues from the latest one. Data order is deterministic, so a resumed run ends with the same
+parameters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import yaml
+
+from spd_jax.checkpoint import Checkpointer
+from spd_jax.config import ConfigError
+from spd_jax.data import DataSpec, calibration_tokens, contiguous_sequences, eval_stream
+from spd_jax.distributed import is_main_process
+from spd_jax.loading import load_params, open_model
+from spd_jax.pipeline.analysis import (TREATMENT, classify, order_by_sensitivity, select_by_budget, select_by_ratio,
+                                       sensitivity, thresholds)
+from spd_jax.pipeline.distill import BlockDistiller, DistillConfig, make_optimizer
+from spd_jax.pipeline.grouping import head_group_block
+from spd_jax.pipeline.ops import ModelOps
+from spd_jax.plan import PLAN_VERSION, save_plan
+from spd_jax.runtime import Engine, build_model_def
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    model: str = "embedded"
+    tp: int = 3
+    dtype: str = "float32"
+    emulate: bool = True  # CPU default: N-way TP maths on one device
+    spd_attn_bias: str = "full"
+    data: str = "wiki"
+    calib_samples: int = 16
+    calib_len: int = 256
+    eval_tokens: int = 8192  # held-out split, for the perplexity of each stage
+    seed: int = 0
+    batch_size: int = 8  # forward batch for hidden states / perplexity
+    sensitivity: str = "cumulative"  # cumulative (Algorithm 1) | isolated
+    tau1: float | None = None  # absolute thresholds on s_i; None -> relative rule below
+    tau2: float | None = None
+    tau1_rel: float = 0.005  # tau1 = 0.5% of the calibration perplexity of the unmodified model
+    tau2_rel: float = 0.02  # tau2 = 2%
+    ratio: float | None = 0.5  # fraction of blocks to drop (least sensitive first)
+    max_ppl_increase: float | None = None  # percent; overrides ratio: largest ratio within this budget
+    head_grouping: bool = True
+    hg_accept: str = "if_better"  # always (the paper) | if_better (keep only if the block's SPD MSE drops)
+    hg_samples: int = 8
+    save_every: int = 25  # distillation steps between checkpoints
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+
+    def validate(self) -> None:
+        if self.ratio is not None and not 0.0 <= self.ratio <= 1.0:
+            raise ConfigError(f"ratio must be in [0, 1], got {self.ratio}")
+        if self.ratio is None and self.max_ppl_increase is None:
+            raise ConfigError("give either ratio or max_ppl_increase")
+        if self.tau1 is not None and self.tau2 is not None and not self.tau1 < self.tau2:
+            raise ConfigError(f"thresholds must satisfy tau1 < tau2, got tau1={self.tau1}, tau2={self.tau2}")
+        if not self.tau1_rel < self.tau2_rel:
+            raise ConfigError(f"tau1_rel must be < tau2_rel, got {self.tau1_rel} >= {self.tau2_rel}")
+        if self.hg_accept not in ("always", "if_better"):
+            raise ConfigError(f"hg_accept must be always or if_better, got {self.hg_accept!r}")
+        if self.sensitivity not in ("cumulative", "isolated"):
+            raise ConfigError(f"sensitivity must be cumulative or isolated, got {self.sensitivity!r}")
+        for n in ("calib_samples", "calib_len", "batch_size", "save_every", "hg_samples"):
+            if getattr(self, n) < 1:
+                raise ConfigError(f"{n} must be >= 1, got {getattr(self, n)}")
+        if self.distill.epochs < 0 or self.distill.batch_size < 1:
+            raise ConfigError("distill.epochs must be >= 0 and distill.batch_size >= 1")
+
+
+def load_pipeline_config(path: str | None, overrides: dict[str, Any]) -> PipelineConfig:
+    data = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        data = yaml.safe_load(p.read_text()) or {}
+    fields = {f.name for f in dataclasses.fields(PipelineConfig)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    dist = data.pop("distill", {}) or {}
+    dfields = {f.name for f in dataclasses.fields(DistillConfig)}
+    bad = sorted(set(dist) - dfields)
+    if bad:
+        raise ConfigError(f"{path}: unknown distill key(s) {bad}; allowed: {sorted(dfields)}")
+    cfg = PipelineConfig(**data, distill=DistillConfig(**dist))
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if k.startswith("distill."):
+            setattr(cfg.distill, k.split(".", 1)[1], v)
+        else:
+            setattr(cfg, k, v)
+    cfg.validate()
+    return cfg
+
+
+def _log(msg: str) -> None:
+    if is_main_process():
+        print(msg, flush=True)
+
+
+def _block_of(params, i):
+    return params["layers"][i]
+
+
+def _with_block(params, i, bp):
+    layers = dict(params["layers"])  # nnx.to_pure_dict keys layers by int
+    layers[i] = bp
+    return {**params, "layers": layers}
+
+
+def run_pipeline(pc: PipelineConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(out / "checkpoint")
+    if ckpt.latest() is not None and not resume:
+        raise ConfigError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+    t_start = time.time()
+    timings: dict[str, float] = {}
+
+    lm = open_model(pc.model)
+    cfg = lm.cfg
+    tok = lm.tokenizer()
+    mdef = build_model_def(cfg, pc.tp, pc.dtype)
+    engine = Engine.create(mdef, emulate=pc.emulate, spd_attn_bias=pc.spd_attn_bias)
+    L = cfg.n_layers
+    eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
+
+    t0 = time.time()
+    calib = calibration_tokens(DataSpec(pc.data, pc.calib_samples, pc.calib_len, pc.seed), tok, eos)
+    ev = contiguous_sequences(eval_stream(pc.data, tok, eos), pc.calib_len, pc.eval_tokens)
+    timings["data_s"] = time.time() - t0
+    _log(f"[data] calibration {calib.shape[0]}x{calib.shape[1]} tokens (train split), "
+         f"evaluation {ev.shape[0]}x{ev.shape[1]} tokens (held-out split) from {pc.data!r}")
+
+    # Teacher hidden states always come from the original weights (also when resuming).
+    orig = load_params(engine, lm.source)
+    ops = ModelOps(engine, pc.batch_size)
+    t0 = time.time()
+    h_cal = ops.hidden_states(orig, calib)
+    h_ev = ops.hidden_states(orig, ev)
+    timings["hidden_states_s"] = time.time() - t0
+
+    state: dict[str, Any] = {"tp": pc.tp, "stage": "start", "hg": {}, "b2b": {}, "b2b_current": None,
+                             "ppl": {}, "save": 0}
+    params = orig
+    dc = pc.distill
+    distiller = BlockDistiller(ops, dc)
+    opt_state = None
+    if resume and ckpt.latest() is not None:
+        st = ckpt.restore_state()
+        opt_target = None
+        if st.get("b2b_current"):
+            i = st["b2b_current"]["block"]
+            bp = _block_of(orig, i)
+            steps = dc.epochs * -(-pc.calib_samples // dc.batch_size)
+            opt_target = make_optimizer(dc, dc.lr_for(cfg.arch), steps).init(bp)
+        params, state, opt_state = ckpt.restore(engine, opt_target=opt_target)
+        _log(f"[resume] from checkpoint {ckpt.latest()} at stage {state['stage']!r}"
+             + (f", block {state['b2b_current']['block']} step {state['b2b_current']['step']}"
+                if state.get("b2b_current") else ""))
+
+    def save(opt=None):
+        state["save"] += 1
+        ckpt.save(state["save"], engine, params, state, opt)
+
+    def ppls(modes, p):
+        return {"calib": ops.ppl(p, h_cal, calib, modes), "eval": ops.ppl(p, h_ev, ev, modes)}
+
+    # ---- sensitivity, classes, plan
+    if "plan" not in state:
+        t0 = time.time()
+        sens = sensitivity(ops, orig, h_cal, calib, pc.sensitivity, progress=progress)
+        timings["sensitivity_s"] = time.time() - t0
+        t1, t2 = thresholds(sens.base_ppl, pc.tau1, pc.tau2, pc.tau1_rel, pc.tau2_rel)
+        classes = classify(sens.s, t1, t2)
+        budget_trials = None
+        if pc.max_ppl_increase is not None:
+            chosen, budget_trials = select_by_budget(
+                sens.s, sens.base_ppl, pc.max_ppl_increase,
+                lambda blocks: ops.ppl(orig, h_cal, calib, tuple(j in blocks for j in range(L))))
+        else:
+            chosen = select_by_ratio(sens.s, pc.ratio)
+        modes = tuple(j in chosen for j in range(L))
+        state["plan"] = {
+            "version": PLAN_VERSION, "model": str(lm.path), "arch": cfg.arch, "tp": pc.tp, "n_layers": L,
+            "ratio": len(chosen) / L, "requested_ratio": pc.ratio, "max_ppl_increase": pc.max_ppl_increase,
+            "budget_trials": budget_trials,
+            "data": {"source": pc.data, "calib_samples": pc.calib_samples, "calib_len": pc.calib_len, "seed": pc.seed},
+            "sensitivity_method": sens.method, "base_ppl": sens.base_ppl, "tau1": t1, "tau2": t2,
+            "order": order_by_sensitivity(sens.s), "ppl_curve": sens.ppl_curve,
+            "blocks": [{"index": i, "mode": "spd" if modes[i] else "sync", "sensitivity": sens.s[i],
+                        "class": classes[i], "treatment": TREATMENT[classes[i]] if modes[i] else None}
+                       for i in range(L)],
+        }
+        state["ppl"]["no_spd"] = ppls((False,) * L, orig)
+        state["ppl"]["zs"] = ppls(modes, orig)
+        state["stage"] = "planned"
+        save()
+        _log(f"[plan] {len(chosen)}/{L} blocks dropped: {chosen}; classes ISB/SB/ESB = "
+             f"{classes.count('ISB')}/{classes.count('SB')}/{classes.count('ESB')} (tau1={t1:.4g}, tau2={t2:.4g})")
+        _log(f"[ppl] no SPD {state['ppl']['no_spd']}; zero-shot {state['ppl']['zs']}")
+    plan = state["plan"]
+    modes = tuple(b["mode"] == "spd" for b in plan["blocks"])
+    save_plan(plan, out / "plan.json")
+
+    # ---- head grouping for chosen ESB blocks
+    t0 = time.time()
+    hg_blocks = [b["index"] for b in plan["blocks"] if b["mode"] == "spd" and b["class"] == "ESB"]
+    if pc.head_grouping:
+        for i in hg_blocks:
+            if str(i) in state["hg"]:
+                continue
+            spec_i = mdef.specs()["layers"][i]
+            bp_g = engine.to_global(_block_of(params, i), spec_i)
+            bp_new, info = head_group_block(ops.block_graphdef, bp_g, h_cal[i][: pc.hg_samples], cfg, mdef.layout,
+                                            pc.spd_attn_bias)
+            if info["applied"]:
+                new_local = engine.from_global(bp_new, spec_i)
+                before = distiller.mse(_block_of(params, i), h_cal[i], h_cal[i + 1])
+                after = distiller.mse(new_local, h_cal[i], h_cal[i + 1])
+                info.update(block_mse_before=before, block_mse_after=after)
+                keep = pc.hg_accept == "always" or after < before
+                info["kept"] = keep
+                if keep:
+                    params = _with_block(params, i, new_local)
+            state["hg"][str(i)] = info
+            _log(f"[HG] block {i}: " + (f"groups {info['groups']} -> devices {info['device_of_group']} "
+                                        f"({info['scatter']}/{info['match']}), MLP-output norm "
+                                        f"{info['mlp_norm_original_layout']:.4g} -> {info['mlp_norm_total']:.4g}, "
+                                        f"block MSE {info['block_mse_before']:.4g} -> {info['block_mse_after']:.4g}"
+                                        f" ({'kept' if info['kept'] else 'reverted'})"
+                                        if info["applied"] else info["reason"]))
+            save()
+        if hg_blocks and "zs_hg" not in state["ppl"]:
+            state["ppl"]["zs_hg"] = ppls(modes, params)
+            _log(f"[ppl] zero-shot + HG {state['ppl']['zs_hg']}")
+    timings["head_grouping_s"] = time.time() - t0
+
+    # ---- block-to-block distillation for chosen SB/ESB blocks
+    t0 = time.time()
+    b2b_blocks = [b["index"] for b in plan["blocks"] if b["mode"] == "spd" and b["class"] in ("SB", "ESB")]
+    if dc.epochs > 0:
+        for i in b2b_blocks:
+            if str(i) in state["b2b"]:
+                continue
+            cur = state.get("b2b_current") or {}
+            start_step = cur.get("step", 0) if cur.get("block") == i else 0
+            losses = cur.get("losses", []) if cur.get("block") == i else []
+
+            def on_step(step, bp, ost, losses_, initial, i=i):
+                nonlocal params
+                if step % pc.save_every == 0:
+                    params = _with_block(params, i, bp)
+                    state["b2b_current"] = {"block": i, "step": step, "losses": list(losses_), "initial_mse": initial}
+                    save(ost)
+                    _log(f"[checkpoint] saved block {i} step {step}")
+
+            res = distiller.distill(i, _block_of(params, i), h_cal[i], h_cal[i + 1], start_step=start_step,
+                                    opt_state=opt_state if start_step else None, losses=losses,
+                                    initial=cur.get("initial_mse") if start_step else None,
+                                    on_step=on_step, progress=progress)
+            opt_state = None
+            params = _with_block(params, i, res.params)
+            state["b2b"][str(i)] = {"status": res.status, "initial_mse": res.initial_mse, "final_mse": res.final_mse,
+                                    "steps": len(res.losses), "losses": res.losses, "message": res.message,
+                                    "lr": dc.lr_for(cfg.arch)}
+            state["b2b_current"] = None
+            save()
+            _log(f"[B2B] block {i}: MSE {res.initial_mse:.4g} -> {res.final_mse:.4g} ({res.status})"
+                 + (f" {res.message}" if res.message else ""))
+    timings["distill_s"] = time.time() - t0
+
+    state["ppl"]["final"] = ppls(modes, params)
+    state["stage"] = "done"
+    save()
+    _log(f"[ppl] final (SPD plan + treatments) {state['ppl']['final']}")
+
+    report = {
+        "config": dataclasses.asdict(pc), "plan": plan, "ppl": state["ppl"], "head_grouping": state["hg"],
+        "distillation": {k: {kk: vv for kk, vv in v.items() if kk != "losses"} for k, v in state["b2b"].items()},
+        "timings_s": {**timings, "total_s": time.time() - t_start},
+        "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "jax": jax.__version__,
+                    "devices": f"{jax.device_count()}x{jax.devices()[0].device_kind}"},
+        "checkpoint": str(out / "checkpoint"),
+    }
+    if is_main_process():
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        (out / "b2b_losses.json").write_text(json.dumps({k: v["losses"] for k, v in state["b2b"].items()}))
+        plot_report(report, out)
+    return report
+
+
+def plot_report(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = report["plan"]["blocks"]
+    colours = {"ISB": "#4caf50", "SB": "#ff9800", "ESB": "#e53935"}
+    fig, ax = plt.subplots(figsize=(max(6, len(blocks) * 0.3), 3.5))
+    s = [b["sensitivity"] for b in blocks]
+    ax.bar(range(len(blocks)), s, color=[colours[b["class"]] for b in blocks],
+           edgecolor=["black" if b["mode"] == "spd" else "none" for b in blocks])
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_xlabel("block")
+    ax.set_ylabel("sync sensitivity s_i (PPL)")
+    ax.set_title("Sync sensitivity by block (black edge = dropped)")
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()], labels=list(colours))
+    fig.tight_layout()
+    fig.savefig(out / "sensitivity.png", dpi=120)
+    plt.close(fig)
+
+    stages = [k for k in ("no_spd", "zs", "zs_hg", "final") if k in report["ppl"]]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = np.arange(len(stages))
+    for j, split in enumerate(("calib", "eval")):
+        ax.bar(x + (j - 0.5) * 0.35, [report["ppl"][k][split] for k in stages], 0.35, label=split)
+    ax.set_xticks(x, [{"no_spd": "no SPD", "zs": "ZS", "zs_hg": "ZS+HG", "final": "final"}[k] for k in stages])
+    ax.set_ylabel("perplexity")
+    ax.set_title(f"Perplexity by stage, SPD ratio {report['plan']['ratio']:.0%}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "perplexity.png", dpi=120)
+    plt.close(fig)

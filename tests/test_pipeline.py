@@ -1,0 +1,257 @@
+"""SPD pipeline: sensitivity, classification, B2B, head grouping, checkpoints, resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from spd_jax.checkpoint import Checkpointer, load_checkpoint_params
+from spd_jax.config import ConfigError
+from spd_jax.data import DataSpec, calibration_tokens
+from spd_jax.loading import load_params, open_model
+from spd_jax.pipeline.analysis import classify, select_by_budget, select_by_ratio, sensitivity, thresholds
+from spd_jax.pipeline.distill import BlockDistiller, DistillConfig
+from spd_jax.pipeline.grouping import head_group_block, match, permute_block, scatter
+from spd_jax.pipeline.ops import ModelOps
+from spd_jax.pipeline.run import load_pipeline_config
+from spd_jax.runtime import Engine, build_model_def
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup(path, tp, emulate=False):
+    lm = open_model(path)
+    eng = Engine.create(build_model_def(lm.cfg, tp), emulate=emulate)
+    return lm, eng, load_params(eng, lm.source)
+
+
+def test_sensitivity_of_tp1_model_is_zero(tiny_models):
+    lm, eng, params = _setup(tiny_models["llama"][0], 1)
+    ops = ModelOps(eng, batch_size=4)
+    tokens = np.random.RandomState(0).randint(3, 100, size=(4, 16)).astype(np.int32)
+    h = ops.hidden_states(params, tokens)
+    sens = sensitivity(ops, params, h, tokens, progress=False)
+    assert sens.base_ppl > 1
+    np.testing.assert_allclose(sens.s, 0.0, atol=1e-3 * sens.base_ppl)
+
+
+def test_sensitivity_at_tp2_is_not_zero_and_curve_consistent(tiny_models):
+    lm, eng, params = _setup(tiny_models["llama"][0], 2)
+    ops = ModelOps(eng, batch_size=4)
+    tokens = np.random.RandomState(0).randint(3, 100, size=(4, 16)).astype(np.int32)
+    h = ops.hidden_states(params, tokens)
+    sens = sensitivity(ops, params, h, tokens, progress=False)
+    assert max(abs(v) for v in sens.s) > 1e-3
+    # the cumulative curve telescopes: sum of s_i = PPL(all SPD) - PPL(no SPD)
+    np.testing.assert_allclose(sum(sens.s), sens.ppl_curve[0] - sens.base_ppl, rtol=1e-6)
+    # ... and PPL(all SPD) agrees with a full forward pass of the all-SPD model
+    logits = np.asarray(eng.logits(params, tokens, spd_modes=(True,) * 3), np.float64)
+    lp = logits - logits.max(-1, keepdims=True)
+    lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(lp[:, :-1], tokens[:, 1:, None], -1).mean()
+    np.testing.assert_allclose(sens.ppl_curve[0], np.exp(nll), rtol=1e-4)
+
+
+def test_classification_and_selection():
+    s = [5.0, 0.1, 0.3, 2.0, -0.2]
+    assert classify(s, 0.2, 1.0) == ["ESB", "ISB", "SB", "ESB", "ISB"]
+    assert select_by_ratio(s, 0.4) == [1, 4]  # two least sensitive
+    assert select_by_ratio(s, 0.0) == [] and select_by_ratio(s, 1.0) == [0, 1, 2, 3, 4]
+    assert thresholds(10.0, None, None, 0.005, 0.02) == (0.05, 0.2)
+    with pytest.raises(ConfigError, match="tau1 < tau2"):
+        classify(s, 1.0, 0.5)
+    with pytest.raises(ConfigError, match=r"ratio must be in \[0, 1\]"):
+        select_by_ratio(s, 1.5)
+    # budget: ppl grows by 1 per dropped block from 10; 25% budget allows 2 blocks
+    chosen, tried = select_by_budget(s, 10.0, 25.0, lambda blocks: 10.0 + len(blocks))
+    assert chosen == [1, 4] and all(p <= 12.5 or n > 2 for n, p in tried)
+
+
+def test_bad_pipeline_config_values(tmp_path):
+    f = tmp_path / "p.yaml"
+    for text, msg in [("tau1: 2.0\ntau2: 1.0\n", "tau1 < tau2"), ("ratio: 1.5\n", r"ratio must be in \[0, 1\]"),
+                      ("ratio: -0.1\n", r"ratio must be in \[0, 1\]"), ("bogus: 1\n", "unknown key"),
+                      ("distill:\n  lrr: 1\n", "unknown distill key"), ("hg_accept: maybe\n", "hg_accept")]:
+        f.write_text(text)
+        with pytest.raises(ConfigError, match=msg):
+            load_pipeline_config(str(f), {})
+
+
+def test_one_b2b_step_reduces_block_mse_on_real_weights(embedded):
+    lm, tok = embedded
+    eng = Engine.create(build_model_def(lm.cfg, 3), emulate=True)
+    params = load_params(eng, lm.source)
+    ops = ModelOps(eng, batch_size=4)
+    calib = calibration_tokens(DataSpec("wiki", 4, 64, 0), tok, lm.cfg.eos_token_ids[0])
+    h = ops.hidden_states(params, calib)
+    i = 5
+    d = BlockDistiller(ops, DistillConfig(epochs=1, batch_size=4))  # one step, the paper's lr 5e-5
+    res = d.distill(i, params["layers"][i], h[i], h[i + 1], progress=False)
+    assert res.status == "ok" and len(res.losses) == 1
+    assert res.final_mse < res.initial_mse
+    # only this block's parameters: the caller's block is untouched (not donated, not modified)
+    chex.assert_trees_all_equal(params["layers"][i], load_params(eng, lm.source)["layers"][i])
+
+
+def test_b2b_nan_keeps_original_weights(tiny_models):
+    lm, eng, params = _setup(tiny_models["llama"][0], 2)
+    ops = ModelOps(eng, batch_size=4)
+    tokens = np.random.RandomState(0).randint(3, 100, size=(4, 16)).astype(np.int32)
+    h = ops.hidden_states(params, tokens)
+    res = BlockDistiller(ops, DistillConfig(lr=1e30, epochs=3, batch_size=2, optimizer="sgd")).distill(
+        1, params["layers"][1], h[1], h[2], progress=False)
+    assert res.status in ("nan", "diverged") and "kept the original weights" in res.message
+    chex.assert_trees_all_equal(res.params, params["layers"][1])
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_head_permutation_is_invisible_in_sync_mode(tiny_models, kind):
+    lm, eng, params = _setup(tiny_models[kind][0], 2)
+    ops = ModelOps(eng)
+    cfg, lay = lm.cfg, eng.mdef.layout
+    x = np.random.RandomState(1).randn(2, 12, cfg.hidden).astype(np.float32)
+    bp = params["layers"][1]
+    per = cfg.n_heads // lay.kv_heads
+    # units 0 and 2 now share device 0 (with MLP shard 1): a pairing that changes the SPD block
+    kv_order = [0, 2, 1, 3] + list(range(4, lay.kv_heads))
+    q_order = [u * per + i for u in kv_order for i in range(per)]
+    permuted = permute_block(bp, cfg, q_order, kv_order, [1, 0], 2)
+    spec = eng.mdef.specs()["layers"][1]
+    permuted = eng.from_global(permuted, spec)
+    sync = jax.jit(ops.block_fn(spd=False))
+    chex.assert_trees_all_close(np.asarray(sync(permuted, x)), np.asarray(sync(bp, x)), atol=1e-5, rtol=1e-5)
+    spd = jax.jit(ops.block_fn(spd=True))
+    assert np.abs(np.asarray(spd(permuted, x)) - np.asarray(spd(bp, x))).max() > 1e-4  # regrouping matters in SPD
+    # the full HG procedure also leaves the sync block unchanged
+    new, info = head_group_block(ops.block_graphdef, bp, x, cfg, lay)
+    assert info["applied"]
+    chex.assert_trees_all_close(np.asarray(sync(eng.from_global(new, spec), x)), np.asarray(sync(bp, x)),
+                                atol=1e-5, rtol=1e-5)
+
+
+def test_hg_skipped_when_kv_heads_are_replicated(tiny_models):
+    lm, eng, params = _setup(tiny_models["qwen2"][0], 4)  # 2 kv heads < tp 4
+    ops = ModelOps(eng)
+    x = np.zeros((1, 4, lm.cfg.hidden), np.float32)
+    _, info = head_group_block(ops.block_graphdef, params["layers"][0], x, lm.cfg, eng.mdef.layout)
+    assert not info["applied"] and "replicated" in info["reason"]
+
+
+def test_scatter_and_match_find_the_optimum():
+    # units 0,1 are far apart from each other, as are 2,3: the best split pairs far units together
+    dist = np.array([[0, 9, 1, 1], [9, 0, 1, 1], [1, 1, 0, 9], [1, 1, 9, 0]], float)
+    groups, how = scatter(dist, 2)
+    assert how == "exhaustive" and sorted(groups) == [[0, 1], [2, 3]]
+    big = np.random.RandomState(0).rand(24, 24)
+    big = big + big.T
+    groups, how = scatter(big, 2)  # 1.35M partitions: greedy
+    assert how == "greedy" and sorted(sum(groups, [])) == list(range(24)) and all(len(g) == 12 for g in groups)
+    norms = np.array([[1.0, 5.0, 0.0], [4.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
+    assert match(norms) == ([1, 0, 2], "exhaustive")
+    r = np.random.RandomState(1).rand(9, 9)
+    from scipy.optimize import linear_sum_assignment
+
+    perm, how = match(r)
+    rows, cols = linear_sum_assignment(-r)
+    assert how == "hungarian" and np.isclose(sum(r[g, perm[g]] for g in range(9)), r[rows, cols].sum())
+
+
+@pytest.mark.parametrize("emulate", [False, True])
+def test_checkpoint_roundtrip(tiny_models, tmp_path, emulate):
+    lm, eng, params = _setup(tiny_models["opt"][0], 2, emulate=emulate)
+    ck = Checkpointer(tmp_path / "ck")
+    ck.save(1, eng, params, {"tp": 2, "stage": "x"})
+    other = Engine.create(build_model_def(lm.cfg, 2), emulate=not emulate)  # readable by the other mode too
+    for e in (eng, other):
+        restored, state = load_checkpoint_params(tmp_path / "ck", e)
+        assert state["stage"] == "x"
+        chex.assert_trees_all_equal(jax.device_get(e.to_global(restored)), jax.device_get(eng.to_global(params)))
+    with pytest.raises(ConfigError, match="written for tp=2, not tp=4"):
+        load_checkpoint_params(tmp_path / "ck", Engine.create(build_model_def(lm.cfg, 4)))
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        load_checkpoint_params(tmp_path, eng)
+
+
+# ----------------------------------------------------------------------------- kill and resume
+
+
+@pytest.fixture(scope="module")
+def tokenized_tiny(tmp_path_factory, embedded):
+    """A tiny random LLaMA with the embedded model's real tokenizer, and a small text corpus."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok = embedded
+    d = tmp_path_factory.mktemp("tok_tiny")
+    torch.manual_seed(5)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    from spd_jax.data import wiki_documents
+
+    corpus = d / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": t[:2000]}) for t in wiki_documents()[:24]))
+    return d, corpus
+
+
+def _pipeline_cmd(model, corpus, out, *extra):
+    return [sys.executable, str(ROOT / "launch/train_distill.py"), "--model", str(model), "--tp", "2",
+            "--emulate", "--data", str(corpus), "--calib-samples", "8", "--calib-len", "32", "--eval-tokens", "256",
+            "--ratio", "1.0", "--tau1=-1e9", "--tau2=1e9", "--epochs", "4", "--lr", "1e-5",
+            "--distill-batch-size", "2", "--save-every", "2", "--no-head-grouping", "--out", str(out), *extra]
+
+
+def test_resume_after_kill_gives_the_same_parameters(tokenized_tiny, tmp_path):
+    model, corpus = tokenized_tiny
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    full = tmp_path / "full"
+    r = subprocess.run(_pipeline_cmd(model, corpus, full, "--no-progress"), capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    p = subprocess.Popen(_pipeline_cmd(model, corpus, killed, "--no-progress"), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env=env)
+    seen = []
+    for line in p.stdout:
+        seen.append(line)
+        if "[checkpoint] saved block 1 step" in line:  # mid-distillation of the second block
+            p.send_signal(signal.SIGKILL)
+            break
+    p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL, "".join(seen)[-2000:]
+    assert not (killed / "report.json").exists()
+
+    r = subprocess.run(_pipeline_cmd(model, corpus, killed, "--no-progress", "--resume"), capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[resume] from checkpoint" in r.stdout and "block 1 step" in r.stdout
+
+    lm = open_model(model)
+    eng = Engine.create(build_model_def(lm.cfg, 2), emulate=True)
+    a, _ = load_checkpoint_params(full / "checkpoint", eng)
+    b, _ = load_checkpoint_params(killed / "checkpoint", eng)
+    orig = load_params(eng, lm.source)
+    assert np.abs(np.asarray(a["layers"][1]["mlp"]["up"]["w"]) - np.asarray(orig["layers"][1]["mlp"]["up"]["w"])).max() > 1e-4
+    chex.assert_trees_all_close(jax.device_get(a), jax.device_get(b), atol=1e-6, rtol=1e-6)
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (full, killed))
+    assert all(v["status"] == "ok" and v["final_mse"] < v["initial_mse"] for v in ra["distillation"].values())
+    assert ra["distillation"] == rb["distillation"] and ra["ppl"] == rb["ppl"]
+    for f in ("plan.json", "sensitivity.png", "perplexity.png"):
+        assert (killed / f).stat().st_size > 0
+
+    # the result is served by launch/infer.py --checkpoint
+    r = subprocess.run([sys.executable, str(ROOT / "launch/infer.py"), "--checkpoint", str(killed), "--model",
+                        str(model), "--tp", "2", "--max-new-tokens", "3", "--json", "--no-warmup"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["spd_blocks"] == [0, 1, 2]
