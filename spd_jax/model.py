@@ -316,3 +316,16 @@ def vocab_parallel_nll(logits_local_btv, targets_bt, vocab_size: int):
     tgt = jnp.take_along_axis(lg, jnp.clip(local_t, 0, vl - 1)[..., None], axis=-1)[..., 0]
     tgt = psum(jnp.where(ok, tgt, 0.0))
     return jnp.log(sumexp) + m - tgt
+
+
+def vocab_parallel_is_argmax(logits_local_btv, targets_bt, vocab_size: int):
+    """[B, T] bool: the target is the (global) argmax of vocab-sharded logits (greedy prediction)."""
+    vl = logits_local_btv.shape[-1]
+    start = jax.lax.axis_index(TP_AXIS) * vl
+    lg = jnp.where(start + jnp.arange(vl) < vocab_size, logits_local_btv.astype(jnp.float32), -jnp.inf)
+    m = jax.lax.pmax(jnp.max(lg, axis=-1), TP_AXIS)
+    local_t = targets_bt - start
+    ok = (local_t >= 0) & (local_t < vl)
+    tgt = jnp.take_along_axis(lg, jnp.clip(local_t, 0, vl - 1)[..., None], axis=-1)[..., 0]
+    tgt = psum(jnp.where(ok, tgt, 0.0))
+    return tgt >= m

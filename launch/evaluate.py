@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Perplexity and zero-shot multiple-choice accuracy for any model / TP degree / SPD plan / checkpoint.
+
+Examples:
+  python launch/evaluate.py --download-bigbench            # once: BIG-bench task files from PyPI
+  python launch/evaluate.py --tp 3 --emulate --limit 200 --json
+  python launch/evaluate.py --tp 3 --emulate --checkpoint runs/smollm2 --tasks social_iqa
+  python launch/evaluate.py --model /models/Llama-2-7b-hf --tp 8 --task-file arc_easy.jsonl --task-file piqa.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from spd_jax.cli import common_model_args, die, ensure_devices, run_config_from_args  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_model_args(p)
+    p.add_argument("--tasks", help="comma-separated BIG-bench task names (default: the five offline tasks); "
+                                   "'none' for perplexity only")
+    p.add_argument("--task-file", action="append", default=[],
+                   help="a BIG-bench task.json or an lm-eval-style .jsonl (ARC, HellaSwag, PIQA, WinoGrande, SciQ, "
+                        "LAMBADA); repeatable")
+    p.add_argument("--task-dir", action="append", default=[], help="extra directory holding BIG-bench tasks")
+    p.add_argument("--limit", type=int, help="at most N examples per task")
+    p.add_argument("--ppl-source", default="wiki", help="perplexity text source (held-out split): 'wiki' or a file")
+    p.add_argument("--ppl-file", help="same as --ppl-source with a local file")
+    p.add_argument("--ppl-tokens", type=int, default=16384, help="tokens of held-out text for perplexity (0: skip)")
+    p.add_argument("--ppl-len", type=int, default=256, help="window length for perplexity")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--download-bigbench", action="store_true",
+                   help="download bigbench==1.0.0 (sdist) with pip and extract the task files, then exit")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from pathlib import Path
+
+    if args.download_bigbench:
+        from spd_jax.tasks import download_bigbench
+
+        for path in download_bigbench():
+            print(path)
+        return 0
+    ensure_devices(args)
+    import jax
+
+    from spd_jax.data import contiguous_sequences, eval_stream
+    from spd_jax.distributed import is_main_process, maybe_initialize
+    from spd_jax.evaluation import Scorer, evaluate_loaded, mean_accuracy, perplexity
+    from spd_jax.inference import open_session
+    from spd_jax.tasks import DEFAULT_TASKS, load_task
+
+    maybe_initialize(args)
+    run = run_config_from_args(args)
+    sess = open_session(run)
+    tok, cfg = sess.tokenizer, sess.cfg
+    scorer = Scorer(sess.engine, sess.params, sess.spd_modes, batch_size=args.batch_size)
+    out = {"model": str(sess.loaded.path), "tp": run.tp, "emulate": run.emulate,
+           "spd_blocks": [i for i, m in enumerate(sess.spd_modes) if m], "checkpoint": run.checkpoint,
+           "devices": f"{jax.device_count()}x{jax.devices()[0].device_kind}"}
+    t0 = time.time()
+    if args.ppl_tokens:
+        src = args.ppl_file or args.ppl_source
+        eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
+        windows = contiguous_sequences(eval_stream(src, tok, eos), args.ppl_len, args.ppl_tokens)
+        out["perplexity"] = {"source": src, "split": "eval", "tokens": int(windows.size), "window": args.ppl_len,
+                             "value": perplexity(scorer, windows)}
+    names = list(DEFAULT_TASKS) if args.tasks is None else [t for t in args.tasks.split(",") if t and t != "none"]
+    results = []
+    for spec in names + args.task_file:
+        name, fmt, items = load_task(spec, args.limit, [Path(d) for d in args.task_dir])
+        results.append(evaluate_loaded(scorer, tok, name, fmt, items, cfg.max_position,
+                                       progress=not (args.no_progress or args.json)))
+    out["tasks"] = {r.name: {"n": r.n, "acc": r.acc, "acc_norm": r.acc_norm} for r in results}
+    if results:
+        out["mean_acc"] = mean_accuracy(results)
+    out["seconds"] = time.time() - t0
+    if not is_main_process():
+        return 0
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        if "perplexity" in out:
+            p = out["perplexity"]
+            print(f"perplexity ({p['source']}, held-out, {p['tokens']} tokens): {p['value']:.3f}")
+        for r in results:
+            print(f"{r.name:40s} n={r.n:5d}  acc={r.acc:.4f}  acc_norm={r.acc_norm:.4f}")
+        if results:
+            print(f"{'mean acc':40s} {out['mean_acc']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Exception as e:  # noqa: BLE001
+        die(e)

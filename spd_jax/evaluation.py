@@ -1,0 +1,180 @@
+"""Evaluation: perplexity on held-out text and zero-shot multiple-choice accuracy by log-likelihood.
+
+Scoring follows lm-evaluation-harness: for each choice, the log-likelihood of the continuation tokens
+given the context; `acc` picks the highest log-likelihood, `acc_norm` the highest log-likelihood divided
+by the continuation's length in characters. Token log-likelihoods come from the vocab-parallel NLL
+computed inside each TP shard (full-vocabulary logits are never gathered).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from spd_jax.model import vocab_parallel_is_argmax, vocab_parallel_nll
+from spd_jax.runtime import Engine, Params
+
+
+@dataclasses.dataclass
+class MCItem:
+    context: str
+    choices: list[str]
+    gold: int  # index of the correct choice
+
+
+@dataclasses.dataclass
+class TaskResult:
+    name: str
+    n: int
+    acc: float
+    acc_norm: float
+
+
+class Scorer:
+    """Token log-likelihoods for any engine/params/SPD modes, batched and jitted per (modes, shape)."""
+
+    def __init__(self, engine: Engine, params: Params, spd_modes: Sequence[bool], batch_size: int = 16,
+                 bucket: int = 32):
+        self.engine, self.params = engine, params
+        self.modes = tuple(bool(m) for m in spd_modes)
+        self.batch_size, self.bucket = batch_size, bucket
+        self._fn = None
+
+    def _nll_fn(self):
+        if self._fn is None:
+            graphdef, modes, bias = self.engine.mdef.graphdef, self.modes, self.engine.spd_attn_bias
+            vocab = self.engine.mdef.cfg.vocab_size
+
+            def shard(params, tokens, pad):
+                model = nnx.merge(graphdef, params)
+                logits, _ = model(tokens, pad, None, 0, spd_modes=modes, spd_attn_bias=bias)
+                lg, tg = logits[:, :-1], tokens[:, 1:]
+                return vocab_parallel_nll(lg, tg, vocab), vocab_parallel_is_argmax(lg, tg, vocab)
+
+            f = self.engine.sharded(shard, (self.engine.mdef.specs(), P(), P()), (P(), P()))
+            self._fn = jax.jit(f)
+        return self._fn
+
+    def token_nll(self, seqs: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Per sequence, the NLL of tokens 1..n-1 (array of length n-1)."""
+        return self.token_scores(seqs)[0]
+
+    def token_scores(self, seqs: Sequence[Sequence[int]]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per sequence, (NLL of tokens 1..n-1, whether each of them is the greedy prediction)."""
+        out: list[np.ndarray] = [None] * len(seqs)  # type: ignore[list-item]
+        greedy: list[np.ndarray] = [None] * len(seqs)  # type: ignore[list-item]
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        f = self._nll_fn()
+        rep = self.engine.replicate
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s:s + self.batch_size]
+            t = max(len(seqs[i]) for i in idx)
+            t = -(-t // self.bucket) * self.bucket
+            b = self.batch_size
+            tokens = np.zeros((b, t), np.int32)  # right padding: causal attention never sees it
+            for r, i in enumerate(idx):
+                tokens[r, : len(seqs[i])] = seqs[i]
+            nll, top = (np.asarray(a) for a in f(self.params, rep(tokens), rep(np.zeros((b,), np.int32))))
+            for r, i in enumerate(idx):
+                out[i] = nll[r, : len(seqs[i]) - 1]
+                greedy[i] = top[r, : len(seqs[i]) - 1]
+        return out, greedy
+
+
+def perplexity(scorer: Scorer, windows_nt: np.ndarray) -> float:
+    """exp(mean NLL) over every predicted token of the (non-overlapping) windows."""
+    nll = scorer.token_nll([list(w) for w in windows_nt])
+    return float(math.exp(np.concatenate(nll).mean()))
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation ids, split as lm-evaluation-harness does (whitespace stays with the
+    continuation; encode the whole string and split at the context's length when that is consistent)."""
+    n_space = len(context) - len(context.rstrip())
+    if n_space:
+        continuation = context[-n_space:] + continuation
+        context = context[:-n_space]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+        return ctx, whole[len(ctx):]
+    return ctx, tokenizer(continuation, add_special_tokens=False)["input_ids"]
+
+
+def choice_loglikelihoods(scorer: Scorer, tokenizer, items: Sequence[MCItem], max_len: int | None = None,
+                          progress: bool = False, desc: str = "") -> list[list[float]]:
+    seqs, spans = [], []
+    bos = getattr(tokenizer, "bos_token_id", None)
+    for it in items:
+        for ch in it.choices:
+            ctx, cont = encode_pair(tokenizer, it.context, ch)
+            if not ctx:
+                ctx = [bos if bos is not None else 0]
+            seq = ctx + cont
+            if max_len is not None and len(seq) > max_len:  # keep the end: the continuation must fit
+                cut = len(seq) - max_len
+                seq = seq[cut:]
+                ctx = ctx[cut:]
+            seqs.append(seq)
+            spans.append((len(ctx), len(seq)))
+    nll = []
+    step = max(1, scorer.batch_size * 8)
+    for s in tqdm(range(0, len(seqs), step), desc=desc, disable=not progress, unit="chunk"):
+        nll.extend(scorer.token_nll(seqs[s:s + step]))
+    lls, k = [], 0
+    for it in items:
+        row = []
+        for _ in it.choices:
+            a, b = spans[k]
+            row.append(-float(nll[k][a - 1:b - 1].sum()))  # token j is predicted at position j-1
+            k += 1
+        lls.append(row)
+    return lls
+
+
+def accuracy(items: Sequence[MCItem], lls: Sequence[Sequence[float]]) -> tuple[float, float]:
+    acc = np.mean([int(np.argmax(ll) == it.gold) for it, ll in zip(items, lls)])
+    acc_norm = np.mean([int(np.argmax(np.asarray(ll) / np.array([max(len(c), 1) for c in it.choices])) == it.gold)
+                        for it, ll in zip(items, lls)])
+    return float(acc), float(acc_norm)
+
+
+def evaluate_task(scorer: Scorer, tokenizer, name: str, items: Sequence[MCItem], max_len: int | None = None,
+                  progress: bool = False) -> TaskResult:
+    lls = choice_loglikelihoods(scorer, tokenizer, items, max_len, progress, desc=name)
+    acc, acc_norm = accuracy(items, lls)
+    return TaskResult(name, len(items), acc, acc_norm)
+
+
+def mean_accuracy(results: Iterable[TaskResult]) -> float:
+    r = list(results)
+    return float(np.mean([x.acc for x in r])) if r else float("nan")
+
+
+def evaluate_loaded(scorer: Scorer, tokenizer, name: str, fmt: str, items: list, max_len: int | None = None,
+                    progress: bool = False) -> TaskResult:
+    """Score a task loaded by `spd_jax.tasks.load_task` (multiple choice, WinoGrande or LAMBADA)."""
+    if fmt == "winogrande":  # partial scoring: the same continuation after each option-filled prefix
+        flat = [it for pair, _ in items for it in pair]
+        lls = choice_loglikelihoods(scorer, tokenizer, flat, max_len, progress, desc=name)
+        correct = [int(np.argmax([lls[2 * k][0], lls[2 * k + 1][0]]) == gold) for k, (_, gold) in enumerate(items)]
+        acc = float(np.mean(correct))
+        return TaskResult(name, len(items), acc, acc)
+    if fmt == "lambada":  # accuracy: every token of the last word is the greedy prediction
+        seqs, spans = [], []
+        for it in items:
+            ctx, cont = encode_pair(tokenizer, it.context, it.choices[0])
+            seqs.append(ctx + cont)
+            spans.append((len(ctx), len(ctx) + len(cont)))
+        _, greedy = scorer.token_scores(seqs)
+        acc = float(np.mean([bool(g[a - 1:b - 1].all()) for g, (a, b) in zip(greedy, spans)]))
+        return TaskResult(name, len(items), acc, acc)
+    return evaluate_task(scorer, tokenizer, name, items, max_len, progress)

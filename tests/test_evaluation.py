@@ -1,0 +1,154 @@
+"""Evaluation: log-likelihood scoring, acc_norm, perplexity, task loaders, and the sync-plan identity."""
+
+import io
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from spd_jax.evaluation import (MCItem, Scorer, accuracy, choice_loglikelihoods, evaluate_loaded, evaluate_task,
+                                perplexity)
+from spd_jax.loading import load_params, open_model
+from spd_jax.runtime import Engine, build_model_def
+from spd_jax.tasks import extract_bigbench, load_bigbench, load_task
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "bigbench"
+
+
+class CharTokenizer:
+    """One token per character (ids = code points)."""
+
+    bos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+class ConstructedScorer:
+    """A 'model' whose NLL for a token is 0 for the letter 'x' and 3 for anything else: the choice made
+    of x's is certain to win acc."""
+
+    batch_size = 4
+
+    def token_scores(self, seqs):
+        nll = [np.array([0.0 if t == ord("x") else 3.0 for t in s[1:]]) for s in seqs]
+        return nll, [n == 0 for n in nll]
+
+    def token_nll(self, seqs):
+        return self.token_scores(seqs)[0]
+
+
+def test_scoring_with_a_constructed_model_is_certain():
+    items = [MCItem("Q: pick", [" yyy", " xxx", " zz"], gold=1), MCItem("Q: again", [" xx", " ab"], gold=0)]
+    lls = choice_loglikelihoods(ConstructedScorer(), CharTokenizer(), items)
+    assert lls[0] == [-12.0, -3.0, -9.0] and lls[1] == [-3.0, -9.0]  # the leading space costs 3
+    r = evaluate_task(ConstructedScorer(), CharTokenizer(), "t", items)
+    assert (r.acc, r.acc_norm, r.n) == (1.0, 1.0, 2)
+
+
+def test_acc_norm_divides_by_characters():
+    items = [MCItem("c", ["a", "a much longer answer"], gold=1)]
+    lls = [[-2.0, -10.0]]  # total ll prefers the short one; per character the long one wins
+    assert accuracy(items, lls) == (0.0, 1.0)
+
+
+def test_lambada_and_winogrande_scoring_rules():
+    # LAMBADA: correct only if every target token is the greedy prediction
+    items = [MCItem("say", [" xx"], 0), MCItem("say", [" xa"], 0)]
+    r = evaluate_loaded(ConstructedScorer(), CharTokenizer(), "lambada", "lambada", items)
+    assert r.acc == 0.0  # the leading space is never greedy in the constructed model
+    items = [MCItem("sa", ["xx"], 0), MCItem("sa", ["xa"], 0)]
+    r = evaluate_loaded(ConstructedScorer(), CharTokenizer(), "lambada", "lambada", items)
+    assert r.acc == 0.5
+    # WinoGrande partial scoring: the same suffix after each option-filled prefix; here the suffix
+    # costs the same, so the first option wins on ties (argmax) -> gold 0 right, gold 1 wrong
+    pairs = [([MCItem("a", [" xx"], 0), MCItem("b", [" xx"], 0)], 0),
+             ([MCItem("a", [" xx"], 0), MCItem("b", [" xx"], 0)], 1)]
+    assert evaluate_loaded(ConstructedScorer(), CharTokenizer(), "wg", "winogrande", pairs).acc == 0.5
+
+
+def test_perplexity_equals_exp_mean_nll_from_pytorch(tiny_models):
+    path, ref = tiny_models["opt"]
+    lm = open_model(path)
+    eng = Engine.create(build_model_def(lm.cfg, 4))
+    sc = Scorer(eng, load_params(eng, lm.source), (False,) * 3, batch_size=2)
+    windows = np.random.RandomState(0).randint(3, 100, size=(3, 20)).astype(np.int32)
+    with torch.no_grad():
+        logp = torch.log_softmax(ref(torch.tensor(windows, dtype=torch.long)).logits.double(), -1).numpy()
+    nll = -np.take_along_axis(logp[:, :-1], windows[:, 1:, None], -1).mean()
+    np.testing.assert_allclose(perplexity(sc, windows), math.exp(nll), rtol=1e-5)
+
+
+def test_sync_plan_reproduces_no_spd_numbers_exactly(embedded, tmp_path):
+    from spd_jax.config import RunConfig
+    from spd_jax.inference import open_session
+    from spd_jax.plan import plan_from_modes, save_plan
+
+    lm, tok = embedded
+    save_plan(plan_from_modes((False,) * lm.cfg.n_layers, tp=3), tmp_path / "plan.json")
+    items = [MCItem("The capital of France is", [" Paris", " a banana", " London"], 0),
+             MCItem("Two plus two equals", [" four", " seven"], 0)]
+    windows = np.asarray([tok("The quick brown fox jumps over the lazy dog. " * 4)["input_ids"][:40]], np.int32)
+    results = []
+    for extra in ({}, {"spd_plan": str(tmp_path / "plan.json")}):
+        sess = open_session(RunConfig(model="embedded", tp=3, emulate=True, **extra))
+        assert not any(sess.spd_modes)
+        sc = Scorer(sess.engine, sess.params, sess.spd_modes, batch_size=4)
+        results.append((choice_loglikelihoods(sc, tok, items), perplexity(sc, windows)))
+    assert results[0] == results[1]  # bit-identical
+    lls = results[0][0]
+    assert int(np.argmax(lls[0])) == 0  # and the real model knows its capitals
+
+
+def test_bigbench_loader_and_extraction(tmp_path):
+    task = {"name": "t", "append_choices_to_input": True,
+            "examples": [{"input": "How many legs do horses have?", "target_scores": "{'two': 0, 'four': 1}"}]}
+    buf = json.dumps(task).encode()
+    sdist = tmp_path / "bigbench-1.0.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tf:
+        info = tarfile.TarInfo("bigbench-1.0.0/bigbench/benchmark_tasks/general_knowledge/task.json")
+        info.size = len(buf)
+        tf.addfile(info, io.BytesIO(buf))
+    [path] = extract_bigbench(sdist, tmp_path / "cache", tasks=("general_knowledge",))
+    [item] = load_bigbench(path)
+    assert item.context == "Q: How many legs do horses have?\n  choice: two\n  choice: four\nA:"
+    assert item.choices == [" two", " four"] and item.gold == 1
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data/bigbench not present")
+def test_shared_bigbench_tasks_load():
+    from spd_jax.tasks import DEFAULT_TASKS
+
+    for t in DEFAULT_TASKS:
+        name, fmt, items = load_task(t, limit=5, search=[SHARED])
+        assert fmt == "bigbench" and len(items) == 5 and all(0 <= it.gold < len(it.choices) for it in items)
+
+
+def test_jsonl_formats(tmp_path):
+    rows = {
+        "arc_easy.jsonl": {"question": "Q?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "B"},
+        "piqa.jsonl": {"goal": "g", "sol1": "s1", "sol2": "s2", "label": 1},
+        "hellaswag.jsonl": {"activity_label": "Act", "ctx_a": "a", "ctx_b": "b", "ctx": "a b",
+                            "endings": ["e1", "e2", "e3", "e4"], "label": "2"},
+        "sciq.jsonl": {"question": "q", "support": "s", "correct_answer": "c", "distractor1": "d1",
+                       "distractor2": "d2", "distractor3": "d3"},
+        "winogrande.jsonl": {"sentence": "The cup fell because _ was heavy.", "option1": "the cup",
+                             "option2": "the table", "answer": "1"},
+        "lambada.jsonl": {"text": "he said hello"},
+    }
+    expect = {"arc_easy": ("arc", 1), "piqa": ("piqa", 1), "hellaswag": ("hellaswag", 2), "sciq": ("sciq", 3)}
+    for fname, row in rows.items():
+        (tmp_path / fname).write_text(json.dumps(row) + "\n")
+        name, fmt, items = load_task(str(tmp_path / fname))
+        if name in expect:
+            assert (fmt, items[0].gold) == expect[name]
+    _, fmt, items = load_task(str(tmp_path / "winogrande.jsonl"))
+    (a, b), gold = items[0]
+    assert fmt == "winogrande" and a.context == "The cup fell because the cup" and a.choices == [" was heavy."]
+    assert gold == 0
+    _, fmt, items = load_task(str(tmp_path / "lambada.jsonl"))
+    assert fmt == "lambada" and items[0].context == "he said" and items[0].choices == [" hello"]
