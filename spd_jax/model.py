@@ -15,6 +15,8 @@ where Y_i is device i's partial attention output (row-parallel o-projection with
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -28,7 +30,24 @@ from spd_jax.sharding import TP_AXIS, TPLayout
 NEG_INF = float(np.finfo(np.float32).min)
 
 
+_NO_COLLECTIVES = contextvars.ContextVar("spd_jax_no_collectives", default=False)
+
+
+@contextlib.contextmanager
+def collectives_disabled():
+    """Trace the model with every all-reduce replaced by the identity: the compute-only lower bound used
+    by the benchmark's --floor mode. The numbers are meaningless; only the timing is. Needs
+    check_vma=False (the replication types are deliberately wrong)."""
+    token = _NO_COLLECTIVES.set(True)
+    try:
+        yield
+    finally:
+        _NO_COLLECTIVES.reset(token)
+
+
 def psum(x):
+    if _NO_COLLECTIVES.get():
+        return x
     return jax.lax.psum(x, TP_AXIS)
 
 

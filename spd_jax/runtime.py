@@ -107,6 +107,7 @@ class Engine:
     mesh: Mesh | None = None
     emulate: bool = False
     spd_attn_bias: str = "full"
+    floor: bool = False  # benchmark only: no collectives at all (see model.collectives_disabled)
 
     @staticmethod
     def create(mdef: ModelDef, *, emulate: bool = False, devices=None, spd_attn_bias: str = "full") -> "Engine":
@@ -114,10 +115,6 @@ class Engine:
         return Engine(mdef, mesh, emulate, spd_attn_bias)
 
     # ---- placement
-    def param_axes(self) -> Params:
-        return jax.tree.map(lambda s: 0 if tp_axis_of(s) is not None else None, self.mdef.specs(),
-                            is_leaf=lambda x: isinstance(x, P))
-
     def shardings(self) -> Params:
         """Sharding of each param in this engine's storage layout."""
         if self.emulate:
@@ -125,15 +122,6 @@ class Engine:
             return jax.tree.map(lambda s: jax.sharding.SingleDeviceSharding(dev), self.mdef.specs(),
                                 is_leaf=lambda x: isinstance(x, P))
         return jax.tree.map(lambda s: named(self.mesh, s), self.mdef.specs(), is_leaf=lambda x: isinstance(x, P))
-
-    def storage_shape(self, global_shape: tuple[int, ...], spec: P) -> tuple[int, ...]:
-        ax = tp_axis_of(spec)
-        if not self.emulate or ax is None:
-            return tuple(global_shape)
-        tp = self.mdef.tp
-        local = list(global_shape)
-        local[ax] //= tp
-        return (tp, *local)
 
     def from_global(self, params: Params, specs: Params | None = None) -> Params:
         """Global arrays (host or device) -> this engine's storage layout. `specs` defaults to the model's."""
@@ -168,8 +156,9 @@ class Engine:
             local = (tp, batch, max_len, shape[2] // tp, shape[3])
             return [{"k": jnp.zeros(local, dtype), "v": jnp.zeros(local, dtype)} for _ in range(n)]
         sh = named(self.mesh, CACHE_SPEC)
-        z = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sh)
-        return [{"k": z(), "v": z()} for _ in range(n)]
+        z = jax.jit(lambda: [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(n)],
+                    out_shardings=[{"k": sh, "v": sh}] * n)
+        return z()
 
     # ---- running a per-shard function
     def sharded(self, fn: Callable, in_specs, out_specs) -> Callable:
@@ -181,6 +170,18 @@ class Engine:
         come back as one copy.
         """
         is_p = lambda x: isinstance(x, P)  # noqa: E731
+        if self.floor:
+            from spd_jax.model import collectives_disabled
+
+            inner = fn
+
+            def fn(*args):
+                with collectives_disabled():
+                    return inner(*args)
+
+            if self.emulate:
+                raise ValueError("the floor mode needs real devices (no emulation)")
+            return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
         if not self.emulate:
             return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=True)
         in_axes = jax.tree.map(lambda s: 0 if tp_axis_of(s) is not None else None, in_specs, is_leaf=is_p)

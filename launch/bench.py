@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""Latency benchmark of SPD vs sync, side by side in one process. Weights are RANDOM (speed only).
+
+Examples:
+  python launch/bench.py --shape tiny --tp 4                       # CPU smoke run (simulated devices)
+  python launch/bench.py --shape llama2-7b --tp 2 --floor --json   # 2 GPUs, NVLink
+  python launch/bench.py --shape llama2-7b --tp 2 --interconnect lbw   # NCCL without P2P/SHM (~PCIe/socket)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+LBW_ENV = {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1", "NCCL_SOCKET_IFNAME": "lo"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="tiny")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--spd-ratios", default="0,0.25,0.5,0.75,1")
+    p.add_argument("--spd-plan", help="plan.json: benchmark its blocks instead of the ratios' last blocks")
+    p.add_argument("--floor", action="store_true", help="also run with every all-reduce removed")
+    p.add_argument("--interconnect", choices=["hbw", "lbw"], default="hbw")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", help="write the results as JSON to this file ('-' for stdout)")
+    p.add_argument("--plot", help="write a PNG of latency vs SPD ratio")
+    from spd_jax.distributed import add_distributed_args
+
+    add_distributed_args(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.interconnect == "lbw":
+        os.environ.update(LBW_ENV)  # before JAX (and NCCL) start
+    from spd_jax.cli import ensure_devices
+
+    ensure_devices(args)
+    import jax
+
+    from spd_jax.bench import (allreduce_microbench, modes_for_ratio, random_params, shape_config, time_generation,
+                               weight_bytes_per_device)
+    from spd_jax.distributed import is_main_process, maybe_initialize
+    from spd_jax.plan import load_plan, modes_from_plan
+    from spd_jax.runtime import Engine, build_model_def
+
+    maybe_initialize(args)
+    cfg = shape_config(args.shape)
+    mdef = build_model_def(cfg, args.tp, args.dtype)
+    engine = Engine.create(mdef)
+    params = random_params(engine)
+    L = cfg.n_layers
+    configs = []
+    if args.spd_plan:
+        configs.append(("plan", modes_from_plan(load_plan(args.spd_plan), L)))
+        configs.insert(0, ("r=0.00", (False,) * L))
+    else:
+        for r in (float(x) for x in args.spd_ratios.split(",")):
+            configs.append((f"r={r:.2f}", modes_for_ratio(L, r)))
+    rows = [time_generation(engine, params, modes, args.batch, args.prompt_len, args.new_tokens, args.repeats, label)
+            for label, modes in configs]
+    if args.floor:
+        import dataclasses
+
+        fe = dataclasses.replace(engine, floor=True)
+        rows.append(time_generation(fe, params, (False,) * L, args.batch, args.prompt_len, args.new_tokens,
+                                    args.repeats, "floor"))
+    ar = allreduce_microbench(engine.mesh) if args.tp > 1 else []
+    sync = rows[0]
+    floor = next((r for r in rows if r.label == "floor"), None)
+    result = {
+        "shape": args.shape, "tp": args.tp, "batch": args.batch, "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens, "dtype": args.dtype, "interconnect": args.interconnect,
+        "nccl_env": {k: os.environ.get(k) for k in LBW_ENV}, "random_weights": True,
+        "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(), "jax": jax.__version__,
+        "weight_bytes_per_device": weight_bytes_per_device(mdef), "allreduce": ar,
+        "rows": [{**r.__dict__, "speedup_e2e_vs_sync": sync.e2e_ms / r.e2e_ms,
+                  "speedup_tpot_vs_sync": sync.tpot_ms / r.tpot_ms,
+                  "allreduce_time_removed": ((sync.tpot_ms - r.tpot_ms) / (sync.tpot_ms - floor.tpot_ms)
+                                             if floor and sync.tpot_ms > floor.tpot_ms else None)}
+                 for r in rows],
+    }
+    if not is_main_process():
+        return 0
+    print(f"# {args.shape} tp={args.tp} batch={args.batch} {args.prompt_len}in/{args.new_tokens}out {args.dtype} "
+          f"{args.interconnect} on {jax.device_count()}x{jax.devices()[0].device_kind} (RANDOM weights)")
+    print(f"{'config':8s} {'spd':>4s} {'ttft ms':>9s} {'tpot ms':>9s} {'e2e ms':>9s} {'tok/s':>8s} "
+          f"{'e2e x':>6s} {'tpot x':>6s} {'AR removed':>10s}")
+    for r in result["rows"]:
+        rem = r["allreduce_time_removed"]
+        print(f"{r['label']:8s} {r['n_spd']:4d} {r['ttft_ms']:9.2f} {r['tpot_ms']:9.3f} {r['e2e_ms']:9.1f} "
+              f"{r['tokens_per_s']:8.1f} {r['speedup_e2e_vs_sync']:6.3f} {r['speedup_tpot_vs_sync']:6.3f} "
+              f"{'' if rem is None else f'{100 * rem:.0f}%':>10s}")
+    for a in ar:
+        print(f"all-reduce {a['bytes']:>10d} B: {a['median_us']:9.1f} us, bus {a['bus_GBps']:.2f} GB/s")
+    if args.json:
+        text = json.dumps(result, indent=2)
+        print(text) if args.json == "-" else Path(args.json).write_text(text)
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        pts = [r for r in result["rows"] if r["label"].startswith("r=")]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([float(r["label"][2:]) * 100 for r in pts], [r["e2e_ms"] for r in pts], marker="o", label="e2e")
+        if floor:
+            ax.axhline(floor.e2e_ms, ls="--", c="gray", label="no all-reduce (floor)")
+        ax.set(xlabel="SPD ratio (%)", ylabel="request latency (ms)",
+               title=f"{args.shape} TP{args.tp} {args.interconnect} ({jax.devices()[0].device_kind})")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+    return 0
+
+
+if __name__ == "__main__":
+    from spd_jax.cli import die
+
+    try:
+        sys.exit(main())
+    except Exception as e:  # noqa: BLE001
+        die(e)

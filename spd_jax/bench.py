@@ -1,0 +1,138 @@
+"""Latency benchmark: random-weight models of real shapes, SPD ratios side by side, the all-reduce floor.
+
+Weights are RANDOM (initialised directly in their shards on device): these runs measure speed only.
+For each SPD ratio r, the last round(r*L) blocks (or a plan's blocks) drop their attention all-reduce.
+Timings (all device-synchronised, after a compile/warm-up run):
+  * ttft: prefill of the prompt + first token;
+  * decode: the on-device decode loop (one `lax.while_loop`, no host work per token) for new_tokens-1
+    steps; per-token time = loop time / steps, median over `repeats` runs;
+  * e2e: ttft + decode loop, median over repeats.
+`floor` runs the same model with every all-reduce removed (compute-only lower bound).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spd_jax.config import GenerationConfig, ModelConfig, RopeConfig
+from spd_jax.generate import Generator
+from spd_jax.runtime import Engine, build_model_def
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(arch="llama", vocab_size=512, hidden=128, n_layers=4, n_heads=8, n_kv_heads=8, head_dim=16,
+                 intermediate=256, max_position=512),
+    "llama2-7b": dict(arch="llama", vocab_size=32000, hidden=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                      head_dim=128, intermediate=11008, max_position=4096),
+    "llama2-13b": dict(arch="llama", vocab_size=32000, hidden=5120, n_layers=40, n_heads=40, n_kv_heads=40,
+                       head_dim=128, intermediate=13824, max_position=4096),
+    "llama2-70b": dict(arch="llama", vocab_size=32000, hidden=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                       head_dim=128, intermediate=28672, max_position=4096),
+    "opt-6.7b": dict(arch="opt", vocab_size=50272, hidden=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                     head_dim=128, intermediate=16384, max_position=2048),
+    "opt-13b": dict(arch="opt", vocab_size=50272, hidden=5120, n_layers=40, n_heads=40, n_kv_heads=40,
+                    head_dim=128, intermediate=20480, max_position=2048),
+    "opt-30b": dict(arch="opt", vocab_size=50272, hidden=7168, n_layers=48, n_heads=56, n_kv_heads=56,
+                    head_dim=128, intermediate=28672, max_position=2048),
+    "opt-66b": dict(arch="opt", vocab_size=50272, hidden=9216, n_layers=64, n_heads=72, n_kv_heads=72,
+                    head_dim=128, intermediate=36864, max_position=2048),
+}
+
+
+def shape_config(name: str) -> ModelConfig:
+    if name not in SHAPES:
+        raise ValueError(f"unknown shape {name!r}; known: {sorted(SHAPES)}")
+    d = dict(SHAPES[name])
+    opt = d["arch"] == "opt"
+    return ModelConfig(**d, rope=None if opt else RopeConfig(theta=10000.0), tie_embeddings=opt, qkv_bias=opt,
+                       o_bias=opt, mlp_bias=opt, eos_token_ids=())
+
+
+def random_params(engine: Engine, seed: int = 0):
+    """Random weights created directly in their shards (never materialised on the host)."""
+    mdef = engine.mdef
+    shardings = engine.shardings()
+    leaves, treedef = jax.tree.flatten(mdef.abstract)
+    shard_leaves = jax.tree.leaves(shardings)
+
+    def init(key):
+        keys = jax.random.split(key, len(leaves))
+        return treedef.unflatten([(0.02 * jax.random.normal(k, a.shape, jnp.float32)).astype(a.dtype)
+                                  for k, a in zip(keys, leaves)])
+
+    return jax.jit(init, out_shardings=treedef.unflatten(shard_leaves))(jax.random.PRNGKey(seed))
+
+
+def modes_for_ratio(n_layers: int, ratio: float) -> tuple[bool, ...]:
+    n = int(round(ratio * n_layers))
+    return tuple(i >= n_layers - n for i in range(n_layers))
+
+
+@dataclasses.dataclass
+class Timing:
+    label: str
+    n_spd: int
+    ttft_ms: float
+    tpot_ms: float  # per output token in the decode loop
+    e2e_ms: float
+    tokens_per_s: float
+    ttft_all: list[float]
+    e2e_all: list[float]
+
+
+def time_generation(engine: Engine, params, modes, batch: int, prompt_len: int, new_tokens: int, repeats: int,
+                    label: str) -> Timing:
+    gen = Generator(engine, params, modes)
+    cfg = GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False)
+    rng = np.random.RandomState(0)
+    prompts = [list(rng.randint(3, engine.mdef.cfg.vocab_size, size=prompt_len)) for _ in range(batch)]
+    gen.generate(prompts, cfg)  # compile + warm up
+    ttft, dec, e2e = [], [], []
+    for _ in range(repeats):
+        r = gen.generate(prompts, cfg)
+        e2e.append((r.ttft_s + r.decode_s) * 1e3)  # prefill + decode loop, device-synchronised
+        ttft.append(r.ttft_s * 1e3)
+        dec.append(r.decode_s * 1e3 / max(new_tokens - 1, 1))
+    tpot = float(np.median(dec))
+    return Timing(label, sum(modes), float(np.median(ttft)), tpot, float(np.median(e2e)),
+                  batch * 1e3 / tpot, ttft, e2e)
+
+
+def allreduce_microbench(mesh, sizes_bytes=(8 << 10, 1 << 20, 64 << 20), repeats: int = 20) -> list[dict]:
+    """Median latency and bus bandwidth of a bf16 psum over the tp axis, per message size."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    n = mesh.devices.size
+    out = []
+    for size in sizes_bytes:
+        elems = size // 2
+        x = jax.device_put(jnp.ones((n, elems), jnp.bfloat16), NamedSharding(mesh, P("tp", None)))
+        f = jax.jit(jax.shard_map(lambda a: jax.lax.psum(a, "tp"), mesh=mesh, in_specs=P("tp", None),
+                                  out_specs=P(None, None)))
+        f(x).block_until_ready()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f(x).block_until_ready()
+            ts.append(time.perf_counter() - t0)
+        t = float(np.median(ts))
+        busbw = 2 * (n - 1) / n * size / t if n > 1 else float("nan")
+        out.append({"bytes": size, "median_us": t * 1e6, "bus_GBps": busbw / 1e9})
+    return out
+
+
+def weight_bytes_per_device(mdef) -> float:
+    from jax.sharding import PartitionSpec as P
+
+    from spd_jax.runtime import tp_axis_of
+
+    def nbytes(a, s):
+        b = float(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+        return b / mdef.tp if tp_axis_of(s) is not None else b
+
+    return sum(jax.tree.leaves(jax.tree.map(nbytes, mdef.abstract, mdef.specs(), is_leaf=lambda x: isinstance(x, P))))
