@@ -1,0 +1,74 @@
+"""The latency benchmark on tiny shapes (8 simulated CPU devices): fields, block counts, floor HLO."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spd_jax.bench import modes_for_ratio, random_params, shape_config
+from spd_jax.runtime import Engine, build_model_def
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("n_layers", [4, 30, 32, 80])
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 0.7, 0.75, 1.0])
+def test_ratio_drops_exactly_round_r_times_l_blocks(n_layers, ratio):
+    modes = modes_for_ratio(n_layers, ratio)
+    assert sum(modes) == int(round(ratio * n_layers))
+    assert all(modes[n_layers - sum(modes):])  # the last blocks
+
+
+def _hlo(engine, modes):
+    params = random_params(engine)
+    fwd = engine.forward(modes)
+    tokens = engine.replicate(np.zeros((1, 8), np.int32))
+    pad = engine.replicate(np.zeros((1,), np.int32))
+    return jax.jit(lambda p, t, d: fwd(p, t, d, None, jnp.int32(0))[0]).lower(params, tokens, pad).as_text()
+
+
+def test_floor_mode_has_no_all_reduce_and_spd_has_fewer():
+    cfg = shape_config("tiny")
+    eng = Engine.create(build_model_def(cfg, 4, "float32"))
+    L = cfg.n_layers
+    count = lambda text: text.count("all-reduce") + text.count("all_reduce")  # noqa: E731
+    sync = count(_hlo(eng, (False,) * L))
+    spd = count(_hlo(eng, (True,) * L))
+    floor = count(_hlo(dataclasses.replace(eng, floor=True), (False,) * L))
+    assert sync == 2 * L + 1  # two per block + the vocab-parallel embedding
+    assert spd == L + 1  # one per block
+    assert floor == 0
+
+
+def test_bench_runs_end_to_end_and_reports_measured_numbers(tmp_path):
+    out = tmp_path / "b.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, str(ROOT / "launch/bench.py"), "--shape", "tiny", "--tp", "8",
+                        "--prompt-len", "16", "--new-tokens", "6", "--repeats", "2", "--spd-ratios", "0,0.5,1",
+                        "--floor", "--dtype", "float32", "--json", str(out), "--plot", str(tmp_path / "b.png")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(out.read_text())
+    for k in ("shape", "tp", "batch", "prompt_len", "new_tokens", "dtype", "interconnect", "device", "n_devices",
+              "jax", "weight_bytes_per_device", "allreduce", "rows", "random_weights"):
+        assert k in d, k
+    assert [row["label"] for row in d["rows"]] == ["r=0.00", "r=0.50", "r=1.00", "floor"]
+    assert [row["n_spd"] for row in d["rows"]] == [0, 2, 4, 0]
+    sync = d["rows"][0]
+    for row in d["rows"]:
+        for k in ("ttft_ms", "tpot_ms", "e2e_ms", "tokens_per_s", "speedup_e2e_vs_sync", "speedup_tpot_vs_sync"):
+            assert np.isfinite(row[k]) and row[k] > 0, (row["label"], k)
+        # the reported numbers are the measured ones: medians of the raw samples, ratios of medians
+        assert row["e2e_ms"] == pytest.approx(float(np.median(row["e2e_all"])))
+        assert row["ttft_ms"] == pytest.approx(float(np.median(row["ttft_all"])))
+        assert row["speedup_e2e_vs_sync"] == pytest.approx(sync["e2e_ms"] / row["e2e_ms"])
+        assert len(row["e2e_all"]) == 2 and len(set(row["e2e_all"])) == 2  # two distinct measurements
+    assert len(d["allreduce"]) == 3 and all(a["median_us"] > 0 for a in d["allreduce"])
+    assert (tmp_path / "b.png").stat().st_size > 0
