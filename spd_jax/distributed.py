@@ -27,6 +27,10 @@ def maybe_initialize(args: argparse.Namespace) -> bool:
         return False
     if explicit and None in (args.coordinator, args.num_processes, args.process_id):
         raise SystemExit("error: --coordinator, --num-processes and --process-id must be given together")
+    if explicit and args.process_id != 0:
+        _wait_for_coordinator(args.coordinator, args.init_timeout)
+    # CPU collectives across processes go through gloo (GPU collectives use NCCL regardless).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = dict(initialization_timeout=args.init_timeout)
     if explicit:
         kwargs.update(coordinator_address=args.coordinator, num_processes=args.num_processes,
@@ -40,5 +44,38 @@ def maybe_initialize(args: argparse.Namespace) -> bool:
     return True
 
 
+def _wait_for_coordinator(address: str, timeout: float) -> None:
+    """Fail clearly within `timeout` when the coordinator is unreachable: XLA's client otherwise aborts
+    the whole process from C++ when its deadline passes, without a Python exception."""
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return
+        except (OSError, ValueError) as e:
+            last = e
+            time.sleep(0.5)
+    raise SystemExit(f"error: could not join the jax.distributed cluster at {address} within {timeout}s: "
+                     f"the coordinator (process 0) is not reachable ({last})")
+
+
 def is_main_process() -> bool:
     return jax.process_index() == 0
+
+
+def to_host(x):
+    """A (possibly multi-process) jax.Array as a NumPy array on every process.
+
+    Fully addressable arrays are read directly; otherwise the shards are gathered across processes."""
+    import numpy as np
+
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spd_jax.config import ConfigError, GenerationConfig
+from spd_jax.distributed import to_host
 from spd_jax.runtime import Engine, Params
 
 PAD_ID = 0
@@ -157,9 +158,9 @@ class Generator:
         t1 = time.perf_counter()
         out, done, n, cache = self._decode_fn(gen, gen.max_new_tokens)(
             self.params, cache, first, pad_d, jnp.int32(t_pad), r_loop)
-        out = np.asarray(jax.device_get(out))
+        out = to_host(out)
         decode_s = time.perf_counter() - t1
-        done = np.asarray(done)
+        done = to_host(done)
 
         eos = set(self.cfg.eos_token_ids) if gen.stop_at_eos else set()
         seqs = []
@@ -170,7 +171,7 @@ class Generator:
                     break
                 seq.append(t)
             seqs.append(seq)
-        return GenerationResult(seqs, done.tolist(), lengths, ttft, decode_s, int(n))
+        return GenerationResult(seqs, done.tolist(), lengths, ttft, decode_s, int(to_host(n)))
 
     def warmup(self, gen: GenerationConfig, prompt_len: int = 8, batch: int = 1):
         """Compile prefill and decode for this shape class (so timings exclude compilation)."""

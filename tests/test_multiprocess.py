@@ -1,0 +1,47 @@
+"""Multi-process TP through jax.distributed on CPU (gloo): 2 processes x 4 devices == 1 process x 8."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(devices=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    if devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+@pytest.mark.parametrize("blocks", ["none", "all"])  # a sync model and an SPD model
+def test_two_processes_match_one_process(tiny_models, tmp_path, blocks):
+    model = str(tiny_models["llama"][0])
+    worker = str(ROOT / "tests/mp_worker.py")
+    r = subprocess.run([sys.executable, str(ROOT / "launch/local_cluster.py"), "--num-processes", "2",
+                        "--devices-per-process", "4", "--", sys.executable, worker, model, str(tmp_path / "mp.npz"),
+                        blocks], env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, worker, model, str(tmp_path / "sp.npz"), blocks], env=_env(8),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    mp, sp = np.load(tmp_path / "mp.npz"), np.load(tmp_path / "sp.npz")
+    assert int(mp["processes"]) == 2 and int(sp["processes"]) == 1
+    np.testing.assert_allclose(mp["logits"], sp["logits"], atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(mp["tokens"], sp["tokens"])
+
+
+def test_unreachable_coordinator_fails_clearly_and_quickly(tiny_models):
+    t0 = time.time()
+    r = subprocess.run([sys.executable, str(ROOT / "launch/infer.py"), "--model", str(tiny_models["llama"][0]),
+                        "--tp", "2", "--coordinator", "127.0.0.1:9", "--num-processes", "2", "--process-id", "1",
+                        "--init-timeout", "5"], env=_env(4), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "could not join the jax.distributed cluster at 127.0.0.1:9" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert time.time() - t0 < 120
