@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-processes", type=int, default=2)
     p.add_argument("--devices-per-process", type=int, default=4)
+    p.add_argument("--gpus-per-process", type=int,
+                   help="GPU mode: give each process this many GPUs (CUDA_VISIBLE_DEVICES) instead of CPU devices")
     p.add_argument("--port", type=int, help="coordinator port (default: a free one)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds before the whole cluster is stopped")
     args = p.parse_args(argv[:i])
@@ -41,8 +43,12 @@ def main(argv=None) -> int:
     port = args.port or free_port()
     procs = []
     for pid in range(args.num_processes):
-        env = dict(os.environ, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices_per_process}")
+        if args.gpus_per_process:
+            k = args.gpus_per_process
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(pid * k + j) for j in range(k)))
+        else:
+            env = dict(os.environ, JAX_PLATFORMS="cpu",
+                       XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices_per_process}")
         full = cmd + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(args.num_processes),
                       "--process-id", str(pid)]
         procs.append(subprocess.Popen(full, env=env))

@@ -15,6 +15,7 @@ def main():
     p.add_argument("model")
     p.add_argument("out")
     p.add_argument("spd_blocks")
+    p.add_argument("--tp", type=int, default=8)
     from spd_jax.distributed import add_distributed_args, is_main_process, maybe_initialize, to_host
 
     add_distributed_args(p)
@@ -29,7 +30,7 @@ def main():
     from spd_jax.runtime import Engine, build_model_def
 
     lm = open_model(args.model)
-    eng = Engine.create(build_model_def(lm.cfg, 8))
+    eng = Engine.create(build_model_def(lm.cfg, args.tp))
     params = load_params(eng, lm.source)
     modes = parse_block_spec(args.spd_blocks, lm.cfg.n_layers)
     tokens = np.random.RandomState(0).randint(3, 100, size=(2, 9)).astype(np.int32)
@@ -37,7 +38,8 @@ def main():
     gen = Generator(eng, params, modes).generate([list(tokens[0]), list(tokens[1, 3:])],
                                                  GenerationConfig(max_new_tokens=5, stop_at_eos=False))
     if is_main_process():
-        np.savez(args.out, logits=logits, tokens=np.array(gen.tokens), processes=jax.process_count())
+        np.savez(args.out, logits=logits, tokens=np.array(gen.tokens), processes=jax.process_count(),
+                 device=jax.devices()[0].device_kind)
 
 
 if __name__ == "__main__":

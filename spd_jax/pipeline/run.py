@@ -220,7 +220,8 @@ def run_pipeline(pc: PipelineConfig, out: str | Path, resume: bool = False, prog
         _log(f"[ppl] no SPD {state['ppl']['no_spd']}; zero-shot {state['ppl']['zs']}")
     plan = state["plan"]
     modes = tuple(b["mode"] == "spd" for b in plan["blocks"])
-    save_plan(plan, out / "plan.json")
+    if is_main_process():
+        save_plan(plan, out / "plan.json")
 
     # ---- head grouping for chosen ESB blocks
     t0 = time.time()
