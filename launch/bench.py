@@ -128,9 +128,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from spd_jax.cli import die
+    from spd_jax.cli import run
 
-    try:
-        sys.exit(main())
-    except Exception as e:  # noqa: BLE001
-        die(e)
+    run(main)

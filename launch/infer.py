@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from spd_jax.cli import common_model_args, die, ensure_devices, run_config_from_args  # noqa: E402
+from spd_jax.cli import common_model_args, ensure_devices, run_config_from_args  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -79,7 +79,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Exception as e:  # noqa: BLE001
-        die(e)
+    from spd_jax.cli import run
+
+    run(main)

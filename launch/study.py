@@ -8,14 +8,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from spd_jax.cli import die, ensure_devices  # noqa: E402
+from spd_jax.cli import ensure_devices  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -43,7 +42,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Exception as e:  # noqa: BLE001
-        die(e)
+    from spd_jax.cli import run
+
+    run(main)

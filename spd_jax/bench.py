@@ -22,7 +22,7 @@ import numpy as np
 
 from spd_jax.config import GenerationConfig, ModelConfig, RopeConfig
 from spd_jax.generate import Generator
-from spd_jax.runtime import Engine, build_model_def
+from spd_jax.runtime import Engine
 
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(arch="llama", vocab_size=512, hidden=128, n_layers=4, n_heads=8, n_kv_heads=8, head_dim=16,

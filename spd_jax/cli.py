@@ -49,3 +49,11 @@ def die(e: BaseException) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     raise e
+
+
+def run(main) -> None:
+    """Entry point of a launch script: exit with main()'s code, user errors as one `error:` line."""
+    try:
+        sys.exit(main())
+    except Exception as e:  # noqa: BLE001
+        die(e)

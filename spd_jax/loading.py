@@ -26,7 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from spd_jax.config import ConfigError, ModelConfig, model_config_from_hf
-from spd_jax.runtime import Engine, ModelDef, Params, path_names, tp_axis_of
+from spd_jax.runtime import Engine, ModelDef, Params, path_names
 
 
 class WeightLoadError(RuntimeError):
