@@ -70,8 +70,11 @@ def main(argv=None) -> int:
         "distill.epochs": args.epochs, "distill.lr": args.lr,
         "distill.batch_size": args.distill_batch_size, "save_every": args.save_every})
     report = run_pipeline(pc, args.out, resume=args.resume, progress=not args.no_progress)
-    print(f"done in {report['timings_s']['total_s']:.0f}s: {args.out}/plan.json, report.json, "
-          f"sensitivity.png, perplexity.png, checkpoint/")
+    from spd_jax.distributed import is_main_process
+
+    if is_main_process():
+        print(f"done in {report['timings_s']['total_s']:.0f}s: {args.out}/plan.json, report.json, "
+              f"sensitivity.png, perplexity.png, checkpoint/")
     return 0
 
 

@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from spd_jax.distributed import to_host
 from spd_jax.model import vocab_parallel_is_argmax, vocab_parallel_nll
 from spd_jax.runtime import Engine, Params
 
@@ -81,7 +82,7 @@ class Scorer:
             tokens = np.zeros((b, t), np.int32)  # right padding: causal attention never sees it
             for r, i in enumerate(idx):
                 tokens[r, : len(seqs[i])] = seqs[i]
-            nll, top = (np.asarray(a) for a in f(self.params, rep(tokens), rep(np.zeros((b,), np.int32))))
+            nll, top = (to_host(a) for a in f(self.params, rep(tokens), rep(np.zeros((b,), np.int32))))
             for r, i in enumerate(idx):
                 out[i] = nll[r, : len(seqs[i]) - 1]
                 greedy[i] = top[r, : len(seqs[i]) - 1]

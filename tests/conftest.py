@@ -1,5 +1,6 @@
 """Test set-up: 8 simulated CPU devices (TP 2/4/8), tiny random HF models, the embedded model."""
 
+import json
 import os
 
 # Must happen before JAX initialises its backends.
@@ -72,3 +73,24 @@ def embedded():
 @pytest.fixture
 def rng():
     return np.random.RandomState(0)
+
+
+@pytest.fixture(scope="session")
+def tokenized_tiny(tmp_path_factory, embedded):
+    """A tiny random LLaMA with the embedded model's real tokenizer, and a small text corpus."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok = embedded
+    d = tmp_path_factory.mktemp("tok_tiny")
+    torch.manual_seed(5)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    from spd_jax.data import wiki_documents
+
+    corpus = d / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": t[:2000]}) for t in wiki_documents()[:24]))
+    return d, corpus

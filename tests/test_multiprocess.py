@@ -45,3 +45,26 @@ def test_unreachable_coordinator_fails_clearly_and_quickly(tiny_models):
     assert "could not join the jax.distributed cluster at 127.0.0.1:9" in r.stderr
     assert "Traceback" not in r.stderr
     assert time.time() - t0 < 120
+
+
+def test_spd_pipeline_across_two_processes(tokenized_tiny, tmp_path):
+    model, corpus = tokenized_tiny
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, str(ROOT / "launch/local_cluster.py"), "--num-processes", "2",
+                        "--devices-per-process", "1", "--", sys.executable, str(ROOT / "launch/train_distill.py"),
+                        "--model", str(model), "--tp", "2", "--no-emulate", "--data", str(corpus),
+                        "--calib-samples", "4", "--calib-len", "32", "--eval-tokens", "128", "--ratio", "1.0",
+                        "--tau1=-1e9", "--tau2=1e9", "--epochs", "2", "--lr", "1e-5", "--distill-batch-size", "2",
+                        "--save-every", "2", "--no-progress", "--out", str(out)],
+                       env=_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("done in") == 1  # only process 0 reports
+    report = __import__("json").loads((out / "report.json").read_text())
+    assert report["plan"]["tp"] == 2 and all(v["status"] == "ok" for v in report["distillation"].values())
+    from spd_jax.checkpoint import load_checkpoint_params
+    from spd_jax.loading import open_model
+    from spd_jax.runtime import Engine, build_model_def
+
+    lm = open_model(model)
+    params, state = load_checkpoint_params(out / "checkpoint", Engine.create(build_model_def(lm.cfg, 2)))
+    assert state["stage"] == "done"

@@ -18,6 +18,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from spd_jax.distributed import to_host
+
 
 @dataclasses.dataclass
 class DistillConfig:
@@ -98,7 +100,7 @@ class BlockDistiller:
         bs = self.dc.batch_size
         for s in range(0, len(x_ntd), bs):
             rep = self.ops.engine.replicate
-            tot += float(self.loss_fn(bp, rep(x_ntd[s:s + bs]), rep(y_ntd[s:s + bs]))) * len(x_ntd[s:s + bs])
+            tot += float(to_host(self.loss_fn(bp, rep(x_ntd[s:s + bs]), rep(y_ntd[s:s + bs])))) * len(x_ntd[s:s + bs])
         return tot / len(x_ntd)
 
     def distill(self, block: int, bp, x_ntd: np.ndarray, y_ntd: np.ndarray, *, start_step: int = 0,
@@ -125,7 +127,7 @@ class BlockDistiller:
             epoch, k = divmod(step, steps_per_epoch)
             idx = np.sort(epoch_order(n, dc.seed, block, epoch)[k * dc.batch_size:(k + 1) * dc.batch_size])
             bp, opt_state, loss = step_fn(bp, opt_state, rep(x_ntd[idx]), rep(y_ntd[idx]))
-            loss = float(loss)
+            loss = float(to_host(loss))
             losses.append(loss)
             bar.update(1)
             bar.set_postfix(mse=f"{loss:.4g}")

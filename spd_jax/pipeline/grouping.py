@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spd_jax.distributed import to_host
 from spd_jax.model import apply_rope, attention_core, attention_mask, positions_for, rope_tables
 
 EXHAUSTIVE_LIMIT = 20000
@@ -68,7 +69,7 @@ def attention_maps(block_graphdef, bp_global, x_ntd, cfg) -> np.ndarray:
         s = jnp.where(mask[:, None], s, -jnp.inf)
         return jnp.mean(jax.nn.softmax(s, axis=-1), axis=0)
 
-    return np.asarray(f(bp_global, jnp.asarray(x_ntd)))
+    return to_host(f(bp_global, jnp.asarray(x_ntd)))
 
 
 def _partitions(units: list[int], k: int):
@@ -155,7 +156,7 @@ def mlp_norms(block_graphdef, bp_global, x_ntd, cfg, groups_q: list[list[int]], 
             out.append(jnp.stack(row))
         return jnp.stack(out)
 
-    return np.asarray(f(bp_global, jnp.asarray(x_ntd)))
+    return to_host(f(bp_global, jnp.asarray(x_ntd)))
 
 
 def permute_block(bp: dict, cfg, q_order: list[int], kv_order: list[int], mlp_shard_order: list[int] | None,

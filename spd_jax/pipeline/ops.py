@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from spd_jax.distributed import to_host
 from spd_jax.model import Block, attention_mask, positions_for, rope_tables, vocab_parallel_nll
 from spd_jax.runtime import Engine, Params
 
@@ -46,16 +47,16 @@ class ModelOps:
     @functools.cached_property
     def _hidden_fn(self):
         fwd = self.engine.forward((False,) * self.n_layers, return_hidden=True)
-        return jax.jit(lambda p, t, pad: jnp.stack(fwd(p, t, pad, None, jnp.int32(0))[2]).astype(jnp.float32))
+        return jax.jit(lambda p, t, pad: jnp.stack(fwd(p, t, pad, None, jnp.int32(0))[2]))
 
     def hidden_states(self, params: Params, tokens_nt: np.ndarray) -> np.ndarray:
-        """[L+1, N, T, D] float32 on host: inputs of blocks 0..L-1 and the last block's output."""
+        """[L+1, N, T, D] on host, in the model dtype: inputs of blocks 0..L-1 and the last block's output."""
         outs = []
         pad = np.zeros((0,), np.int32)
         for sl in batches(len(tokens_nt), self.batch_size):
             t = tokens_nt[sl]
             pad = np.zeros((len(t),), np.int32)
-            outs.append(np.asarray(self._hidden_fn(params, self.engine.replicate(t), self.engine.replicate(pad))))
+            outs.append(to_host(self._hidden_fn(params, self.engine.replicate(t), self.engine.replicate(pad))))
         return np.concatenate(outs, axis=1)
 
     # ---- NLL of the suffix of the network
@@ -81,8 +82,8 @@ class ModelOps:
         for sl in batches(len(tokens_nt), self.batch_size):
             t = tokens_nt[sl]
             pad = np.zeros((len(t),), np.int32)
-            total += float(f(params, self.engine.replicate(h_start[sl]), self.engine.replicate(t[:, 1:]),
-                             self.engine.replicate(pad)))
+            total += float(to_host(f(params, self.engine.replicate(h_start[sl]), self.engine.replicate(t[:, 1:]),
+                             self.engine.replicate(pad))))
         return total / (tokens_nt.shape[0] * (tokens_nt.shape[1] - 1))
 
     def ppl(self, params, hidden, tokens_nt, modes) -> float:
