@@ -133,8 +133,16 @@ def test_yaml_config_validation_and_overrides(tmp_path):
 
 
 def test_shipped_configs_load():
-    for f in sorted((ROOT / "configs").glob("*.yaml")):
-        load_run_config(f)
+    from spd_jax.pipeline.run import load_pipeline_config
+
+    files = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(files) >= 8
+    for f in files:
+        if f.name.startswith("spd_"):  # SPD pipeline configs
+            pc = load_pipeline_config(str(f), {})
+            assert pc.tp in (3, 8)
+        else:  # run (inference) configs
+            load_run_config(f)
 
 
 def test_plan_roundtrip_and_mismatch(tmp_path):
