@@ -28,6 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
+    p.add_argument("--decode-chunk", type=int, help="decode steps between checks of the stop condition (default 8)")
     p.add_argument("--no-warmup", action="store_true", help="do not compile before the timed run")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     return p.parse_args(argv)
@@ -43,7 +44,8 @@ def main(argv=None) -> int:
     maybe_initialize(args)
     run = run_config_from_args(args, {
         "generation.max_new_tokens": args.max_new_tokens, "generation.temperature": args.temperature,
-        "generation.top_k": args.top_k, "generation.top_p": args.top_p, "generation.seed": args.seed})
+        "generation.top_k": args.top_k, "generation.top_p": args.top_p, "generation.seed": args.seed,
+        "generation.decode_chunk": args.decode_chunk})
     from spd_jax.inference import open_session
 
     sess = open_session(run, verbose=not args.json)

@@ -164,6 +164,7 @@ class GenerationConfig:
     top_p: float = 1.0  # 1 = off
     seed: int = 0
     stop_at_eos: bool = True
+    decode_chunk: int = 8  # decode steps between on-device checks of the stop condition (1 = every step)
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -174,6 +175,8 @@ class GenerationConfig:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.decode_chunk < 1:
+            raise ConfigError(f"decode_chunk must be >= 1, got {self.decode_chunk}")
 
 
 @dataclasses.dataclass

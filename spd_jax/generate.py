@@ -3,8 +3,10 @@
 Prompts of different lengths are left-padded into one batch; pad slots are masked out of attention
 and positions start at 0 at each prompt's first real token, so a padded batch gives the same tokens as
 the prompts run one at a time. The prefill and decode functions donate the cache. The decode loop is a
-`lax.while_loop` that stops when every sequence has emitted an end-of-sequence token or the budget is
-spent.
+`lax.while_loop` over fixed-length chunks of `GenerationConfig.decode_chunk` steps (inner `fori_loop`s with a known trip
+count, which XLA:GPU runs without reading a predicate back to the host every token); between chunks it
+stops when every sequence has emitted an end-of-sequence token or the budget is spent. Steps run after
+every sequence finished (at most decode_chunk - 1) emit padding and are not counted.
 """
 
 from __future__ import annotations
@@ -91,10 +93,13 @@ class Generator:
         return self._prefill[key]
 
     def _decode_fn(self, gen: GenerationConfig, max_new: int):
-        key = (gen.temperature, gen.top_k, gen.top_p, max_new, gen.stop_at_eos)
+        key = (gen.temperature, gen.top_k, gen.top_p, max_new, gen.stop_at_eos, gen.decode_chunk)
         if key not in self._decode:
             fwd = self.engine.forward(self.spd_modes, attend_cache=True, with_cache=True)
             eos = jnp.asarray(self.cfg.eos_token_ids or (-1,), jnp.int32)
+            steps = max_new - 1  # the first token comes from the prefill
+            chunk = max(1, min(gen.decode_chunk, steps)) if steps > 0 else 1
+            n_full, rest = divmod(steps, chunk)
 
             def is_eos(t):
                 return jnp.any(t[:, None] == eos[None, :], axis=-1) if gen.stop_at_eos else jnp.zeros_like(t, bool)
@@ -104,11 +109,7 @@ class Generator:
                 out = jnp.full((b, max_new), PAD_ID, jnp.int32).at[:, 0].set(first)
                 done = is_eos(first)
 
-                def cond(c):
-                    i, _, _, done, _ = c
-                    return (i < max_new) & ~jnp.all(done)
-
-                def body(c):
+                def step(_, c):
                     i, cache, out, done, n = c
                     prev = jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1)
                     logits, cache = fwd(params, prev, pad, cache, start + i - 1)
@@ -119,7 +120,18 @@ class Generator:
                     out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
                     return i + 1, cache, out, done | is_eos(tok), n
 
-                _, cache, out, done, n = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, out, done, jnp.int32(0)))
+                # Fixed-length chunks (a loop with a known trip count needs no per-step host round trip on
+                # GPU); the stop condition (budget spent or every sequence at EOS) is checked between chunks.
+                def cond(c):
+                    i, _, _, done, _ = c
+                    return (i < 1 + n_full * chunk) & ~jnp.all(done)
+
+                c = (jnp.int32(1), cache, out, done, jnp.int32(0))
+                if n_full:
+                    c = jax.lax.while_loop(cond, lambda c: jax.lax.fori_loop(0, chunk, step, c), c)
+                if rest:
+                    c = jax.lax.cond(jnp.all(c[3]), lambda c: c, lambda c: jax.lax.fori_loop(0, rest, step, c), c)
+                _, cache, out, done, n = c
                 return out, done, n, cache
 
             self._decode[key] = jax.jit(decode, donate_argnums=(1,))

@@ -103,3 +103,31 @@ def test_emulated_generation_matches_real_tp(tiny_models):
         eng = Engine.create(build_model_def(lm.cfg, 4), emulate=emulate)
         out.append(Generator(eng, load_params(eng, lm.source), (True, False, True)).generate([[4, 9, 12]], gen).tokens)
     chex.assert_equal(out[0], out[1])
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8, 64])
+def test_decode_chunk_gives_the_same_tokens_and_counts(tiny, chunk):
+    """Chunked decode (stop condition checked every `chunk` steps) == the full-recompute reference, with and
+    without an EOS inside a chunk, including a remainder chunk (10 new tokens = 9 decode steps)."""
+    lm, eng, params = tiny
+    g = Generator(eng, params, (True, False, False))
+    prompt = [5, 17, 33, 2]
+    ref = _recompute_greedy(eng, params, prompt, 10, (True, False, False))
+    out = g.generate([prompt], GenerationConfig(max_new_tokens=10, stop_at_eos=False, decode_chunk=chunk))
+    assert out.tokens[0] == ref and out.decode_tokens == 9
+    eos = ref[5]
+    g.cfg = dataclasses.replace(lm.cfg, eos_token_ids=(eos,))
+    out = g.generate([prompt, [44, 45]], GenerationConfig(max_new_tokens=10, decode_chunk=chunk))
+    cut = ref.index(eos)
+    assert out.tokens[0] == ref[:cut] and out.finished[0]
+    other = _recompute_greedy(eng, params, [44, 45], 10, (True, False, False))
+    assert out.tokens[1] == (other[: other.index(eos)] if eos in other else other)
+    assert out.finished[1] == (eos in other)
+
+
+def test_decode_chunk_must_be_positive(tiny):
+    from spd_jax.config import ConfigError
+
+    lm, eng, params = tiny
+    with pytest.raises(ConfigError, match="decode_chunk must be >= 1"):
+        Generator(eng, params, (False,) * 3).generate([[5]], GenerationConfig(decode_chunk=0))
