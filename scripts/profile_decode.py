@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""Profile the on-device decode loop of a random-weight shape and say where the time goes.
+
+Writes a `jax.profiler` trace, then aggregates the device events of the decode loop by name (per XLA op
+and per kernel) and prints the top entries per decode step, plus the bandwidth a plain weight-read
+GEMV chain reaches in each weight layout (the ceiling our matmuls can hope for). RANDOM weights.
+
+  python scripts/profile_decode.py --shape llama2-7b --tp 1 --out /tmp/prof
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def busy(intervals):
+    """Union length of [start, end) intervals."""
+    total, cur_s, cur_e = 0.0, None, None
+    for s, e in sorted(intervals):
+        if cur_e is None or s > cur_e:
+            total += 0 if cur_e is None else cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    return total + (0 if cur_e is None else cur_e - cur_s)
+
+
+def aggregate(xplane_path: str, top: int, steps: int, all_devices: bool = False):
+    from jax.profiler import ProfileData
+
+    pd = ProfileData.from_file(xplane_path)
+    for plane in pd.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        per_line = collections.defaultdict(lambda: collections.defaultdict(lambda: [0.0, 0]))
+        spans = []
+        for line in plane.lines:
+            kind = "XLA Ops" if "XLA Ops" in line.name else ("XLA Modules" if "Modules" in line.name else
+                                                              ("kernels" if "Stream" in line.name else line.name))
+            for ev in line.events:
+                acc = per_line[kind][ev.name]
+                acc[0] += ev.duration_ns
+                acc[1] += 1
+                if kind == "kernels":
+                    spans.append((ev.start_ns, ev.end_ns))
+        if spans:
+            wall = max(e for _, e in spans) - min(s for s, _ in spans)
+            b = busy(spans)
+            print(f"\n== {plane.name}: kernels span {wall / 1e6:.2f} ms, GPU busy {b / 1e6:.2f} ms "
+                  f"({100 * b / wall:.0f}%), idle {(wall - b) / 1e6 / steps:.3f} ms per decode step")
+        for kind, table in per_line.items():
+            total = sum(v[0] for v in table.values())
+            print(f"\n== {plane.name} / {kind}: {len(table)} names, {total / 1e6:.2f} ms total, "
+                  f"{total / 1e6 / steps:.3f} ms per decode step, {sum(v[1] for v in table.values()) / steps:.0f} "
+                  f"events per step")
+            for name, (ns, n) in sorted(table.items(), key=lambda kv: -kv[1][0])[:top]:
+                print(f"  {ns / 1e6 / steps:8.4f} ms/step {n / steps:7.1f}/step  {100 * ns / total:5.1f}%  {name[:110]}")
+        if not all_devices:
+            break
+
+
+def gemv_ceiling(hidden: int, inter: int, layers: int):
+    """Time chains of x @ W over `layers` weight sets in both layouts; report GB/s of weight reads."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    key = jax.random.PRNGKey(0)
+    shapes = [(hidden, 3 * hidden), (hidden, hidden), (hidden, 2 * inter), (inter, hidden)]
+    res = {}
+    for layout in ("io", "oi"):
+        ws = []
+        for i in range(layers):
+            for j, (a, b) in enumerate(shapes):
+                k = jax.random.fold_in(key, i * 10 + j)
+                s = (a, b) if layout == "io" else (b, a)
+                ws.append((0.02 * jax.random.normal(k, s, jnp.float32)).astype(jnp.bfloat16))
+        nbytes = sum(w.size * 2 for w in ws)
+
+        def chain(x, ws):
+            for i in range(layers):
+                wq, wo, wgu, wd = ws[4 * i:4 * i + 4]
+                mm = (lambda v, w: jnp.einsum("bi,io->bo", v, w)) if layout == "io" else \
+                     (lambda v, w: jnp.einsum("bi,oi->bo", v, w))
+                h = mm(x, wq)[:, :hidden]
+                x = x + mm(h, wo)
+                gu = mm(x, wgu)
+                x = x + mm(jax.nn.silu(gu[:, :inter]) * gu[:, inter:], wd)
+            return x
+
+        f = jax.jit(chain)
+        x = jnp.ones((1, hidden), jnp.bfloat16)
+        f(x, ws).block_until_ready()
+        ts = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            f(x, ws).block_until_ready()
+            ts.append(time.perf_counter() - t0)
+        t = float(np.median(ts))
+        res[layout] = (t * 1e3, nbytes / t / 1e9)
+        print(f"GEMV chain, weights [{'in,out' if layout == 'io' else 'out,in'}]: {nbytes / 1e9:.2f} GB in "
+              f"{t * 1e3:.3f} ms = {nbytes / t / 1e9:.0f} GB/s")
+        del ws
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="llama2-7b")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--out", default="/tmp/prof")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--spd", action="store_true", help="all blocks in SPD mode")
+    p.add_argument("--floor", action="store_true", help="no all-reduce at all (compute-only bound)")
+    p.add_argument("--decode-chunk", type=int, default=8)
+    p.add_argument("--gemv", action="store_true", help="also time plain GEMV chains (bandwidth ceiling)")
+    p.add_argument("--hlo", action="store_true", help="write the optimised HLO of the decode loop")
+    args = p.parse_args()
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from spd_jax.bench import random_params, shape_config, weight_bytes_per_device
+    from spd_jax.config import GenerationConfig
+    from spd_jax.generate import Generator
+    from spd_jax.runtime import Engine, build_model_def
+
+    os.makedirs(args.out, exist_ok=True)
+    cfg = shape_config(args.shape)
+    mdef = build_model_def(cfg, args.tp, "bfloat16")
+    engine = Engine.create(mdef)
+    params = random_params(engine)
+    if args.floor:
+        import dataclasses
+
+        engine = dataclasses.replace(engine, floor=True)
+    gen = Generator(engine, params, (args.spd,) * cfg.n_layers)
+    gcfg = GenerationConfig(max_new_tokens=args.new_tokens, stop_at_eos=False, decode_chunk=args.decode_chunk)
+    prompt = [list(np.random.RandomState(0).randint(3, cfg.vocab_size, size=128))]
+    gen.generate(prompt, gcfg)
+    r = gen.generate(prompt, gcfg)
+    steps = args.new_tokens - 1
+    wb = weight_bytes_per_device(mdef)
+    print(f"# {args.shape} tp={args.tp} spd={args.spd} floor={args.floor} chunk={args.decode_chunk} on {jax.devices()[0].device_kind}: "
+          f"tpot {r.decode_s * 1e3 / steps:.3f} ms, weights/device {wb / 1e9:.2f} GB "
+          f"-> {wb / (r.decode_s / steps) / 1e9:.0f} GB/s effective")
+    if args.hlo:
+        dec = gen._decode_fn(gcfg, args.new_tokens)
+        cache = engine.init_cache(1, 256)
+        txt = dec.lower(params, cache, jnp.zeros((1,), jnp.int32), engine.replicate(np.zeros(1, np.int32)),
+                        jnp.int32(128), jax.random.PRNGKey(0)).compile().as_text()
+        with open(os.path.join(args.out, "decode_hlo.txt"), "w") as f:
+            f.write(txt)
+        print(f"wrote decode_hlo.txt ({len(txt)} chars)")
+    trace_dir = os.path.join(args.out, "trace")
+    with jax.profiler.trace(trace_dir):
+        gen.generate(prompt, gcfg)
+    paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    aggregate(paths[0], args.top, steps)
+    if args.gemv:
+        gemv_ceiling(cfg.hidden, cfg.intermediate // args.tp, cfg.n_layers)
+
+
+if __name__ == "__main__":
+    main()
