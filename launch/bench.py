@@ -33,6 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--interconnect", choices=["hbw", "lbw"], default="hbw")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--decode-chunk", type=int, default=8, help="decode steps between stop-condition checks")
+    p.add_argument("--peer-json", help="a launch/bench_peer.py result from the same machine: report ratios to it")
     p.add_argument("--json", help="write the results as JSON to this file ('-' for stdout)")
     p.add_argument("--plot", help="write a PNG of latency vs SPD ratio")
     from spd_jax.distributed import add_distributed_args
@@ -69,20 +71,21 @@ def main(argv=None) -> int:
     else:
         for r in (float(x) for x in args.spd_ratios.split(",")):
             configs.append((f"r={r:.2f}", modes_for_ratio(L, r)))
-    rows = [time_generation(engine, params, modes, args.batch, args.prompt_len, args.new_tokens, args.repeats, label)
+    rows = [time_generation(engine, params, modes, args.batch, args.prompt_len, args.new_tokens, args.repeats, label,
+                            args.decode_chunk)
             for label, modes in configs]
     if args.floor:
         import dataclasses
 
         fe = dataclasses.replace(engine, floor=True)
         rows.append(time_generation(fe, params, (False,) * L, args.batch, args.prompt_len, args.new_tokens,
-                                    args.repeats, "floor"))
+                                    args.repeats, "floor", args.decode_chunk))
     ar = allreduce_microbench(engine.mesh) if args.tp > 1 else []
     sync = rows[0]
     floor = next((r for r in rows if r.label == "floor"), None)
     result = {
         "shape": args.shape, "tp": args.tp, "batch": args.batch, "prompt_len": args.prompt_len,
-        "new_tokens": args.new_tokens, "dtype": args.dtype, "interconnect": args.interconnect,
+        "new_tokens": args.new_tokens, "dtype": args.dtype, "decode_chunk": args.decode_chunk, "interconnect": args.interconnect,
         "nccl_env": {k: os.environ.get(k) for k in LBW_ENV}, "random_weights": True,
         "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(), "jax": jax.__version__,
         "weight_bytes_per_device": weight_bytes_per_device(mdef), "allreduce": ar,
@@ -105,6 +108,17 @@ def main(argv=None) -> int:
               f"{'' if rem is None else f'{100 * rem:.0f}%':>10s}")
     for a in ar:
         print(f"all-reduce {a['bytes']:>10d} B: {a['median_us']:9.1f} us, bus {a['bus_GBps']:.2f} GB/s")
+    if args.peer_json:
+        peer = json.loads(Path(args.peer_json).read_text())
+        result["peer"] = peer
+        for r in result["rows"]:
+            r["speedup_tpot_vs_peer"] = peer["tpot_ms"] / r["tpot_ms"]
+            r["speedup_e2e_vs_peer"] = peer["e2e_ms"] / r["e2e_ms"]
+        print(f"peer (transformers {peer.get('transformers')} TP {peer['tp']}, {peer['device']}): "
+              f"ttft {peer['ttft_ms']:.2f} ms, tpot {peer['tpot_ms']:.3f} ms, e2e {peer['e2e_ms']:.1f} ms")
+        for r in result["rows"]:
+            print(f"  {r['label']:8s} vs peer: decode {r['speedup_tpot_vs_peer']:.2f}x faster, "
+                  f"e2e {r['speedup_e2e_vs_peer']:.2f}x faster")
     if args.json:
         text = json.dumps(result, indent=2)
         print(text) if args.json == "-" else Path(args.json).write_text(text)

@@ -86,9 +86,9 @@ class Timing:
 
 
 def time_generation(engine: Engine, params, modes, batch: int, prompt_len: int, new_tokens: int, repeats: int,
-                    label: str) -> Timing:
+                    label: str, decode_chunk: int = 8) -> Timing:
     gen = Generator(engine, params, modes)
-    cfg = GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False)
+    cfg = GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False, decode_chunk=decode_chunk)
     rng = np.random.RandomState(0)
     prompts = [list(rng.randint(3, engine.mdef.cfg.vocab_size, size=prompt_len)) for _ in range(batch)]
     gen.generate(prompts, cfg)  # compile + warm up

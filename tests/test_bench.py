@@ -72,3 +72,34 @@ def test_bench_runs_end_to_end_and_reports_measured_numbers(tmp_path):
         assert len(row["e2e_all"]) == 2 and len(set(row["e2e_all"])) == 2  # two distinct measurements
     assert len(d["allreduce"]) == 3 and all(a["median_us"] > 0 for a in d["allreduce"])
     assert (tmp_path / "b.png").stat().st_size > 0
+
+
+def test_transformers_tp_peer_runs_sharded_and_bench_reports_ratios_to_it(tmp_path):
+    """The peer (transformers tp_plan="auto" under torchrun, gloo on CPU) on the tiny shape: it really
+    shards the model, and launch/bench.py's peer ratios are computed from the two measured files."""
+    pytest.importorskip("torch")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    ck, peer = tmp_path / "ck", tmp_path / "peer.json"
+    r = subprocess.run([sys.executable, str(ROOT / "launch/bench_peer.py"), "--make-checkpoint", str(ck),
+                        "--shape", "tiny"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        str(ROOT / "launch/bench_peer.py"), "--checkpoint", str(ck), "--prompt-len", "8",
+                        "--new-tokens", "4", "--repeats", "2", "--json", str(peer)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    p = json.loads(peer.read_text())
+    assert p["tp"] == 2 and p["q_proj_local_shape"] == [64, 128]  # 8 heads x 16 split over 2 processes
+    assert p["tpot_ms"] == pytest.approx((p["e2e_ms"] - p["ttft_ms"]) / 3)
+    assert p["e2e_ms"] == pytest.approx(float(np.median(p["e2e_all"]))) and len(set(p["e2e_all"])) == 2
+    out = tmp_path / "b.json"
+    r = subprocess.run([sys.executable, str(ROOT / "launch/bench.py"), "--shape", "tiny", "--tp", "2",
+                        "--prompt-len", "8", "--new-tokens", "4", "--repeats", "2", "--spd-ratios", "0,1",
+                        "--dtype", "float32", "--peer-json", str(peer), "--json", str(out)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(out.read_text())
+    for row in d["rows"]:
+        assert row["speedup_tpot_vs_peer"] == pytest.approx(p["tpot_ms"] / row["tpot_ms"])
+        assert row["speedup_e2e_vs_peer"] == pytest.approx(p["e2e_ms"] / row["e2e_ms"])
+    assert "vs peer" in r.stdout
