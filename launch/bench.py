@@ -17,6 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+# JAX takes 75% of GPU memory by default; the 70B shapes at TP 2/4 need more of it.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+
 LBW_ENV = {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1", "NCCL_SOCKET_IFNAME": "lo"}
 
 
@@ -34,6 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--decode-chunk", type=int, default=8, help="decode steps between stop-condition checks")
+    p.add_argument("--compile-cache", metavar="DIR",
+                   help="persistent XLA compilation cache: a second run of the same shapes (e.g. --interconnect "
+                        "lbw after hbw) reuses the compiled programs instead of compiling again")
     p.add_argument("--peer-json", help="a launch/bench_peer.py result from the same machine: report ratios to it")
     p.add_argument("--json", help="write the results as JSON to this file ('-' for stdout)")
     p.add_argument("--plot", help="write a PNG of latency vs SPD ratio")
@@ -51,6 +57,11 @@ def main(argv=None) -> int:
 
     ensure_devices(args)
     import jax
+
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
     from spd_jax.bench import (allreduce_microbench, modes_for_ratio, random_params, shape_config, time_generation,
                                weight_bytes_per_device)

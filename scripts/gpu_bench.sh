@@ -11,13 +11,13 @@ python -c "import jax; print('jax', jax.__version__, jax.devices())"
 for s in $shapes; do
   for tp in $tps; do
     if [ "$tp" = 1 ]; then
-      timeout 300 python launch/bench.py --shape "$s" --tp 1 --spd-ratios 0 --floor --repeats 3 \
+      timeout 300 python launch/bench.py --shape "$s" --tp 1 --spd-ratios 0 --repeats 3 --compile-cache /tmp/xla-cache \
         --json "$out/$s-tp1.json" 2>&1 | grep -v -i warn
       continue
     fi
     for ic in $ics; do
       timeout 400 python launch/bench.py --shape "$s" --tp "$tp" --spd-ratios "$ratios" --floor --repeats 3 \
-        --interconnect "$ic" --json "$out/$s-tp$tp-$ic.json" 2>&1 | grep -v -i warn
+        --interconnect "$ic" --compile-cache /tmp/xla-cache --json "$out/$s-tp$tp-$ic.json" 2>&1 | grep -v -i warn
     done
   done
 done

@@ -37,19 +37,52 @@ def hf_llama_config(shape: str):
                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
-def make_checkpoint(shape: str, out_dir: str, seed: int = 0) -> str:
-    """Write a random-weight bf16 checkpoint of `shape` (built on the GPU when there is one)."""
+def make_checkpoint(shape: str, out_dir: str, seed: int = 0, shard_bytes: int = 4 << 30) -> str:
+    """Write a random-weight bf16 checkpoint of `shape` (safetensors shards + index), tensor by tensor.
+
+    The model is built on the meta device, so no full-precision copy is ever materialised: a 70B
+    checkpoint needs only one tensor of memory at a time (drawn on the GPU when there is one)."""
+    import json as _json
+
     import torch
+    from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
 
     if os.path.exists(os.path.join(out_dir, "config.json")):
         return out_dir
-    torch.manual_seed(seed)
+    os.makedirs(out_dir, exist_ok=True)
     cfg = hf_llama_config(shape)
+    cfg.dtype = "bfloat16"
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(dev):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    groups, cur, size = [], {}, 0
+    for name, t in model.state_dict().items():
+        if "norm" in name:
+            val = torch.ones(t.shape, dtype=torch.bfloat16)
+        else:
+            val = (0.02 * torch.randn(t.shape, generator=gen, device=dev, dtype=torch.float32)).to(torch.bfloat16).cpu()
+        nbytes = val.numel() * 2
+        if cur and size + nbytes > shard_bytes:
+            groups.append(cur)
+            cur, size = {}, 0
+        cur[name], size = val, size + nbytes
+        if size >= shard_bytes:
+            groups.append(cur)
+            cur, size = {}, 0
+    if cur:
+        groups.append(cur)
+    weight_map, total = {}, 0
+    for i, g in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file(g, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        for k, v in g.items():
+            weight_map[k] = fname
+            total += v.numel() * 2
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        _json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+    cfg.save_pretrained(out_dir)  # last: its presence marks a complete checkpoint
     return out_dir
 
 

@@ -93,9 +93,11 @@ def test_transformers_tp_peer_runs_sharded_and_bench_reports_ratios_to_it(tmp_pa
     assert p["tpot_ms"] == pytest.approx((p["e2e_ms"] - p["ttft_ms"]) / 3)
     assert p["e2e_ms"] == pytest.approx(float(np.median(p["e2e_all"]))) and len(set(p["e2e_all"])) == 2
     out = tmp_path / "b.json"
+    cache = tmp_path / "xla-cache"
     r = subprocess.run([sys.executable, str(ROOT / "launch/bench.py"), "--shape", "tiny", "--tp", "2",
                         "--prompt-len", "8", "--new-tokens", "4", "--repeats", "2", "--spd-ratios", "0,1",
-                        "--dtype", "float32", "--peer-json", str(peer), "--json", str(out)],
+                        "--dtype", "float32", "--peer-json", str(peer), "--json", str(out),
+                        "--compile-cache", str(cache)],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     d = json.loads(out.read_text())
@@ -103,3 +105,4 @@ def test_transformers_tp_peer_runs_sharded_and_bench_reports_ratios_to_it(tmp_pa
         assert row["speedup_tpot_vs_peer"] == pytest.approx(p["tpot_ms"] / row["tpot_ms"])
         assert row["speedup_e2e_vs_peer"] == pytest.approx(p["e2e_ms"] / row["e2e_ms"])
     assert "vs peer" in r.stdout
+    assert len(list(cache.iterdir())) >= 4  # prefill + decode for two SPD configurations were cached
