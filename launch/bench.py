@@ -35,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--floor", action="store_true", help="also run with every all-reduce removed")
     p.add_argument("--interconnect", choices=["hbw", "lbw"], default="hbw")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--fused-projections", action="store_true",
+                   help="q/k/v and gate/up as single GEMMs (runtime.fuse_projections)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--decode-chunk", type=int, default=8, help="decode steps between stop-condition checks")
     p.add_argument("--compile-cache", metavar="DIR",
@@ -74,6 +76,10 @@ def main(argv=None) -> int:
     mdef = build_model_def(cfg, args.tp, args.dtype)
     engine = Engine.create(mdef)
     params = random_params(engine)
+    if args.fused_projections:
+        from spd_jax.runtime import fuse_projections
+
+        engine, params = fuse_projections(engine, params)
     L = cfg.n_layers
     configs = []
     if args.spd_plan:
@@ -96,7 +102,8 @@ def main(argv=None) -> int:
     floor = next((r for r in rows if r.label == "floor"), None)
     result = {
         "shape": args.shape, "tp": args.tp, "batch": args.batch, "prompt_len": args.prompt_len,
-        "new_tokens": args.new_tokens, "dtype": args.dtype, "decode_chunk": args.decode_chunk, "interconnect": args.interconnect,
+        "new_tokens": args.new_tokens, "dtype": args.dtype, "decode_chunk": args.decode_chunk,
+        "fused_projections": args.fused_projections, "interconnect": args.interconnect,
         "nccl_env": {k: os.environ.get(k) for k in LBW_ENV}, "random_weights": True,
         "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(), "jax": jax.__version__,
         "weight_bytes_per_device": weight_bytes_per_device(mdef), "allreduce": ar,

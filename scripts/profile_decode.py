@@ -60,7 +60,10 @@ def aggregate(xplane_path: str, top: int, steps: int, all_devices: bool = False)
             print(f"\n== {plane.name} / {kind}: {len(table)} names, {total / 1e6:.2f} ms total, "
                   f"{total / 1e6 / steps:.3f} ms per decode step, {sum(v[1] for v in table.values()) / steps:.0f} "
                   f"events per step")
-            for name, (ns, n) in sorted(table.items(), key=lambda kv: -kv[1][0])[:top]:
+            ranked = sorted(table.items(), key=lambda kv: -kv[1][0])
+            coll = [kv for kv in ranked[top:] if any(w in kv[0].lower() for w in ("nccl", "all-reduce", "all_reduce",
+                                                                                   "allreduce"))]
+            for name, (ns, n) in ranked[:top] + coll:
                 print(f"  {ns / 1e6 / steps:8.4f} ms/step {n / steps:7.1f}/step  {100 * ns / total:5.1f}%  {name[:110]}")
         if not all_devices:
             break
@@ -121,6 +124,7 @@ def main():
     p.add_argument("--spd", action="store_true", help="all blocks in SPD mode")
     p.add_argument("--floor", action="store_true", help="no all-reduce at all (compute-only bound)")
     p.add_argument("--decode-chunk", type=int, default=8)
+    p.add_argument("--fused-projections", action="store_true")
     p.add_argument("--gemv", action="store_true", help="also time plain GEMV chains (bandwidth ceiling)")
     p.add_argument("--hlo", action="store_true", help="write the optimised HLO of the decode loop")
     args = p.parse_args()
@@ -138,6 +142,10 @@ def main():
     mdef = build_model_def(cfg, args.tp, "bfloat16")
     engine = Engine.create(mdef)
     params = random_params(engine)
+    if args.fused_projections:
+        from spd_jax.runtime import fuse_projections
+
+        engine, params = fuse_projections(engine, params)
     if args.floor:
         import dataclasses
 
@@ -149,7 +157,7 @@ def main():
     r = gen.generate(prompt, gcfg)
     steps = args.new_tokens - 1
     wb = weight_bytes_per_device(mdef)
-    print(f"# {args.shape} tp={args.tp} spd={args.spd} floor={args.floor} chunk={args.decode_chunk} on {jax.devices()[0].device_kind}: "
+    print(f"# {args.shape} tp={args.tp} spd={args.spd} floor={args.floor} fused={args.fused_projections} chunk={args.decode_chunk} on {jax.devices()[0].device_kind}: "
           f"tpot {r.decode_s * 1e3 / steps:.3f} ms, weights/device {wb / 1e9:.2f} GB "
           f"-> {wb / (r.decode_s / steps) / 1e9:.0f} GB/s effective")
     if args.hlo:
@@ -160,7 +168,9 @@ def main():
         with open(os.path.join(args.out, "decode_hlo.txt"), "w") as f:
             f.write(txt)
         print(f"wrote decode_hlo.txt ({len(txt)} chars)")
-    trace_dir = os.path.join(args.out, "trace")
+    import tempfile
+
+    trace_dir = tempfile.mkdtemp(prefix="trace-", dir=args.out)  # fresh per run: never re-read an old trace
     with jax.profiler.trace(trace_dir):
         gen.generate(prompt, gcfg)
     paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)

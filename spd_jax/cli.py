@@ -18,6 +18,8 @@ def common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"])
     p.add_argument("--emulate", action="store_true", default=None,
                    help="run the N-way TP maths on one device (vmap over shards) instead of N devices")
+    p.add_argument("--fused-projections", action="store_true", default=None,
+                   help="q/k/v and gate/up as single GEMMs at inference (same maths, fewer kernels)")
     from spd_jax.distributed import add_distributed_args
 
     add_distributed_args(p)
@@ -36,7 +38,8 @@ def run_config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None 
 
     overrides = {"model": args.model, "tp": args.tp, "spd_blocks": args.spd_blocks, "spd_plan": args.spd_plan,
                  "checkpoint": getattr(args, "checkpoint", None),
-                 "dtype": args.dtype, "emulate": args.emulate, **(extra or {})}
+                 "dtype": args.dtype, "emulate": args.emulate,
+                 "fused_projections": getattr(args, "fused_projections", None), **(extra or {})}
     return load_run_config(args.config, overrides)
 
 

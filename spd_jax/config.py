@@ -189,6 +189,7 @@ class RunConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     spd_attn_bias: Literal["full", "none"] = "full"  # see docs/design.md (OPT bias in the MLP input)
     emulate: bool = False  # run N-way TP on one device (vmap over shards) instead of N devices
+    fused_projections: bool = False  # q/k/v and gate/up as single GEMMs at inference (runtime.fuse_projections)
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
 
     def validate(self) -> None:

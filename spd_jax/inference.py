@@ -71,4 +71,8 @@ def open_session(run: RunConfig, *, params: Params | None = None, verbose: bool 
     if params is None:
         log = (lambda name: print(f"  loading {name}", file=sys.stderr)) if verbose else None
         params = load_params(engine, loaded.source, progress=log)
+    if run.fused_projections:
+        from spd_jax.runtime import fuse_projections
+
+        engine, params = fuse_projections(engine, params)
     return Session(run, loaded, engine, params, modes, loaded.tokenizer())

@@ -151,21 +151,36 @@ def attention_core(q_bthd, k_bskd, v_bskd, mask_bts):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layout: TPLayout, dtype):
+    """GQA attention. `fused`: q, k, v are one column-parallel projection `qkv` whose global columns are
+    shard-major ([q_0 k_0 v_0 | q_1 k_1 v_1 | ...]), so each shard's slice is its own [q_i k_i v_i]."""
+
+    def __init__(self, cfg: ModelConfig, layout: TPLayout, dtype, fused: bool = False):
         d, hd = cfg.hidden, cfg.head_dim
         self.head_dim = hd
-        self.q = Linear(d, cfg.n_heads * hd, bias=cfg.qkv_bias, dtype=dtype)
-        self.k = Linear(d, layout.kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype)
-        self.v = Linear(d, layout.kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype)
+        self.group = cfg.n_heads // layout.kv_heads  # q heads per kv head (static)
+        self.fused = fused
+        if fused:
+            self.qkv = Linear(d, (cfg.n_heads + 2 * layout.kv_heads) * hd, bias=cfg.qkv_bias, dtype=dtype)
+        else:
+            self.q = Linear(d, cfg.n_heads * hd, bias=cfg.qkv_bias, dtype=dtype)
+            self.k = Linear(d, layout.kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype)
+            self.v = Linear(d, layout.kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype)
         self.o = Linear(cfg.n_heads * hd, d, bias=cfg.o_bias, dtype=dtype)
+
+    def project_qkv(self, h_btd):
+        b, t, _ = h_btd.shape
+        hd = self.head_dim
+        if not self.fused:
+            return (self.q(h_btd).reshape(b, t, -1, hd), self.k(h_btd).reshape(b, t, -1, hd),
+                    self.v(h_btd).reshape(b, t, -1, hd))
+        y = self.qkv(h_btd).reshape(b, t, -1, hd)
+        kl = y.shape[2] // (self.group + 2)  # local kv heads
+        hl = self.group * kl
+        return y[:, :, :hl], y[:, :, hl:hl + kl], y[:, :, hl + kl:]
 
     def __call__(self, h_btd, rope_cs, mask_bts, kv_cache, cache_index, attend_cache: bool):
         """Returns (Y_i: this shard's partial o-projection, no bias, new kv cache or None)."""
-        b, t, _ = h_btd.shape
-        hd = self.head_dim
-        q = self.q(h_btd).reshape(b, t, -1, hd)
-        k = self.k(h_btd).reshape(b, t, -1, hd)
-        v = self.v(h_btd).reshape(b, t, -1, hd)
+        q, k, v = self.project_qkv(h_btd)
         if rope_cs is not None:
             q, k = apply_rope(q, *rope_cs), apply_rope(k, *rope_cs)
         new_cache = None
@@ -182,20 +197,28 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU (llama/qwen2: gate, up, down) or ReLU (OPT: fc1, fc2). Returns the partial sum Z_i."""
 
-    def __init__(self, cfg: ModelConfig, layout: TPLayout, dtype):
+    def __init__(self, cfg: ModelConfig, layout: TPLayout, dtype, fused: bool = False):
         d, f = cfg.hidden, layout.intermediate
         self.relu = cfg.is_opt
+        self.fused = fused and not cfg.is_opt
         if cfg.is_opt:
             self.fc1 = Linear(d, f, bias=True, dtype=dtype)
             self.fc2 = Linear(f, d, bias=True, dtype=dtype)
         else:
-            self.gate = Linear(d, f, bias=False, dtype=dtype)
-            self.up = Linear(d, f, bias=False, dtype=dtype)
+            if self.fused:  # shard-major columns [gate_0 up_0 | gate_1 up_1 | ...]
+                self.gate_up = Linear(d, 2 * f, bias=False, dtype=dtype)
+            else:
+                self.gate = Linear(d, f, bias=False, dtype=dtype)
+                self.up = Linear(d, f, bias=False, dtype=dtype)
             self.down = Linear(f, d, bias=False, dtype=dtype)
 
     def __call__(self, h_btd):
         if self.relu:
             return self.fc2(jax.nn.relu(self.fc1(h_btd)), add_bias=False)
+        if self.fused:
+            gu = self.gate_up(h_btd)
+            fl = gu.shape[-1] // 2
+            return self.down(jax.nn.silu(gu[..., :fl]) * gu[..., fl:], add_bias=False)
         return self.down(jax.nn.silu(self.gate(h_btd)) * self.up(h_btd), add_bias=False)
 
     def out_bias(self):
@@ -207,12 +230,12 @@ def _add(x, b):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layout: TPLayout, dtype):
+    def __init__(self, cfg: ModelConfig, layout: TPLayout, dtype, fused: bool = False):
         ln = cfg.is_opt
         self.attn_norm = Norm(cfg.hidden, eps=cfg.norm_eps, layernorm=ln, dtype=dtype)
-        self.attn = Attention(cfg, layout, dtype)
+        self.attn = Attention(cfg, layout, dtype, fused)
         self.mlp_norm = Norm(cfg.hidden, eps=cfg.norm_eps, layernorm=ln, dtype=dtype)
-        self.mlp = MLP(cfg, layout, dtype)
+        self.mlp = MLP(cfg, layout, dtype, fused)
 
     def __call__(self, x_btd, rope_cs, mask_bts, kv_cache, cache_index, *, spd: bool, attend_cache: bool,
                  spd_attn_bias: str = "full"):
@@ -244,11 +267,12 @@ class LMHead(nnx.Module):
 class Transformer(nnx.Module):
     """Decoder-only LM (LLaMA/Qwen2/OPT). `__call__` runs one TP shard; see module docstring."""
 
-    def __init__(self, cfg: ModelConfig, layout: TPLayout, dtype=jnp.float32):
+    def __init__(self, cfg: ModelConfig, layout: TPLayout, dtype=jnp.float32, fused: bool = False):
+        """fused: q/k/v and gate/up as single projections (an inference layout, see runtime.fuse_projections)."""
         self.cfg = cfg
         self.embed = Embedding(layout.vocab, cfg.hidden, dtype)
         self.pos_embed = nnx.Param(jnp.zeros((cfg.max_position + 2, cfg.hidden), dtype)) if cfg.is_opt else None
-        self.layers = nnx.List([Block(cfg, layout, dtype) for _ in range(cfg.n_layers)])
+        self.layers = nnx.List([Block(cfg, layout, dtype, fused) for _ in range(cfg.n_layers)])
         self.final_norm = Norm(cfg.hidden, eps=cfg.norm_eps, layernorm=cfg.is_opt, dtype=dtype)
         self.lm_head = None if cfg.tie_embeddings else LMHead(cfg.hidden, layout.vocab, dtype)
 

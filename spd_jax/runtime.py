@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -52,6 +53,7 @@ class ModelDef:
     graphdef: Any
     abstract: Params  # pure dict of ShapeDtypeStruct with global shapes
     dtype: Any
+    fused: bool = False  # q/k/v and gate/up stored as single projections (inference layout)
 
     @property
     def tp(self) -> int:
@@ -64,12 +66,12 @@ class ModelDef:
         return (batch, max_len, self.layout.kv_heads, self.cfg.head_dim)
 
 
-def build_model_def(cfg: ModelConfig, tp: int, dtype: str | Any = "float32") -> ModelDef:
+def build_model_def(cfg: ModelConfig, tp: int, dtype: str | Any = "float32", fused: bool = False) -> ModelDef:
     dt = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     layout = TPLayout(cfg, tp)
-    abs_model = nnx.eval_shape(lambda: Transformer(cfg, layout, dt))
+    abs_model = nnx.eval_shape(lambda: Transformer(cfg, layout, dt, fused))
     graphdef, state = nnx.split(abs_model)
-    return ModelDef(cfg, layout, graphdef, nnx.to_pure_dict(state), dt)
+    return ModelDef(cfg, layout, graphdef, nnx.to_pure_dict(state), dt, fused)
 
 
 # ----------------------------------------------------------------------------- shard stacking (emulation)
@@ -252,3 +254,50 @@ class Engine:
             f = self.forward(spd_modes)
             self._logits_jit[key] = jax.jit(lambda p, t, pd: f(p, t, pd, None, jnp.int32(0))[0])
         return self._logits_jit[key](params, self.replicate(tokens), self.replicate(pad))
+
+
+# ----------------------------------------------------------------------------- fused projections
+
+
+def _fuse_layer(lp: Params) -> Params:
+    """One block's params (one shard's view) -> the fused layout: q|k|v and gate|up concatenated on the
+    output columns of this shard, so the global columns come out shard-major."""
+    out = dict(lp)
+    attn = dict(lp["attn"])
+    q, k, v = attn.pop("q"), attn.pop("k"), attn.pop("v")
+    attn["qkv"] = {n: jnp.concatenate([q[n], k[n], v[n]], axis=-1) for n in q}
+    out["attn"] = attn
+    mlp = dict(lp["mlp"])
+    if "gate" in mlp:
+        gate, up = mlp.pop("gate"), mlp.pop("up")
+        mlp["gate_up"] = {n: jnp.concatenate([gate[n], up[n]], axis=-1) for n in gate}
+    out["mlp"] = mlp
+    return out
+
+
+def fuse_projections(engine: Engine, params: Params) -> tuple[Engine, Params]:
+    """The same model with q/k/v and gate/up each as one projection (fewer, larger GEMMs per block).
+
+    An inference layout only: the SPD pipeline, head grouping and checkpoints use the unfused one. The
+    conversion runs per block on each shard (no data moves between devices) and donates the unfused
+    block, so the extra memory is one block's weights at a time. Returns the fused engine and params;
+    `params` must not be used afterwards.
+    """
+    mdef = engine.mdef
+    if mdef.fused:
+        return engine, params
+    fmdef = build_model_def(mdef.cfg, mdef.tp, mdef.dtype, fused=True)
+    fused_engine = dataclasses.replace(engine, mdef=fmdef)
+    fn = jax.jit(engine.sharded(_fuse_layer, (mdef.specs()["layers"][0],), fmdef.specs()["layers"][0]),
+                 donate_argnums=0)
+    out = {k: v for k, v in params.items() if k != "layers"}
+    layers = {}
+    for i in sorted(params["layers"]):
+        with warnings.catch_warnings():  # q/k/v and gate/up buffers cannot be reused in place: freed below
+            warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+            layers[i] = fn(params["layers"][i])
+        for x in jax.tree.leaves(params["layers"][i]):
+            if isinstance(x, jax.Array) and not x.is_deleted():
+                x.delete()
+    out["layers"] = layers
+    return fused_engine, out

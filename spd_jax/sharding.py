@@ -103,7 +103,7 @@ def param_spec(path: tuple[str, ...], ndim: int) -> P:
     """Partition spec of a parameter from its module path (e.g. ('layers', 3, 'attn', 'q', 'w'))."""
     names = [str(p) for p in path]
     leaf, owner = names[-1], names[-2] if len(names) > 1 else ""
-    if owner in ("q", "k", "v", "gate", "up", "fc1"):
+    if owner in ("q", "k", "v", "qkv", "gate", "up", "gate_up", "fc1"):
         return COLUMN if leaf == "w" else SHARDED_VEC
     if owner in ("o", "down", "fc2"):
         return ROW if leaf == "w" else REPLICATED

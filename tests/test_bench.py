@@ -97,10 +97,11 @@ def test_transformers_tp_peer_runs_sharded_and_bench_reports_ratios_to_it(tmp_pa
     r = subprocess.run([sys.executable, str(ROOT / "launch/bench.py"), "--shape", "tiny", "--tp", "2",
                         "--prompt-len", "8", "--new-tokens", "4", "--repeats", "2", "--spd-ratios", "0,1",
                         "--dtype", "float32", "--peer-json", str(peer), "--json", str(out),
-                        "--compile-cache", str(cache)],
+                        "--compile-cache", str(cache), "--fused-projections"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     d = json.loads(out.read_text())
+    assert d["fused_projections"] is True
     for row in d["rows"]:
         assert row["speedup_tpot_vs_peer"] == pytest.approx(p["tpot_ms"] / row["tpot_ms"])
         assert row["speedup_e2e_vs_peer"] == pytest.approx(p["e2e_ms"] / row["e2e_ms"])
