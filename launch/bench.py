@@ -39,6 +39,8 @@ def parse_args(argv=None):
                    help="q/k/v and gate/up as single GEMMs (runtime.fuse_projections)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--decode-chunk", type=int, default=8, help="decode steps between stop-condition checks")
+    p.add_argument("--compile-threads", type=int, default=4,
+                   help="compile the SPD configurations in this many threads (after the first, alone)")
     p.add_argument("--compile-cache", metavar="DIR",
                    help="persistent XLA compilation cache: a second run of the same shapes (e.g. --interconnect "
                         "lbw after hbw) reuses the compiled programs instead of compiling again")
@@ -65,8 +67,9 @@ def main(argv=None) -> int:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-    from spd_jax.bench import (allreduce_microbench, modes_for_ratio, random_params, shape_config, time_generation,
-                               weight_bytes_per_device)
+    from spd_jax.bench import (allreduce_microbench, bench_generation_config, compile_generators, modes_for_ratio,
+                               random_params, shape_config, time_generation, weight_bytes_per_device)
+    from spd_jax.generate import Generator
     from spd_jax.distributed import is_main_process, maybe_initialize
     from spd_jax.plan import load_plan, modes_from_plan
     from spd_jax.runtime import Engine, build_model_def
@@ -88,22 +91,24 @@ def main(argv=None) -> int:
     else:
         for r in (float(x) for x in args.spd_ratios.split(",")):
             configs.append((f"r={r:.2f}", modes_for_ratio(L, r)))
-    rows = [time_generation(engine, params, modes, args.batch, args.prompt_len, args.new_tokens, args.repeats, label,
-                            args.decode_chunk)
-            for label, modes in configs]
+    runs = [(label, engine, modes) for label, modes in configs]
     if args.floor:
         import dataclasses
 
-        fe = dataclasses.replace(engine, floor=True)
-        rows.append(time_generation(fe, params, (False,) * L, args.batch, args.prompt_len, args.new_tokens,
-                                    args.repeats, "floor", args.decode_chunk))
+        runs.append(("floor", dataclasses.replace(engine, floor=True), (False,) * L))
+    gens = [Generator(eng, params, modes) for _, eng, modes in runs]
+    compile_s = compile_generators(gens, bench_generation_config(args.new_tokens, args.decode_chunk),
+                                   args.prompt_len, args.batch, args.compile_threads)
+    rows = [time_generation(eng, params, modes, args.batch, args.prompt_len, args.new_tokens, args.repeats, label,
+                            args.decode_chunk, generator=g)
+            for (label, eng, modes), g in zip(runs, gens)]
     ar = allreduce_microbench(engine.mesh) if args.tp > 1 else []
     sync = rows[0]
     floor = next((r for r in rows if r.label == "floor"), None)
     result = {
         "shape": args.shape, "tp": args.tp, "batch": args.batch, "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "dtype": args.dtype, "decode_chunk": args.decode_chunk,
-        "fused_projections": args.fused_projections, "interconnect": args.interconnect,
+        "fused_projections": args.fused_projections, "compile_s": compile_s, "interconnect": args.interconnect,
         "nccl_env": {k: os.environ.get(k) for k in LBW_ENV}, "random_weights": True,
         "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(), "jax": jax.__version__,
         "weight_bytes_per_device": weight_bytes_per_device(mdef), "allreduce": ar,
@@ -124,6 +129,7 @@ def main(argv=None) -> int:
         print(f"{r['label']:8s} {r['n_spd']:4d} {r['ttft_ms']:9.2f} {r['tpot_ms']:9.3f} {r['e2e_ms']:9.1f} "
               f"{r['tokens_per_s']:8.1f} {r['speedup_e2e_vs_sync']:6.3f} {r['speedup_tpot_vs_sync']:6.3f} "
               f"{'' if rem is None else f'{100 * rem:.0f}%':>10s}")
+    print(f"compiled {len(gens)} configurations in {compile_s:.1f} s ({args.compile_threads} threads)")
     for a in ar:
         print(f"all-reduce {a['bytes']:>10d} B: {a['median_us']:9.1f} us, bus {a['bus_GBps']:.2f} GB/s")
     if args.peer_json:

@@ -149,6 +149,11 @@ class Engine:
                                 is_leaf=lambda x: isinstance(x, P))
         return self.shardings()
 
+    def init_cache_shardings(self, batch: int, max_len: int):
+        """Where init_cache puts each layer's k/v (real TP only)."""
+        sh = named(self.mesh, CACHE_SPEC)
+        return [{"k": sh, "v": sh} for _ in range(self.mdef.cfg.n_layers)]
+
     def init_cache(self, batch: int, max_len: int, dtype=None):
         dtype = dtype or self.mdef.dtype
         shape = self.mdef.cache_shape(batch, max_len)

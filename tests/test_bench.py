@@ -57,7 +57,7 @@ def test_bench_runs_end_to_end_and_reports_measured_numbers(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     d = json.loads(out.read_text())
     for k in ("shape", "tp", "batch", "prompt_len", "new_tokens", "dtype", "interconnect", "device", "n_devices",
-              "jax", "weight_bytes_per_device", "allreduce", "rows", "random_weights"):
+              "jax", "weight_bytes_per_device", "allreduce", "rows", "random_weights", "compile_s"):
         assert k in d, k
     assert [row["label"] for row in d["rows"]] == ["r=0.00", "r=0.50", "r=1.00", "floor"]
     assert [row["n_spd"] for row in d["rows"]] == [0, 2, 4, 0]

@@ -131,3 +131,28 @@ def test_decode_chunk_must_be_positive(tiny):
     lm, eng, params = tiny
     with pytest.raises(ConfigError, match="decode_chunk must be >= 1"):
         Generator(eng, params, (False,) * 3).generate([[5]], GenerationConfig(decode_chunk=0))
+
+
+@pytest.mark.parametrize("emulate", [False, True])
+def test_precompile_in_threads_then_generate_uses_it_and_matches(tiny_models, emulate):
+    """Ahead-of-time compilation (several generators in parallel threads, as the benchmark does) gives the
+    same tokens as the lazily jitted path, and generate() really runs the precompiled executables."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lm = open_model(tiny_models["llama"][0])
+    eng = Engine.create(build_model_def(lm.cfg, 2), emulate=emulate)
+    params = load_params(eng, lm.source)
+    gen = GenerationConfig(max_new_tokens=9, stop_at_eos=False, decode_chunk=4)
+    prompt = [[5, 17, 33, 8, 61, 2, 9]]
+    modes = [(False,) * 3, (True, True, True), (True, False, True)]
+    ref = [Generator(eng, params, m).generate(prompt, gen).tokens for m in modes]
+    gens = [Generator(eng, params, m) for m in modes]
+    with ThreadPoolExecutor(3) as ex:
+        list(ex.map(lambda g: g.precompile(gen, len(prompt[0])), gens))
+
+    def no_jit(*a, **k):
+        raise AssertionError("the precompiled executable was not used")
+
+    for g, r in zip(gens, ref):
+        g._prefill_fn = g._decode_fn = no_jit
+        assert g.generate(prompt, gen).tokens == r
