@@ -107,7 +107,7 @@ def compile_generators(gens: list[Generator], cfg: GenerationConfig, prompt_len:
                 with ThreadPoolExecutor(threads) as ex:
                     list(ex.map(lambda g: g.precompile(cfg, prompt_len, batch), gens[1:]))
             except Exception as e:  # an optional speed-up: say so loudly and compile one by one instead
-                print(f"WARNING: parallel ahead-of-time compilation failed ({type(e).__name__}: {e}); "
+                print(f"!! parallel ahead-of-time compilation failed ({type(e).__name__}: {e}); "
                       "compiling the remaining configurations one at a time", flush=True)
                 threads = 1
         if threads <= 1:
