@@ -127,7 +127,11 @@ def main():
     p.add_argument("--fused-projections", action="store_true")
     p.add_argument("--gemv", action="store_true", help="also time plain GEMV chains (bandwidth ceiling)")
     p.add_argument("--hlo", action="store_true", help="write the optimised HLO of the decode loop")
+    p.add_argument("--interconnect", choices=["hbw", "lbw"], default="hbw",
+                   help="lbw: the NCCL variables of launch/bench.py --interconnect lbw")
     args = p.parse_args()
+    if args.interconnect == "lbw":
+        os.environ.update({"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1", "NCCL_SOCKET_IFNAME": "lo"})
     import jax
     import jax.numpy as jnp
     import numpy as np
