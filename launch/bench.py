@@ -69,8 +69,8 @@ def main(argv=None) -> int:
 
     from spd_jax.bench import (allreduce_microbench, bench_generation_config, compile_generators, modes_for_ratio,
                                random_params, shape_config, time_generation, weight_bytes_per_device)
-    from spd_jax.generate import Generator
     from spd_jax.distributed import is_main_process, maybe_initialize
+    from spd_jax.generate import Generator
     from spd_jax.plan import load_plan, modes_from_plan
     from spd_jax.runtime import Engine, build_model_def
 
@@ -99,9 +99,8 @@ def main(argv=None) -> int:
     gens = [Generator(eng, params, modes) for _, eng, modes in runs]
     compile_s = compile_generators(gens, bench_generation_config(args.new_tokens, args.decode_chunk),
                                    args.prompt_len, args.batch, args.compile_threads)
-    rows = [time_generation(eng, params, modes, args.batch, args.prompt_len, args.new_tokens, args.repeats, label,
-                            args.decode_chunk, generator=g)
-            for (label, eng, modes), g in zip(runs, gens)]
+    rows = [time_generation(g, args.batch, args.prompt_len, args.new_tokens, args.repeats, label, args.decode_chunk)
+            for (label, _, _), g in zip(runs, gens)]
     ar = allreduce_microbench(engine.mesh) if args.tp > 1 else []
     sync = rows[0]
     floor = next((r for r in rows if r.label == "floor"), None)

@@ -116,12 +116,11 @@ def compile_generators(gens: list[Generator], cfg: GenerationConfig, prompt_len:
     return time.perf_counter() - t0
 
 
-def time_generation(engine: Engine, params, modes, batch: int, prompt_len: int, new_tokens: int, repeats: int,
-                    label: str, decode_chunk: int = 8, generator: Generator | None = None) -> Timing:
-    gen = generator or Generator(engine, params, modes)
+def time_generation(gen: Generator, batch: int, prompt_len: int, new_tokens: int, repeats: int, label: str,
+                    decode_chunk: int = 8) -> Timing:
     cfg = bench_generation_config(new_tokens, decode_chunk)
     rng = np.random.RandomState(0)
-    prompts = [list(rng.randint(3, engine.mdef.cfg.vocab_size, size=prompt_len)) for _ in range(batch)]
+    prompts = [list(rng.randint(3, gen.cfg.vocab_size, size=prompt_len)) for _ in range(batch)]
     gen.generate(prompts, cfg)  # compile (unless precompiled) + warm up
     ttft, dec, e2e = [], [], []
     for _ in range(repeats):
@@ -130,7 +129,7 @@ def time_generation(engine: Engine, params, modes, batch: int, prompt_len: int, 
         ttft.append(r.ttft_s * 1e3)
         dec.append(r.decode_s * 1e3 / max(new_tokens - 1, 1))
     tpot = float(np.median(dec))
-    return Timing(label, sum(modes), float(np.median(ttft)), tpot, float(np.median(e2e)),
+    return Timing(label, sum(gen.spd_modes), float(np.median(ttft)), tpot, float(np.median(e2e)),
                   batch * 1e3 / tpot, ttft, e2e)
 
 

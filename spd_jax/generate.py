@@ -149,14 +149,13 @@ class Generator:
             raise ContextLengthError(
                 f"prompt of {longest} tokens + {gen.max_new_tokens} new tokens = {longest + gen.max_new_tokens} "
                 f"exceeds the model's context of {ctx} tokens; shorten the prompt or lower --max-new-tokens")
-        t_pad = _round_up(longest, self.bucket)
+        t_pad, max_len = self._padded_lengths(longest, gen.max_new_tokens)
         b = len(prompts)
         tokens = np.full((b, t_pad), PAD_ID, np.int32)
         pad = np.zeros((b,), np.int32)
         for i, p in enumerate(prompts):
             tokens[i, t_pad - len(p):] = p
             pad[i] = t_pad - len(p)
-        max_len = _round_up(t_pad + gen.max_new_tokens, self.bucket)
         eng = self.engine
         cache = eng.init_cache(b, max_len)
         rng = jax.random.PRNGKey(gen.seed)
@@ -188,6 +187,11 @@ class Generator:
             seqs.append(seq)
         return GenerationResult(seqs, done.tolist(), lengths, ttft, decode_s, int(to_host(n)))
 
+    def _padded_lengths(self, longest_prompt: int, max_new_tokens: int) -> tuple[int, int]:
+        """(prompt length padded to the bucket, KV-cache length): the shape class compiled for."""
+        t_pad = _round_up(longest_prompt, self.bucket)
+        return t_pad, _round_up(t_pad + max_new_tokens, self.bucket)
+
     @staticmethod
     def _compiled_key(gen: GenerationConfig, batch: int, t_pad: int, max_len: int):
         return (gen.temperature, gen.top_k, gen.top_p, gen.max_new_tokens, gen.stop_at_eos, gen.decode_chunk,
@@ -199,23 +203,25 @@ class Generator:
         generators (XLA compiles in parallel; nothing executes), which is how the benchmark compiles
         its SPD configurations."""
         gen.validate()
-        t_pad = _round_up(prompt_len, self.bucket)
-        max_len = _round_up(t_pad + gen.max_new_tokens, self.bucket)
+        t_pad, max_len = self._padded_lengths(prompt_len, gen.max_new_tokens)
         key = self._compiled_key(gen, batch, t_pad, max_len)
         if key in self._compiled:
             return
         eng = self.engine
+
+        def placed(tree, shardings):  # abstract arrays with these shardings
+            return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
         cache = jax.eval_shape(lambda: eng.init_cache(batch, max_len))
         if not eng.emulate:
-            sh = eng.init_cache_shardings(batch, max_len)
-            cache = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), cache, sh)
+            cache = placed(cache, eng.cache_shardings())
         tokens = eng.replicate(np.zeros((batch, t_pad), np.int32))
         pad = eng.replicate(np.zeros((batch,), np.int32))
         rng = jax.random.PRNGKey(0)
         prefill = self._prefill_fn(gen).lower(self.params, tokens, pad, cache, rng).compile()
         first_sh, cache_sh = prefill.output_shardings
         first = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=first_sh)
-        cache = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), cache, cache_sh)
+        cache = placed(cache, cache_sh)
         decode = self._decode_fn(gen, gen.max_new_tokens).lower(self.params, cache, first, pad, jnp.int32(t_pad),
                                                                  rng).compile()
         self._compiled[key] = (prefill, decode)

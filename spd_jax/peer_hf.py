@@ -38,12 +38,11 @@ def hf_llama_config(shape: str):
 
 
 def make_checkpoint(shape: str, out_dir: str, seed: int = 0, shard_bytes: int = 4 << 30) -> str:
-    """Write a random-weight bf16 checkpoint of `shape` (safetensors shards + index), tensor by tensor.
+    """Write a random-weight bf16 checkpoint of `shape` (safetensors shards + index).
 
-    The model is built on the meta device, so no full-precision copy is ever materialised: a 70B
-    checkpoint needs only one tensor of memory at a time (drawn on the GPU when there is one)."""
-    import json as _json
-
+    The model is built on the meta device and the shards are planned from its shapes, then drawn (on
+    the GPU when there is one) and written one shard at a time: a 70B checkpoint never needs more than
+    one shard of host memory."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
@@ -55,33 +54,32 @@ def make_checkpoint(shape: str, out_dir: str, seed: int = 0, shard_bytes: int = 
     cfg.dtype = "bfloat16"
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    groups, size = [[]], 0  # names per shard
+    for name, shp in shapes.items():
+        nbytes = 2 * int(np.prod(shp))
+        if groups[-1] and size + nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=dev).manual_seed(seed)
-    groups, cur, size = [], {}, 0
-    for name, t in model.state_dict().items():
-        if "norm" in name:
-            val = torch.ones(t.shape, dtype=torch.bfloat16)
-        else:
-            val = (0.02 * torch.randn(t.shape, generator=gen, device=dev, dtype=torch.float32)).to(torch.bfloat16).cpu()
-        nbytes = val.numel() * 2
-        if cur and size + nbytes > shard_bytes:
-            groups.append(cur)
-            cur, size = {}, 0
-        cur[name], size = val, size + nbytes
-        if size >= shard_bytes:
-            groups.append(cur)
-            cur, size = {}, 0
-    if cur:
-        groups.append(cur)
-    weight_map, total = {}, 0
-    for i, g in enumerate(groups):
+    weight_map = {}
+    for i, names in enumerate(groups):
         fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file(g, os.path.join(out_dir, fname), metadata={"format": "pt"})
-        for k, v in g.items():
-            weight_map[k] = fname
-            total += v.numel() * 2
+        tensors = {}
+        for name in names:
+            if "norm" in name:
+                tensors[name] = torch.ones(shapes[name], dtype=torch.bfloat16)
+            else:
+                draw = torch.randn(shapes[name], generator=gen, device=dev, dtype=torch.float32)
+                tensors[name] = (0.02 * draw).to(torch.bfloat16).cpu()
+            weight_map[name] = fname
+        save_file(tensors, os.path.join(out_dir, fname), metadata={"format": "pt"})
+    total = sum(2 * int(np.prod(shp)) for shp in shapes.values())
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-        _json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
     cfg.save_pretrained(out_dir)  # last: its presence marks a complete checkpoint
     return out_dir
 

@@ -149,7 +149,7 @@ class Engine:
                                 is_leaf=lambda x: isinstance(x, P))
         return self.shardings()
 
-    def init_cache_shardings(self, batch: int, max_len: int):
+    def cache_shardings(self):
         """Where init_cache puts each layer's k/v (real TP only)."""
         sh = named(self.mesh, CACHE_SPEC)
         return [{"k": sh, "v": sh} for _ in range(self.mdef.cfg.n_layers)]
@@ -162,9 +162,8 @@ class Engine:
             tp = self.mdef.tp
             local = (tp, batch, max_len, shape[2] // tp, shape[3])
             return [{"k": jnp.zeros(local, dtype), "v": jnp.zeros(local, dtype)} for _ in range(n)]
-        sh = named(self.mesh, CACHE_SPEC)
         z = jax.jit(lambda: [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(n)],
-                    out_shardings=[{"k": sh, "v": sh}] * n)
+                    out_shardings=self.cache_shardings())
         return z()
 
     # ---- running a per-shard function

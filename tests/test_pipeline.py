@@ -32,22 +32,22 @@ def _setup(path, tp, emulate=False):
     return lm, eng, load_params(eng, lm.source)
 
 
-def test_sensitivity_of_tp1_model_is_zero(tiny_models):
-    lm, eng, params = _setup(tiny_models["llama"][0], 1)
+def _llama_sensitivity(tiny_models, tp):
+    lm, eng, params = _setup(tiny_models["llama"][0], tp)
     ops = ModelOps(eng, batch_size=4)
     tokens = np.random.RandomState(0).randint(3, 100, size=(4, 16)).astype(np.int32)
     h = ops.hidden_states(params, tokens)
-    sens = sensitivity(ops, params, h, tokens, progress=False)
+    return eng, params, tokens, sensitivity(ops, params, h, tokens, progress=False)
+
+
+def test_sensitivity_of_tp1_model_is_zero(tiny_models):
+    eng, params, tokens, sens = _llama_sensitivity(tiny_models, 1)
     assert sens.base_ppl > 1
     np.testing.assert_allclose(sens.s, 0.0, atol=1e-3 * sens.base_ppl)
 
 
 def test_sensitivity_at_tp2_is_not_zero_and_curve_consistent(tiny_models):
-    lm, eng, params = _setup(tiny_models["llama"][0], 2)
-    ops = ModelOps(eng, batch_size=4)
-    tokens = np.random.RandomState(0).randint(3, 100, size=(4, 16)).astype(np.int32)
-    h = ops.hidden_states(params, tokens)
-    sens = sensitivity(ops, params, h, tokens, progress=False)
+    eng, params, tokens, sens = _llama_sensitivity(tiny_models, 2)
     assert max(abs(v) for v in sens.s) > 1e-3
     # the cumulative curve telescopes: sum of s_i = PPL(all SPD) - PPL(no SPD)
     np.testing.assert_allclose(sum(sens.s), sens.ppl_curve[0] - sens.base_ppl, rtol=1e-6)
