@@ -45,6 +45,8 @@ def parse_args(argv=None):
                    help="persistent XLA compilation cache: a second run of the same shapes (e.g. --interconnect "
                         "lbw after hbw) reuses the compiled programs instead of compiling again")
     p.add_argument("--peer-json", help="a launch/bench_peer.py result from the same machine: report ratios to it")
+    p.add_argument("--allreduce-sizes", default="8192,1048576,67108864",
+                   help="message sizes (bytes) of the all-reduce microbenchmark, comma-separated")
     p.add_argument("--json", help="write the results as JSON to this file ('-' for stdout)")
     p.add_argument("--plot", help="write a PNG of latency vs SPD ratio")
     from spd_jax.distributed import add_distributed_args
@@ -101,7 +103,8 @@ def main(argv=None) -> int:
                                    args.prompt_len, args.batch, args.compile_threads)
     rows = [time_generation(g, args.batch, args.prompt_len, args.new_tokens, args.repeats, label, args.decode_chunk)
             for (label, _, _), g in zip(runs, gens)]
-    ar = allreduce_microbench(engine.mesh) if args.tp > 1 else []
+    ar = (allreduce_microbench(engine.mesh, tuple(int(b) for b in args.allreduce_sizes.split(",")))
+          if args.tp > 1 else [])
     sync = rows[0]
     floor = next((r for r in rows if r.label == "floor"), None)
     result = {
@@ -130,7 +133,8 @@ def main(argv=None) -> int:
               f"{'' if rem is None else f'{100 * rem:.0f}%':>10s}")
     print(f"compiled {len(gens)} configurations in {compile_s:.1f} s ({args.compile_threads} threads)")
     for a in ar:
-        print(f"all-reduce {a['bytes']:>10d} B: {a['median_us']:9.1f} us, bus {a['bus_GBps']:.2f} GB/s")
+        print(f"all-reduce {a['bytes']:>10d} B: in loop {a['in_loop_us']:9.1f} us (bus {a['bus_GBps']:.2f} GB/s), "
+              f"one call from the host {a['median_us']:9.1f} us")
     if args.peer_json:
         peer = json.loads(Path(args.peer_json).read_text())
         result["peer"] = peer

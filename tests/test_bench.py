@@ -52,7 +52,8 @@ def test_bench_runs_end_to_end_and_reports_measured_numbers(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, str(ROOT / "launch/bench.py"), "--shape", "tiny", "--tp", "8",
                         "--prompt-len", "16", "--new-tokens", "6", "--repeats", "2", "--spd-ratios", "0,0.5,1",
-                        "--floor", "--dtype", "float32", "--json", str(out), "--plot", str(tmp_path / "b.png")],
+                        "--floor", "--dtype", "float32", "--allreduce-sizes", "8192,65536,1048576",
+                        "--json", str(out), "--plot", str(tmp_path / "b.png")],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     d = json.loads(out.read_text())
@@ -71,6 +72,8 @@ def test_bench_runs_end_to_end_and_reports_measured_numbers(tmp_path):
         assert row["speedup_e2e_vs_sync"] == pytest.approx(sync["e2e_ms"] / row["e2e_ms"])
         assert len(row["e2e_all"]) == 2 and len(set(row["e2e_all"])) == 2  # two distinct measurements
     assert len(d["allreduce"]) == 3 and all(a["median_us"] > 0 for a in d["allreduce"])
+    # the in-loop figure is a difference of two measured loop times (64 vs 1 dependent all-reduces)
+    assert all(a["in_loop_us"] > 0 and np.isfinite(a["bus_GBps"]) for a in d["allreduce"])
     assert (tmp_path / "b.png").stat().st_size > 0
 
 

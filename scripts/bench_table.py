@@ -1,0 +1,64 @@
+"""Markdown table of launch/bench.py JSON results (one row per configuration), for docs/benchmarks.md.
+
+Usage: python scripts/bench_table.py RESULT.json... (peer-*.json files are skipped: their numbers appear
+in the rows of the bench file that names them with --peer-json)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def rows(path: Path) -> list[str]:
+    d = json.loads(path.read_text())
+    if "rows" not in d:
+        return []
+    head = f"{d['shape']} | {d['tp']} | {d['interconnect'].upper() if d['tp'] > 1 else '-'}"
+    out = []
+    for r in d["rows"]:
+        rem = r.get("allreduce_time_removed")
+        peer = r.get("speedup_tpot_vs_peer")
+        cfg = "sync" if r["label"] == "r=0.00" else r["label"]
+        if r["label"].startswith("r=") and r["n_spd"]:
+            cfg = f"SPD {r['label']} ({r['n_spd']} blocks)"
+        out.append(f"| {head} | {cfg} | {r['ttft_ms']:.2f} | {r['tpot_ms']:.3f} | {r['e2e_ms']:.1f} | "
+                   f"{r['speedup_e2e_vs_sync']:.3f} | {'-' if rem is None else f'{100 * rem:.0f}%'} | "
+                   f"{'' if peer is None else f'{peer:.1f}x'} |")
+    if "peer" in d:
+        p = d["peer"]
+        out.append(f"| {head} | transformers TP peer | {p['ttft_ms']:.2f} | {p['tpot_ms']:.3f} | {p['e2e_ms']:.1f} "
+                   f"| - | - | 1 |")
+    return out
+
+
+def allreduce(path: Path) -> list[str]:
+    d = json.loads(path.read_text())
+    return [f"| {d['shape']} | {d['tp']} | {d['interconnect'].upper()} | {a['bytes']} | "
+            f"{a.get('in_loop_us', float('nan')):.1f} | {a['median_us']:.1f} | {a['bus_GBps']:.2f} |"
+            for a in d.get("allreduce", [])]
+
+
+def main(paths: list[str]) -> None:
+    files = [Path(p) for p in paths if not Path(p).name.startswith("peer-")]
+    if not files:
+        return
+    ds = [json.loads(f.read_text()) for f in files]
+    cards = sorted({f"{d.get('device')} (JAX {d.get('jax')})" for d in ds})
+    d0 = ds[0]
+    print(f"cards: {', '.join(cards)}; batch {d0.get('batch')}, {d0.get('prompt_len')} in / "
+          f"{d0.get('new_tokens')} out, RANDOM {d0.get('dtype')} weights\n")
+    print("| shape | TP | link | config | ttft ms | tpot ms | e2e ms | e2e speed-up vs sync | AR removed "
+          "| decode vs peer |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for f in files:
+        print("\n".join(rows(f)))
+    ar = [line for f in files for line in allreduce(f)]
+    if ar:
+        print("\n| shape | TP | link | bytes | in-loop us | host-timed us | bus GB/s (in loop) |")
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(ar))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
