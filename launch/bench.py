@@ -17,9 +17,6 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-# JAX takes 75% of GPU memory by default; the 70B shapes at TP 2/4 need more of it.
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
-
 LBW_ENV = {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1", "NCCL_SOCKET_IFNAME": "lo"}
 
 
@@ -55,10 +52,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def set_memory_fraction(shape: str, tp: int, big_gib: float = 40.0) -> None:
+    """JAX preallocates 75% of GPU memory; shapes whose weights need more than `big_gib` GiB per device
+    (70B at TP 2) get 95%. Not by default: the 5% left outside JAX's pool was too little for XLA's
+    collective scratch memory with LLaMA-2-13B at TP 4 on H200 (out-of-memory in the first all-reduce).
+    An explicit XLA_PYTHON_CLIENT_MEM_FRACTION always wins. Must run before JAX's backend starts."""
+    from spd_jax.bench import SHAPES, param_count
+
+    if shape in SHAPES and param_count(shape) * 2 / tp / 2**30 > big_gib:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.interconnect == "lbw":
         os.environ.update(LBW_ENV)  # before JAX (and NCCL) start
+    set_memory_fraction(args.shape, args.tp)
     from spd_jax.cli import ensure_devices
 
     ensure_devices(args)

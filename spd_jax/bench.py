@@ -44,6 +44,19 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
+def param_count(name: str) -> int:
+    """Number of weights of a named shape (no JAX needed: usable before the backend starts)."""
+    d = SHAPES[name]
+    h, hd, inter, opt = d["hidden"], d["head_dim"], d["intermediate"], d["arch"] == "opt"
+    q_kv = hd * (d["n_heads"] + 2 * d["n_kv_heads"])
+    attn = h * (q_kv + d["n_heads"] * hd) + (q_kv + h if opt else 0)  # q/k/v/o (+ their biases)
+    mlp = (2 * h * inter + inter + h) if opt else 3 * h * inter  # fc1/fc2 with biases, or gate/up/down
+    norms = (2 if opt else 1) * h  # LayerNorm scale+bias, or RMSNorm scale
+    embed = d["vocab_size"] * h * (1 if opt else 2)  # OPT ties its LM head
+    extra = (d["max_position"] + 2) * h if opt else 0  # OPT's learned positions (offset 2)
+    return d["n_layers"] * (attn + mlp + 2 * norms) + norms + embed + extra
+
+
 def shape_config(name: str) -> ModelConfig:
     if name not in SHAPES:
         raise ValueError(f"unknown shape {name!r}; known: {sorted(SHAPES)}")
@@ -150,13 +163,15 @@ def allreduce_microbench(mesh, sizes_bytes=(8 << 10, 1 << 20, 64 << 20), repeats
         f = jax.jit(jax.shard_map(lambda a: jax.lax.psum(a, "tp"), mesh=mesh, in_specs=P("tp", None),
                                   out_specs=P(None, None)))
 
-        def chain(a, k):
-            # k dependent all-reduces (each scaled back by 1/n so values stay finite); the carry's type
-            # changes from device-varying to replicated, hence check_vma=False for this microbenchmark only.
-            return jax.lax.fori_loop(0, k, lambda _, c: jax.lax.psum(c, "tp") * (1.0 / n), a)
+        def chain(k):
+            # k dependent all-reduces (each scaled back by 1/n so values stay finite). k is static, so XLA
+            # knows the trip count and (as in the decode loop's fixed-length chunks) needs no per-iteration
+            # read of the loop predicate by the host. The carry's type changes from device-varying to
+            # replicated, hence check_vma=False for this microbenchmark only.
+            body = lambda a: jax.lax.fori_loop(0, k, lambda _, c: jax.lax.psum(c, "tp") * (1.0 / n), a)
+            return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("tp", None), out_specs=P("tp", None),
+                                         check_vma=False))
 
-        loop = jax.jit(jax.shard_map(chain, mesh=mesh, in_specs=(P("tp", None), P()), out_specs=P("tp", None),
-                                     check_vma=False))
         k_many = 64 if size <= (1 << 20) else 8
 
         def host_time(fn, *args):
@@ -169,7 +184,7 @@ def allreduce_microbench(mesh, sizes_bytes=(8 << 10, 1 << 20, 64 << 20), repeats
             return float(np.median(ts))
 
         t = host_time(f, x)
-        t_one, t_many = host_time(loop, x, jnp.int32(1)), host_time(loop, x, jnp.int32(k_many + 1))
+        t_one, t_many = host_time(chain(1), x), host_time(chain(k_many + 1), x)
         t_loop = max(t_many - t_one, 0.0) / k_many
         busbw = 2 * (n - 1) / n * size / t_loop if n > 1 and t_loop > 0 else float("nan")
         out.append({"bytes": size, "median_us": t * 1e6, "in_loop_us": t_loop * 1e6, "bus_GBps": busbw / 1e9})

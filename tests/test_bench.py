@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spd_jax.bench import modes_for_ratio, random_params, shape_config
+from spd_jax.bench import SHAPES, modes_for_ratio, param_count, random_params, shape_config
 from spd_jax.runtime import Engine, build_model_def
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +24,13 @@ def test_ratio_drops_exactly_round_r_times_l_blocks(n_layers, ratio):
     modes = modes_for_ratio(n_layers, ratio)
     assert sum(modes) == int(round(ratio * n_layers))
     assert all(modes[n_layers - sum(modes):])  # the last blocks
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_param_count_matches_the_model_definition(shape):
+    """The JAX-free count (used to size GPU memory before the backend starts) equals the model's weights."""
+    mdef = build_model_def(shape_config(shape), 1, "bfloat16")
+    assert param_count(shape) == sum(int(np.prod(a.shape)) for a in jax.tree.leaves(mdef.abstract))
 
 
 def _hlo(engine, modes):
