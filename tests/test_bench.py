@@ -82,6 +82,17 @@ def test_bench_runs_end_to_end_and_reports_measured_numbers(tmp_path):
     # the in-loop figure is a difference of two measured loop times (64 vs 1 dependent all-reduces)
     assert all(a["in_loop_us"] > 0 and np.isfinite(a["bus_GBps"]) for a in d["allreduce"])
     assert (tmp_path / "b.png").stat().st_size > 0
+    # scripts/bench_table.py (the docs' tables) prints these measured numbers, one row per configuration
+    t = subprocess.run([sys.executable, str(ROOT / "scripts/bench_table.py"), str(out)], capture_output=True,
+                       text=True, timeout=60)
+    assert t.returncode == 0, t.stderr
+    table = [line for line in t.stdout.splitlines()  # the latency rows (the all-reduce table has 7 columns)
+             if line.startswith("| tiny | 8 | HBW |") and line.count("|") == 11]
+    assert len(table) == len(d["rows"])
+    for line, row in zip(table, d["rows"]):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert float(cells[5]) == pytest.approx(row["tpot_ms"], abs=5e-4)
+        assert float(cells[6]) == pytest.approx(row["e2e_ms"], abs=0.05)
 
 
 def test_transformers_tp_peer_runs_sharded_and_bench_reports_ratios_to_it(tmp_path):
