@@ -52,15 +52,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def set_memory_fraction(shape: str, tp: int, big_gib: float = 40.0) -> None:
-    """JAX preallocates 75% of GPU memory; shapes whose weights need more than `big_gib` GiB per device
-    (70B at TP 2) get 95%. Not by default: the 5% left outside JAX's pool was too little for XLA's
-    collective scratch memory with LLaMA-2-13B at TP 4 on H200 (out-of-memory in the first all-reduce).
-    An explicit XLA_PYTHON_CLIENT_MEM_FRACTION always wins. Must run before JAX's backend starts."""
-    from spd_jax.bench import SHAPES, param_count
+def set_memory_fraction(shape: str, tp: int) -> None:
+    """95% of GPU memory for JAX only for shapes that need it (`spd_jax.bench.memory_fraction`); an
+    explicit XLA_PYTHON_CLIENT_MEM_FRACTION always wins. Must run before JAX's backend starts."""
+    from spd_jax.bench import SHAPES, gpu_memory_gib, memory_fraction, param_count
 
-    if shape in SHAPES and param_count(shape) * 2 / tp / 2**30 > big_gib:
-        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+    if shape in SHAPES:
+        frac = memory_fraction(param_count(shape) * 2 / tp / 2**30, gpu_memory_gib())
+        if frac is not None:
+            os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(frac))
 
 
 def main(argv=None) -> int:

@@ -57,6 +57,32 @@ def param_count(name: str) -> int:
     return d["n_layers"] * (attn + mlp + 2 * norms) + norms + embed + extra
 
 
+def memory_fraction(weight_gib_per_device: float, card_gib: float | None) -> float | None:
+    """The XLA_PYTHON_CLIENT_MEM_FRACTION a benchmark asks for, or None for JAX's default (75%).
+
+    95% only where the weights alone fill more than 60% of the card (LLaMA-2-70B at TP 2 on 80 GB cards).
+    Not always: the 5% then left outside JAX's pool was too little for XLA's collective scratch memory
+    with LLaMA-2-13B at TP 4 and six compiled configurations on H200 (out of memory in the first
+    all-reduce). Without the card's size the threshold is 40 GiB of weights per device."""
+    limit = 0.6 * card_gib if card_gib else 40.0
+    return 0.95 if weight_gib_per_device > limit else None
+
+
+def gpu_memory_gib() -> float | None:
+    """The smallest GPU's memory (GiB) from nvidia-smi, without starting JAX; None without NVIDIA GPUs."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30).stdout.split()
+        return min(float(x) for x in out) / 1024 if out else None
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
 def shape_config(name: str) -> ModelConfig:
     if name not in SHAPES:
         raise ValueError(f"unknown shape {name!r}; known: {sorted(SHAPES)}")

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spd_jax.bench import SHAPES, modes_for_ratio, param_count, random_params, shape_config
+from spd_jax.bench import SHAPES, memory_fraction, modes_for_ratio, param_count, random_params, shape_config
 from spd_jax.runtime import Engine, build_model_def
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +31,18 @@ def test_param_count_matches_the_model_definition(shape):
     """The JAX-free count (used to size GPU memory before the backend starts) equals the model's weights."""
     mdef = build_model_def(shape_config(shape), 1, "bfloat16")
     assert param_count(shape) == sum(int(np.prod(a.shape)) for a in jax.tree.leaves(mdef.abstract))
+
+
+@pytest.mark.parametrize("shape,tp,card_gib,expect", [
+    ("llama2-70b", 2, 79.2, 0.95),   # 64 GiB of weights on an 80 GB H100: needs the memory
+    ("llama2-70b", 2, 139.8, None),  # the same on H200: JAX's default 75% holds it
+    ("llama2-13b", 4, 139.8, None),  # the configuration that ran out of collective memory at 95%
+    ("llama2-70b", 4, 79.2, None),
+    ("llama2-70b", 2, None, 0.95),   # no nvidia-smi: 40 GiB threshold
+    ("llama2-7b", 1, None, None),
+])
+def test_memory_fraction_only_where_the_weights_need_it(shape, tp, card_gib, expect):
+    assert memory_fraction(param_count(shape) * 2 / tp / 2**30, card_gib) == expect
 
 
 def _hlo(engine, modes):
