@@ -120,6 +120,7 @@ def main(argv=None) -> int:
         "shape": args.shape, "tp": args.tp, "batch": args.batch, "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "dtype": args.dtype, "decode_chunk": args.decode_chunk,
         "fused_projections": args.fused_projections, "compile_s": compile_s, "interconnect": args.interconnect,
+        "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
         "nccl_env": {k: os.environ.get(k) for k in LBW_ENV}, "random_weights": True,
         "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(), "jax": jax.__version__,
         "weight_bytes_per_device": weight_bytes_per_device(mdef), "allreduce": ar,
