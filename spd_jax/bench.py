@@ -27,6 +27,8 @@ from spd_jax.runtime import Engine
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(arch="llama", vocab_size=512, hidden=128, n_layers=4, n_heads=8, n_kv_heads=8, head_dim=16,
                  intermediate=256, max_position=512),
+    "tiny-opt": dict(arch="opt", vocab_size=512, hidden=128, n_layers=4, n_heads=8, n_kv_heads=8, head_dim=16,
+                     intermediate=256, max_position=512),
     "llama2-7b": dict(arch="llama", vocab_size=32000, hidden=4096, n_layers=32, n_heads=32, n_kv_heads=32,
                       head_dim=128, intermediate=11008, max_position=4096),
     "llama2-13b": dict(arch="llama", vocab_size=32000, hidden=5120, n_layers=40, n_heads=40, n_kv_heads=40,

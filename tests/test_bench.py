@@ -53,8 +53,9 @@ def _hlo(engine, modes):
     return jax.jit(lambda p, t, d: fwd(p, t, d, None, jnp.int32(0))[0]).lower(params, tokens, pad).as_text()
 
 
-def test_floor_mode_has_no_all_reduce_and_spd_has_fewer():
-    cfg = shape_config("tiny")
+@pytest.mark.parametrize("shape", ["tiny", "tiny-opt"])
+def test_floor_mode_has_no_all_reduce_and_spd_has_fewer(shape):
+    cfg = shape_config(shape)
     eng = Engine.create(build_model_def(cfg, 4, "float32"))
     L = cfg.n_layers
     count = lambda text: text.count("all-reduce") + text.count("all_reduce")  # noqa: E731
