@@ -4,7 +4,8 @@
 Examples:
   python launch/bench.py --shape tiny --tp 4                       # CPU smoke run (simulated devices)
   python launch/bench.py --shape llama2-7b --tp 2 --floor --json   # 2 GPUs, NVLink
-  python launch/bench.py --shape llama2-7b --tp 2 --interconnect lbw   # NCCL without P2P/SHM (~PCIe/socket)
+  python launch/bench.py --shape llama2-7b --tp 2 --interconnect lbw   # NCCL without P2P/SHM (sockets)
+  python launch/bench.py --shape llama2-7b --tp 2 --interconnect pcie  # NCCL without P2P (through host memory)
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-LBW_ENV = {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1", "NCCL_SOCKET_IFNAME": "lo"}
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,7 +29,9 @@ def parse_args(argv=None):
     p.add_argument("--spd-ratios", default="0,0.25,0.5,0.75,1")
     p.add_argument("--spd-plan", help="plan.json: benchmark its blocks instead of the ratios' last blocks")
     p.add_argument("--floor", action="store_true", help="also run with every all-reduce removed")
-    p.add_argument("--interconnect", choices=["hbw", "lbw"], default="hbw")
+    p.add_argument("--interconnect", choices=["hbw", "lbw", "pcie"], default="hbw",
+                   help="hbw: NCCL's choice (NVLink); lbw: NCCL over loopback sockets (no P2P/SHM); "
+                        "pcie: no P2P, through host memory (see spd_jax.bench.INTERCONNECT_ENV)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--fused-projections", action="store_true",
                    help="q/k/v and gate/up as single GEMMs (runtime.fuse_projections)")
@@ -65,8 +66,9 @@ def set_memory_fraction(shape: str, tp: int) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.interconnect == "lbw":
-        os.environ.update(LBW_ENV)  # before JAX (and NCCL) start
+    from spd_jax.bench import set_interconnect
+
+    set_interconnect(args.interconnect)  # before JAX (and NCCL) start
     set_memory_fraction(args.shape, args.tp)
     from spd_jax.cli import ensure_devices
 
@@ -78,8 +80,9 @@ def main(argv=None) -> int:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-    from spd_jax.bench import (allreduce_microbench, bench_generation_config, compile_generators, modes_for_ratio,
-                               random_params, shape_config, time_generation, weight_bytes_per_device)
+    from spd_jax.bench import (NCCL_KEYS, allreduce_microbench, bench_generation_config, compile_generators,
+                               modes_for_ratio, random_params, shape_config, time_generation,
+                               weight_bytes_per_device)
     from spd_jax.distributed import is_main_process, maybe_initialize
     from spd_jax.generate import Generator
     from spd_jax.plan import load_plan, modes_from_plan
@@ -121,7 +124,7 @@ def main(argv=None) -> int:
         "new_tokens": args.new_tokens, "dtype": args.dtype, "decode_chunk": args.decode_chunk,
         "fused_projections": args.fused_projections, "compile_s": compile_s, "interconnect": args.interconnect,
         "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
-        "nccl_env": {k: os.environ.get(k) for k in LBW_ENV}, "random_weights": True,
+        "nccl_env": {k: os.environ.get(k) for k in NCCL_KEYS}, "random_weights": True,
         "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(), "jax": jax.__version__,
         "weight_bytes_per_device": weight_bytes_per_device(mdef), "allreduce": ar,
         "rows": [{**r.__dict__, "speedup_e2e_vs_sync": sync.e2e_ms / r.e2e_ms,

@@ -127,11 +127,12 @@ def main():
     p.add_argument("--fused-projections", action="store_true")
     p.add_argument("--gemv", action="store_true", help="also time plain GEMV chains (bandwidth ceiling)")
     p.add_argument("--hlo", action="store_true", help="write the optimised HLO of the decode loop")
-    p.add_argument("--interconnect", choices=["hbw", "lbw"], default="hbw",
-                   help="lbw: the NCCL variables of launch/bench.py --interconnect lbw")
+    p.add_argument("--interconnect", choices=["hbw", "lbw", "pcie"], default="hbw",
+                   help="the NCCL variables of launch/bench.py --interconnect")
     args = p.parse_args()
-    if args.interconnect == "lbw":
-        os.environ.update({"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1", "NCCL_SOCKET_IFNAME": "lo"})
+    from spd_jax.bench import set_interconnect
+
+    set_interconnect(args.interconnect)
     import jax
     import jax.numpy as jnp
     import numpy as np

@@ -13,6 +13,7 @@ Timings (all device-synchronised, after a compile/warm-up run):
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -23,6 +24,31 @@ import numpy as np
 from spd_jax.config import GenerationConfig, ModelConfig, RopeConfig
 from spd_jax.generate import Generator
 from spd_jax.runtime import Engine
+
+# NCCL settings per interconnect mode, applied before JAX (and NCCL) start. NVLink multicast stays as the
+# environment has it (NCCL_NVLS_ENABLE is never touched).
+#   hbw:  whatever NCCL picks (NVLink P2P on these hosts);
+#   lbw:  no P2P, no shared memory: NCCL's socket transport over loopback (bandwidth-limited, ~3 GB/s);
+#   pcie: no P2P, shared memory on: GPU -> host memory -> GPU over PCIe, the path of hosts without NVLink
+#         or P2P between their GPUs.
+INTERCONNECT_ENV: dict[str, dict[str, str]] = {
+    "hbw": {},
+    "lbw": {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1", "NCCL_SOCKET_IFNAME": "lo"},
+    "pcie": {"NCCL_P2P_DISABLE": "1"},
+}
+NCCL_KEYS = sorted({k for env in INTERCONNECT_ENV.values() for k in env})
+
+
+def set_interconnect(mode: str) -> None:
+    """Set (and, where another mode set them, clear) the NCCL variables of `mode` in os.environ."""
+    if mode not in INTERCONNECT_ENV:
+        raise ValueError(f"unknown interconnect {mode!r}; known: {sorted(INTERCONNECT_ENV)}")
+    for k in NCCL_KEYS:
+        if k in INTERCONNECT_ENV[mode]:
+            os.environ[k] = INTERCONNECT_ENV[mode][k]
+        elif mode != "hbw" and k in os.environ:
+            del os.environ[k]
+
 
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(arch="llama", vocab_size=512, hidden=128, n_layers=4, n_heads=8, n_kv_heads=8, head_dim=16,

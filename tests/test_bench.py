@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spd_jax.bench import SHAPES, memory_fraction, modes_for_ratio, param_count, random_params, shape_config
+from spd_jax.bench import (SHAPES, memory_fraction, modes_for_ratio, param_count, random_params, set_interconnect,
+                           shape_config)
 from spd_jax.runtime import Engine, build_model_def
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +44,23 @@ def test_param_count_matches_the_model_definition(shape):
 ])
 def test_memory_fraction_only_where_the_weights_need_it(shape, tp, card_gib, expect):
     assert memory_fraction(param_count(shape) * 2 / tp / 2**30, card_gib) == expect
+
+
+def test_interconnect_modes_set_and_clear_the_nccl_variables(monkeypatch):
+    """pcie keeps NCCL's shared-memory path (only P2P off) even where the environment had turned it off;
+    lbw turns both off and pins the socket interface; hbw leaves the environment as it is."""
+    for k in ("NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE", "NCCL_SOCKET_IFNAME"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("NCCL_SHM_DISABLE", "1")
+    set_interconnect("hbw")
+    assert os.environ.get("NCCL_SHM_DISABLE") == "1" and "NCCL_P2P_DISABLE" not in os.environ
+    set_interconnect("pcie")
+    assert os.environ.get("NCCL_P2P_DISABLE") == "1" and "NCCL_SHM_DISABLE" not in os.environ
+    set_interconnect("lbw")
+    keys = ("NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE", "NCCL_SOCKET_IFNAME")
+    assert [os.environ.get(k) for k in keys] == ["1", "1", "lo"]
+    with pytest.raises(ValueError, match="unknown interconnect"):
+        set_interconnect("nvlink5")
 
 
 def _hlo(engine, modes):
