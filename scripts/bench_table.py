@@ -40,8 +40,9 @@ def allreduce(path: Path) -> list[str]:
 
 
 def main(paths: list[str]) -> None:
-    files = [Path(p) for p in paths if not Path(p).name.startswith("peer-")]
+    files = [Path(p) for p in paths if Path(p).is_file() and not Path(p).name.startswith("peer-")]
     if not files:
+        print("no benchmark results to tabulate", file=sys.stderr)
         return
     ds = [json.loads(f.read_text()) for f in files]
     cards = sorted({f"{d.get('device')} (JAX {d.get('jax')})" for d in ds})
