@@ -53,23 +53,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def set_memory_fraction(shape: str, tp: int) -> None:
-    """95% of GPU memory for JAX only for shapes that need it (`spd_jax.bench.memory_fraction`); an
-    explicit XLA_PYTHON_CLIENT_MEM_FRACTION always wins. Must run before JAX's backend starts."""
-    from spd_jax.bench import SHAPES, gpu_memory_gib, memory_fraction, param_count
-
-    if shape in SHAPES:
-        frac = memory_fraction(param_count(shape) * 2 / tp / 2**30, gpu_memory_gib())
-        if frac is not None:
-            os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(frac))
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from spd_jax.bench import set_interconnect
+    from spd_jax.bench import SHAPES, gpu_memory_gib, memory_fraction, param_count, set_interconnect
 
-    set_interconnect(args.interconnect)  # before JAX (and NCCL) start
-    set_memory_fraction(args.shape, args.tp)
+    # Before JAX's backend (and NCCL) start: the interconnect's NCCL variables, and 95% of GPU memory for
+    # JAX only for shapes that need it (an explicit XLA_PYTHON_CLIENT_MEM_FRACTION always wins).
+    set_interconnect(args.interconnect)
+    if args.shape in SHAPES:
+        frac = memory_fraction(param_count(args.shape) * 2 / args.tp / 2**30, gpu_memory_gib())
+        if frac is not None:
+            os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(frac))
     from spd_jax.cli import ensure_devices
 
     ensure_devices(args)

@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 
-def rows(path: Path) -> list[str]:
-    d = json.loads(path.read_text())
+def rows(d: dict) -> list[str]:
     if "rows" not in d:
         return []
     head = f"{d['shape']} | {d['tp']} | {d['interconnect'].upper() if d['tp'] > 1 else '-'}"
@@ -32,8 +31,7 @@ def rows(path: Path) -> list[str]:
     return out
 
 
-def allreduce(path: Path) -> list[str]:
-    d = json.loads(path.read_text())
+def allreduce(d: dict) -> list[str]:
     return [f"| {d['shape']} | {d['tp']} | {d['interconnect'].upper()} | {a['bytes']} | "
             f"{a.get('in_loop_us', float('nan')):.1f} | {a['median_us']:.1f} | {a['bus_GBps']:.2f} |"
             for a in d.get("allreduce", [])]
@@ -52,9 +50,9 @@ def main(paths: list[str]) -> None:
     print("| shape | TP | link | config | ttft ms | tpot ms | e2e ms | e2e speed-up vs sync | AR removed "
           "| decode vs peer |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for f in files:
-        print("\n".join(rows(f)))
-    ar = [line for f in files for line in allreduce(f)]
+    for d in ds:
+        print("\n".join(rows(d)))
+    ar = [line for d in ds for line in allreduce(d)]
     if ar:
         print("\n| shape | TP | link | bytes | in-loop us | host-timed us | bus GB/s (in loop) |")
         print("|---|---|---|---|---|---|---|")

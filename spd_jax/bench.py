@@ -210,6 +210,16 @@ def allreduce_microbench(mesh, sizes_bytes=(8 << 10, 1 << 20, 64 << 20), repeats
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     n = mesh.devices.size
+
+    def host_time(fn, *args):  # median seconds per call, after one warm-up call
+        fn(*args).block_until_ready()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn(*args).block_until_ready()
+            ts.append(time.perf_counter() - t0)
+        return float(np.median(ts))
+
     out = []
     for size in sizes_bytes:
         elems = size // 2
@@ -227,16 +237,6 @@ def allreduce_microbench(mesh, sizes_bytes=(8 << 10, 1 << 20, 64 << 20), repeats
                                          check_vma=False))
 
         k_many = 64 if size <= (1 << 20) else 8
-
-        def host_time(fn, *args):
-            fn(*args).block_until_ready()
-            ts = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn(*args).block_until_ready()
-                ts.append(time.perf_counter() - t0)
-            return float(np.median(ts))
-
         t = host_time(f, x)
         t_one, t_many = host_time(chain(1), x), host_time(chain(k_many + 1), x)
         t_loop = max(t_many - t_one, 0.0) / k_many
