@@ -55,6 +55,16 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import time
+
+    t_start, phases, marks = time.perf_counter(), {}, [time.perf_counter()]
+
+    def phase(name):  # progress on stderr, and where the wall time went (the JSON's "phases_s")
+        now = time.perf_counter()
+        phases[name] = round(now - marks[-1], 2)
+        marks.append(now)
+        print(f"[bench +{now - t_start:7.1f} s] {name} ({phases[name]:.1f} s)", file=sys.stderr, flush=True)
+
     from spd_jax.bench import SHAPES, gpu_memory_gib, memory_fraction, param_count, set_interconnect
 
     # Before JAX's backend (and NCCL) start: the interconnect's NCCL variables, and 95% of GPU memory for
@@ -86,7 +96,10 @@ def main(argv=None) -> int:
     cfg = shape_config(args.shape)
     mdef = build_model_def(cfg, args.tp, args.dtype)
     engine = Engine.create(mdef)
+    phase("start-up (imports, devices)")
     params = random_params(engine)
+    jax.block_until_ready(params)
+    phase("random weights in their shards")
     if args.fused_projections:
         from spd_jax.runtime import fuse_projections
 
@@ -107,10 +120,15 @@ def main(argv=None) -> int:
     gens = [Generator(eng, params, modes) for _, eng, modes in runs]
     compile_s = compile_generators(gens, bench_generation_config(args.new_tokens, args.decode_chunk),
                                    args.prompt_len, args.batch, args.compile_threads)
-    rows = [time_generation(g, args.batch, args.prompt_len, args.new_tokens, args.repeats, label, args.decode_chunk)
-            for (label, _, _), g in zip(runs, gens)]
+    phase(f"compile {len(gens)} configurations")
+    rows = []
+    for (label, _, _), g in zip(runs, gens):
+        rows.append(time_generation(g, args.batch, args.prompt_len, args.new_tokens, args.repeats, label,
+                                    args.decode_chunk))
+        phase(f"time {label}")
     ar = (allreduce_microbench(engine.mesh, tuple(int(b) for b in args.allreduce_sizes.split(",")))
           if args.tp > 1 else [])
+    phase("all-reduce microbenchmark")
     sync = rows[0]
     floor = next((r for r in rows if r.label == "floor"), None)
     result = {
@@ -120,7 +138,7 @@ def main(argv=None) -> int:
         "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
         "nccl_env": {k: os.environ.get(k) for k in NCCL_KEYS}, "random_weights": True,
         "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(), "jax": jax.__version__,
-        "weight_bytes_per_device": weight_bytes_per_device(mdef), "allreduce": ar,
+        "weight_bytes_per_device": weight_bytes_per_device(mdef), "allreduce": ar, "phases_s": phases,
         "rows": [{**r.__dict__, "speedup_e2e_vs_sync": sync.e2e_ms / r.e2e_ms,
                   "speedup_tpot_vs_sync": sync.tpot_ms / r.tpot_ms,
                   "allreduce_time_removed": ((sync.tpot_ms - r.tpot_ms) / (sync.tpot_ms - floor.tpot_ms)

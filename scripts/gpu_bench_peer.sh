@@ -6,6 +6,9 @@
 # interconnect reuse the first one's compiled programs. DEADLINE (epoch seconds) caps every step's
 # timeout so the whole script ends before it; COMPILE_THREADS (default 6) is passed to launch/bench.py.
 # Each run writes NCCL's INIT log (which transport every channel uses) to OUTDIR/nccl-*.log.
+# The peer's random checkpoint goes to PEER_DIR (default: /dev/shm when it has room for it, else /tmp: a
+# 70B checkpoint is 138 GB, and memory is faster to write and read than disk); PEER_REPEATS (default 3).
+# Every step prints its wall time ("-- 123 s: ...").
 set -uo pipefail
 out=${1:-/tmp/bench}; shape=${2:-llama2-7b}; tp=${3:-2}; ratios=${4:-0,0.5,1}; ics=${5:-hbw}
 mkdir -p "$out"; export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -15,16 +18,21 @@ budget() {  # budget WANTED: min(WANTED, seconds left before DEADLINE - 5)
 step() {  # step WANTED CMD...: run CMD under a timeout that respects DEADLINE; skip if no time is left
   local t; t=$(budget "$1"); shift
   if [ "$t" -lt 20 ]; then echo "!! skipped (deadline): $*"; return 1; fi
-  timeout "$t" "$@"; local rc=$?; [ $rc = 124 ] && echo "!! timed out after ${t}s: $*"; return $rc; }
+  local t0=$SECONDS; timeout "$t" "$@"; local rc=$?
+  [ $rc = 124 ] && echo "!! timed out after ${t}s: $*"
+  echo "-- $((SECONDS - t0)) s (rc $rc): ${*:1:4}" >&2; return $rc; }
 peer_args=()
 if [ "${PEER:-1}" = 1 ]; then
-  ck=/tmp/peer-$shape
+  need=$(python -c "from spd_jax.bench import param_count as p; print(int(p('$shape') * 2.2 / 2**20))")
+  shm=$(df -Pm /dev/shm 2>/dev/null | awk 'NR==2 {print $4}')
+  ck=${PEER_DIR:-$([ "${shm:-0}" -gt "$need" ] && echo /dev/shm || echo /tmp)}/peer-$shape
+  echo "peer checkpoint: $ck (needs ~$need MiB; /dev/shm has ${shm:-0} MiB free)"
   step 600 python launch/bench_peer.py --make-checkpoint "$ck" --shape "$shape" 2>&1 | tail -1
+  pr=(--repeats "${PEER_REPEATS:-3}" --json "$out/peer-$shape-tp$tp.json")
   if [ "$tp" = 1 ]; then
-    step 300 python launch/bench_peer.py --checkpoint "$ck" --json "$out/peer-$shape-tp$tp.json" 2>&1 | grep "^#"
+    step 300 python launch/bench_peer.py --checkpoint "$ck" "${pr[@]}" 2>&1 | grep "^#"
   else
-    step 400 torchrun --nproc-per-node "$tp" launch/bench_peer.py --checkpoint "$ck" \
-      --json "$out/peer-$shape-tp$tp.json" 2>&1 | grep "^#"
+    step 400 torchrun --nproc-per-node "$tp" launch/bench_peer.py --checkpoint "$ck" "${pr[@]}" 2>&1 | grep "^#"
   fi
   [ -f "$out/peer-$shape-tp$tp.json" ] && peer_args=(--peer-json "$out/peer-$shape-tp$tp.json")
 fi

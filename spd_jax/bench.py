@@ -13,6 +13,7 @@ Timings (all device-synchronised, after a compile/warm-up run):
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from typing import Any
@@ -85,15 +86,19 @@ def param_count(name: str) -> int:
     return d["n_layers"] * (attn + mlp + 2 * norms) + norms + embed + extra
 
 
-def memory_fraction(weight_gib_per_device: float, card_gib: float | None) -> float | None:
+def memory_fraction(weight_gib_per_device: float, card_gib: float | None, headroom_gib: float = 8.0) -> float | None:
     """The XLA_PYTHON_CLIENT_MEM_FRACTION a benchmark asks for, or None for JAX's default (75%).
 
-    95% only where the weights alone fill more than 60% of the card (LLaMA-2-70B at TP 2 on 80 GB cards).
-    Not always: the 5% then left outside JAX's pool was too little for XLA's collective scratch memory
-    with LLaMA-2-13B at TP 4 and six compiled configurations on H200 (out of memory in the first
-    all-reduce). Without the card's size the threshold is 40 GiB of weights per device."""
-    limit = 0.6 * card_gib if card_gib else 40.0
-    return 0.95 if weight_gib_per_device > limit else None
+    Only where the weights alone fill more than 60% of the card (LLaMA-2-70B at TP 2 on 80 GB cards): then
+    the weights plus `headroom_gib` (caches, activations, GEMM workspaces), at most 95%. Not a flat 95%:
+    the 5% then left outside JAX's pool was too little for XLA's collective scratch memory with
+    LLaMA-2-13B at TP 4 and six compiled configurations on H200 (out of memory in the first all-reduce).
+    Without the card's size: 95% above 40 GiB of weights per device."""
+    if card_gib is None:
+        return 0.95 if weight_gib_per_device > 40.0 else None
+    if weight_gib_per_device <= 0.6 * card_gib:
+        return None
+    return min(0.95, math.ceil(100 * (weight_gib_per_device + headroom_gib) / card_gib) / 100)
 
 
 def gpu_memory_gib() -> float | None:
@@ -121,18 +126,22 @@ def shape_config(name: str) -> ModelConfig:
 
 
 def random_params(engine: Engine, seed: int = 0):
-    """Random weights created directly in their shards (never materialised on the host)."""
+    """Random weights created directly in their shards (never materialised on the host).
+
+    One jitted draw per weight, in the weight's own dtype: the device never holds more than the weights
+    plus one draw's temporaries (a float32 draw of LLaMA-2-70B's stacked MLP weights would need 35 GiB
+    per device at TP 2)."""
     mdef = engine.mdef
-    shardings = engine.shardings()
     leaves, treedef = jax.tree.flatten(mdef.abstract)
-    shard_leaves = jax.tree.leaves(shardings)
+    shard_leaves = jax.tree.leaves(engine.shardings())
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
 
-    def init(key):
-        keys = jax.random.split(key, len(leaves))
-        return treedef.unflatten([(0.02 * jax.random.normal(k, a.shape, jnp.float32)).astype(a.dtype)
-                                  for k, a in zip(keys, leaves)])
+    def draw(key, a, sharding):
+        fn = jax.jit(lambda k: (jax.random.normal(k, a.shape, a.dtype) * jnp.asarray(0.02, a.dtype)),
+                     out_shardings=sharding)
+        return fn(key)
 
-    return jax.jit(init, out_shardings=treedef.unflatten(shard_leaves))(jax.random.PRNGKey(seed))
+    return treedef.unflatten([draw(k, a, sh) for k, a, sh in zip(keys, leaves, shard_leaves)])
 
 
 def modes_for_ratio(n_layers: int, ratio: float) -> tuple[bool, ...]:
