@@ -8,7 +8,8 @@
 # Each run writes NCCL's INIT log (which transport every channel uses) to OUTDIR/nccl-*.log.
 # The peer's random checkpoint goes to PEER_DIR (default: /dev/shm when it has room for it, else /tmp: a
 # 70B checkpoint is 138 GB, and memory is faster to write and read than disk); PEER_REPEATS (default 3).
-# Every step prints its wall time ("-- 123 s: ...").
+# Every step prints its wall time ("-- 123 s: ..."). BENCH_ARGS (word-split) go to every launch/bench.py run,
+# e.g. BENCH_ARGS="--fused-projections" or "--new-tokens 256".
 set -uo pipefail
 out=${1:-/tmp/bench}; shape=${2:-llama2-7b}; tp=${3:-2}; ratios=${4:-0,0.5,1}; ics=${5:-hbw}
 mkdir -p "$out"; export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -40,7 +41,7 @@ floor=--floor; [ "$tp" = 1 ] && floor= && ics=hbw
 for ic in $ics; do
   NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT NCCL_DEBUG_FILE="$out/nccl-$shape-tp$tp-$ic.%p.log" \
   step 590 python launch/bench.py --shape "$shape" --tp "$tp" --spd-ratios "$ratios" $floor --repeats 3 \
-    --interconnect "$ic" --compile-cache /tmp/xla-cache --compile-threads "${COMPILE_THREADS:-6}" "${peer_args[@]}" \
+    --interconnect "$ic" --compile-cache /tmp/xla-cache --compile-threads "${COMPILE_THREADS:-6}" "${peer_args[@]}" ${BENCH_ARGS:-} \
     --json "$out/$shape-tp$tp-$ic.json" 2>&1 | grep -v -i warn
   cat "$out"/nccl-"$shape"-tp"$tp"-"$ic".*.log 2>/dev/null | grep -o " via [A-Za-z/0-9]*" | sort | uniq -c \
     | sed "s/^/nccl channels ($ic): /"

@@ -166,3 +166,44 @@ def test_transformers_tp_peer_runs_sharded_and_bench_reports_ratios_to_it(tmp_pa
         assert row["speedup_e2e_vs_peer"] == pytest.approx(p["e2e_ms"] / row["e2e_ms"])
     assert "vs peer" in r.stdout
     assert len(list(cache.iterdir())) >= 4  # prefill + decode for two SPD configurations were cached
+
+
+def _campaign(tmp_path, secs, *jobs, **env_extra):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **env_extra)
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", str(ROOT / "scripts/gpu_campaign.sh"), str(out), str(secs), *jobs], cwd=ROOT,
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    import tarfile
+
+    with tarfile.open(out / "results.tgz") as tar:
+        files = {Path(m.name).name: tar.extractfile(m).read().decode() for m in tar.getmembers() if m.isfile()}
+    return r, files
+
+
+def test_campaign_script_runs_each_interconnect_and_tabulates_the_measured_rows(tmp_path):
+    """scripts/gpu_campaign.sh -> gpu_bench_peer.sh -> launch/bench.py on CPU: one JSON per interconnect,
+    BENCH_ARGS reach the benchmark, every step's wall time is logged, the table holds the JSON's numbers."""
+    _, files = _campaign(tmp_path, 600, "tiny:2:0,1:hbw+lbw:0",
+                         BENCH_ARGS="--prompt-len 16 --new-tokens 4 --repeats 2 --allreduce-sizes 8192 "
+                                    "--dtype float32")
+    for ic in ("hbw", "lbw"):
+        d = json.loads(files[f"tiny-tp2-{ic}.json"])
+        assert (d["interconnect"], d["tp"], d["prompt_len"], d["new_tokens"]) == (ic, 2, 16, 4)
+        assert [row["label"] for row in d["rows"]] == ["r=0.00", "r=1.00", "floor"]
+        assert [a["bytes"] for a in d["allreduce"]] == [8192]
+        lines = [ln for ln in files["table.md"].splitlines()
+                 if ln.startswith(f"| tiny | 2 | {ic.upper()} |") and ln.count("|") == 11]
+        assert len(lines) == len(d["rows"])
+        for line, row in zip(lines, d["rows"]):
+            assert float(line.strip("|").split("|")[5]) == pytest.approx(row["tpot_ms"], abs=5e-4)
+    log = files["campaign.log"]
+    assert log.count("s (rc 0): python launch/bench.py") == 2
+    assert "[bench +" in log and "!!" not in log
+
+
+def test_campaign_script_skips_a_job_that_cannot_fit_its_deadline(tmp_path):
+    r, files = _campaign(tmp_path, 30, "tiny:2:0,1:hbw:0", GPU0="1")
+    assert "!! skipped (deadline): tiny:2:0,1:hbw:0" in files["campaign.log"]
+    assert not [f for f in files if f.endswith(".json")]
+    assert "no benchmark results to tabulate" in r.stderr
