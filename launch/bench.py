@@ -57,13 +57,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import time
 
-    t_start, phases, marks = time.perf_counter(), {}, [time.perf_counter()]
+    phases, marks = {}, [time.perf_counter()]
 
     def phase(name):  # progress on stderr, and where the wall time went (the JSON's "phases_s")
-        now = time.perf_counter()
-        phases[name] = round(now - marks[-1], 2)
-        marks.append(now)
-        print(f"[bench +{now - t_start:7.1f} s] {name} ({phases[name]:.1f} s)", file=sys.stderr, flush=True)
+        marks.append(time.perf_counter())
+        phases[name] = round(marks[-1] - marks[-2], 2)
+        print(f"[bench +{marks[-1] - marks[0]:7.1f} s] {name} ({phases[name]:.1f} s)", file=sys.stderr, flush=True)
 
     from spd_jax.bench import SHAPES, gpu_memory_gib, memory_fraction, param_count, set_interconnect
 

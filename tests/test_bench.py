@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import jax
@@ -174,8 +175,6 @@ def _campaign(tmp_path, secs, *jobs, **env_extra):
     r = subprocess.run(["bash", str(ROOT / "scripts/gpu_campaign.sh"), str(out), str(secs), *jobs], cwd=ROOT,
                        capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    import tarfile
-
     with tarfile.open(out / "results.tgz") as tar:
         files = {Path(m.name).name: tar.extractfile(m).read().decode() for m in tar.getmembers() if m.isfile()}
     return r, files
