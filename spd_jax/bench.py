@@ -129,8 +129,9 @@ def random_params(engine: Engine, seed: int = 0):
     """Random weights created directly in their shards (never materialised on the host).
 
     One draw per weight, in the weight's own dtype: the device never holds more than the weights plus one
-    draw's temporaries (a float32 draw of all of LLaMA-2-70B's MLP weights would need 35 GiB per device
-    at TP 2). The draws are compiled once per (shape, dtype, sharding): 70B has 723 weights of 7 shapes."""
+    weight's draw (one program drawing every weight in float32 and casting leaves XLA free to keep float32
+    temporaries of many weights at once). The draws are compiled once per (shape, dtype, sharding):
+    LLaMA-2-70B has 723 weights of 7 shapes."""
     leaves, treedef = jax.tree.flatten(engine.mdef.abstract)
     shard_leaves = jax.tree.leaves(engine.shardings())
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
