@@ -56,6 +56,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from spd_jax.distributed import maybe_spawn
+
+    spawned = maybe_spawn(args, __file__, argv)
+    if spawned is not None:
+        return spawned
     ensure_devices(args)
     from spd_jax.distributed import maybe_initialize
     from spd_jax.pipeline.run import load_pipeline_config, run_pipeline

@@ -26,12 +26,24 @@ def _abstract(tree, shardings):
 
 
 class Checkpointer:
+    """The folder is created by the first save, so a run that fails before it leaves no empty folder."""
+
     def __init__(self, directory: str | Path, max_to_keep: int = 2):
         self.dir = Path(directory).absolute()
-        self.mngr = ocp.CheckpointManager(
-            self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        self.max_to_keep = max_to_keep
+        self._mngr = None
+
+    @property
+    def mngr(self) -> ocp.CheckpointManager:
+        if self._mngr is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._mngr = ocp.CheckpointManager(
+                self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=self.max_to_keep, create=False))
+        return self._mngr
 
     def latest(self) -> int | None:
+        if self._mngr is None and not self.dir.is_dir():
+            return None
         return self.mngr.latest_step()
 
     def save(self, step: int, engine: Engine, params: Params, state: dict, opt_state: Any = None) -> None:

@@ -55,8 +55,16 @@ def die(e: BaseException) -> None:
 
 
 def run(main) -> None:
-    """Entry point of a launch script: exit with main()'s code, user errors as one `error:` line."""
+    """Entry point of a launch script: exit with main()'s code, user errors as one `error:` line.
+
+    A process that joined a jax.distributed cluster leaves it through a barrier before exiting, so the
+    coordinator (process 0) does not vanish under the others (gRPC errors at exit)."""
     try:
-        sys.exit(main())
+        code = main()
     except Exception as e:  # noqa: BLE001
         die(e)
+    if "jax" in sys.modules:
+        from spd_jax.distributed import shutdown
+
+        shutdown()
+    sys.exit(code)

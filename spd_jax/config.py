@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +19,60 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message says which and what is allowed."""
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    """Whether `value` fits the annotation `tp` (the subset of types our config dataclasses use)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:  # an int is a fine float; a bool is not
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (tuple, list):
+        return isinstance(value, (tuple, list))
+    if dataclasses.is_dataclass(tp):
+        return isinstance(value, tp)
+    return True
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def check_types(obj: Any, where: str) -> None:
+    """Raise ConfigError if a field of dataclass `obj` (recursively) does not match its annotation.
+
+    Catches wrong-typed YAML values (`tp: "4"`, `epochs: 1.5`, `lr: fast`) before any work starts,
+    instead of a TypeError deep inside a stage. Floats that are NaN or infinite are refused too.
+    """
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        tp = hints.get(f.name, Any)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            check_types(v, f"{where}.{f.name}")
+            continue
+        if not _type_ok(v, tp):
+            raise ConfigError(f"{where}: {f.name} must be {_describe(tp)}, got {v!r} ({type(v).__name__})")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{where}: {f.name} must be a finite number, got {v}")
 
 
 Arch = Literal["llama", "qwen2", "opt"]
@@ -167,6 +223,7 @@ class GenerationConfig:
     decode_chunk: int = 8  # decode steps between on-device checks of the stop condition (1 = every step)
 
     def validate(self) -> None:
+        check_types(self, "generation")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -193,6 +250,7 @@ class RunConfig:
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
 
     def validate(self) -> None:
+        check_types(self, "config")
         if self.tp < 1:
             raise ConfigError(f"tp must be >= 1, got {self.tp}")
         if self.dtype not in ("float32", "bfloat16"):
@@ -202,40 +260,44 @@ class RunConfig:
         self.generation.validate()
 
 
-def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a mapping; a missing file, bad syntax or a non-mapping is a ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}" if not p.exists() else f"config path {p} is not a file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {' '.join(str(e).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: expected a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def from_dict(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping; nested dataclass fields from nested mappings. Unknown keys
+    are refused with the allowed ones listed; types are checked by the dataclass's `validate`."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
     kwargs = {}
     for k, v in data.items():
-        if k == "generation":
-            kwargs[k] = _from_dict(GenerationConfig, v, f"{where}.generation")
-        else:
-            kwargs[k] = v
+        tp = hints.get(k)
+        kwargs[k] = from_dict(tp, v, f"{where}.{k}") if dataclasses.is_dataclass(tp) else v
     try:
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from None
 
 
-def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Load a YAML run config (or defaults when path is None) and apply non-None overrides.
-
-    Overrides use dotted keys for nested fields, e.g. {"generation.max_new_tokens": 20}.
-    """
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-    cfg = _from_dict(RunConfig, data, str(path or "config"))
+def apply_overrides(cfg: Any, overrides: dict[str, Any] | None) -> Any:
+    """Set non-None values of dotted keys (e.g. {"generation.max_new_tokens": 20}) on a config."""
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -246,6 +308,24 @@ def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = 
         if not hasattr(target, parts[-1]):
             raise ConfigError(f"unknown override {key!r}")
         setattr(target, parts[-1], value)
+    return cfg
+
+
+def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load a YAML run config (or defaults when path is None) and apply non-None overrides.
+
+    Overrides use dotted keys for nested fields, e.g. {"generation.max_new_tokens": 20}. A relative
+    `spd_plan` or `checkpoint` path written in the YAML file is relative to that file's folder.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = read_yaml(path)
+        base = Path(path).parent
+        for key in ("spd_plan", "checkpoint"):
+            v = data.get(key)
+            if isinstance(v, str) and not Path(v).expanduser().is_absolute():
+                data[key] = str(base / v)
+    cfg = apply_overrides(from_dict(RunConfig, data, str(path or "config")), overrides)
     cfg.validate()
     return cfg
 

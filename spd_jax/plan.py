@@ -39,22 +39,31 @@ def load_plan(path: str | Path) -> dict:
         plan = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"SPD plan {p} is not valid JSON: {e}") from None
-    if not isinstance(plan, dict) or "blocks" not in plan:
-        raise ConfigError(f"SPD plan {p} has no 'blocks' list")
+    if not isinstance(plan, dict) or not isinstance(plan.get("blocks"), list):
+        raise ConfigError(f"SPD plan {p} has no 'blocks' list (expected {{\"blocks\": [{{\"index\": 0, "
+                          f"\"mode\": \"sync\"|\"spd\"}}, ...]}})")
     return plan
 
 
 def modes_from_plan(plan: dict, n_layers: int, where: str = "plan") -> tuple[bool, ...]:
-    blocks = plan["blocks"]
-    if plan.get("n_layers", len(blocks)) != n_layers or len(blocks) != n_layers:
-        raise ConfigError(f"{where} is for a model with {plan.get('n_layers', len(blocks))} blocks, "
-                          f"this model has {n_layers}")
-    modes = [False] * n_layers
+    """Per-block SPD flags from a plan that lists every block exactly once."""
+    blocks = plan.get("blocks")
+    if not isinstance(blocks, list) or not all(isinstance(b, dict) for b in blocks):
+        raise ConfigError(f"{where}: 'blocks' must be a list of {{\"index\": int, \"mode\": \"sync\"|\"spd\"}}")
+    n_plan = plan.get("n_layers", len(blocks))
+    if n_plan != n_layers:
+        raise ConfigError(f"{where} is for a model with {n_plan} blocks, this model has {n_layers}")
+    modes: list[bool | None] = [None] * n_layers
     for b in blocks:
         i, mode = b.get("index"), b.get("mode")
-        if not isinstance(i, int) or not 0 <= i < n_layers:
-            raise ConfigError(f"{where}: bad block index {i!r}")
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layers:
+            raise ConfigError(f"{where}: bad block index {i!r} (the model has blocks 0..{n_layers - 1})")
         if mode not in ("sync", "spd"):
             raise ConfigError(f"{where}: block {i} has mode {mode!r} (expected 'sync' or 'spd')")
+        if modes[i] is not None:
+            raise ConfigError(f"{where}: block {i} is listed more than once")
         modes[i] = mode == "spd"
-    return tuple(modes)
+    missing = [i for i, m in enumerate(modes) if m is None]
+    if missing:
+        raise ConfigError(f"{where}: block(s) {missing} are not listed (a plan lists every block once)")
+    return tuple(bool(m) for m in modes)

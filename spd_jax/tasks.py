@@ -157,12 +157,19 @@ def load_jsonl_task(path: Path, limit: int | None = None) -> tuple[str, list]:
                 break
     if not rows:
         raise ConfigError(f"{path}: empty task file")
+    if not isinstance(rows[0], dict):
+        raise ConfigError(f"{path}:1: expected a JSON object per line, got {type(rows[0]).__name__}")
     fmt = detect_format(rows[0])
-    if fmt == "winogrande":
-        return fmt, [_winogrande(r) for r in rows]
-    if fmt == "lambada":
-        return fmt, [_lambada(r) for r in rows]
-    return fmt, [JSONL_FORMATS[fmt](r) for r in rows]
+    parse = {"winogrande": _winogrande, "lambada": _lambada}.get(fmt) or JSONL_FORMATS[fmt]
+    items = []
+    for n, r in enumerate(rows, 1):
+        try:
+            items.append(parse(r))
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            keys = sorted(r) if isinstance(r, dict) else type(r).__name__
+            raise ConfigError(f"{path}: record {n} is not a valid {fmt} record ({type(e).__name__}: {e}; "
+                              f"keys {keys})") from None
+    return fmt, items
 
 
 def load_task(spec: str, limit: int | None = None, search: list[Path] | None = None) -> tuple[str, str, list]:

@@ -5,6 +5,14 @@ all-sync model's h_{i+1}, so targets are the cached hidden states. Student: the 
 from the same weights; only that block's parameters train. Loss: MSE between student output and teacher
 output on the same block input. Optax AdamW by default; the step is jitted. A non-finite or diverging
 loss stops that block and keeps its original weights.
+
+Guards (docs/spd_pipeline.md, "Distillation guards"):
+  * during training, a batch's loss is compared with the *same samples'* loss before training
+    (`diverge_factor` times it stops the block): a minibatch loss against the full-data mean would
+    stop a block wrongly whenever a heavy-tailed batch comes up;
+  * after training, the block's error on the full calibration data (the data its initial error was
+    measured on) must be lower than before; otherwise the block keeps its original weights
+    (status "worse"), which the pipeline report counts.
 """
 
 from __future__ import annotations
@@ -12,12 +20,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from spd_jax.config import ConfigError, check_types
 from spd_jax.distributed import to_host
 
 
@@ -26,12 +37,27 @@ class DistillConfig:
     lr: float | None = None  # None: 5e-5 for LLaMA-family, 1e-6 for OPT (the paper's values)
     epochs: int = 10
     batch_size: int = 4
-    optimizer: str = "adamw"  # adamw | adam | sgd
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     weight_decay: float = 0.0
-    schedule: str = "constant"  # constant | cosine
+    schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = 0
-    diverge_factor: float = 10.0  # stop if loss > factor * initial loss
+    diverge_factor: float = 10.0  # stop if a batch's loss > factor * the same samples' loss before training
     seed: int = 0
+
+    def validate(self, where: str = "distill") -> None:
+        check_types(self, where)
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"{where}.lr must be > 0 (or null for the paper's default), got {self.lr}")
+        if self.epochs < 0:
+            raise ConfigError(f"{where}.epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"{where}.batch_size must be >= 1, got {self.batch_size}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{where}.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{where}.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not self.diverge_factor > 1:
+            raise ConfigError(f"{where}.diverge_factor must be > 1, got {self.diverge_factor}")
 
     def lr_for(self, arch: str) -> float:
         return self.lr if self.lr is not None else (1e-6 if arch == "opt" else 5e-5)
@@ -64,7 +90,7 @@ class DistillResult:
     losses: list[float]  # per step
     initial_mse: float
     final_mse: float
-    status: str  # "ok" | "nan" | "diverged"
+    status: str  # "ok" | "nan" | "diverged" | "worse" (the last three keep the original weights)
     message: str = ""
 
 
@@ -74,34 +100,40 @@ class BlockDistiller:
         self.student = ops.block_fn(spd=True)
         dtype = ops.mdef.dtype
 
-        def loss_fn(bp, x, y):
+        def sample_errors(bp, x, y):  # [n] mean squared error of each sample
             out = self.student(bp, x.astype(dtype))
-            return jnp.mean(jnp.square(out.astype(jnp.float32) - y))
+            return jnp.mean(jnp.square(out.astype(jnp.float32) - y), axis=tuple(range(1, y.ndim)))
 
-        self.loss_fn = jax.jit(loss_fn)
+        def loss_fn(bp, x, y):
+            return jnp.mean(sample_errors(bp, x, y))
+
+        self.sample_errors = jax.jit(sample_errors)
         self._grad = jax.value_and_grad(loss_fn)
         self._steps = {}
 
-    def _step(self, opt):
-        key = id(opt)
+    def _step(self, opt, lr: float, total: int):
+        # Keyed by the optimizer's configuration, not its identity: every block builds its own optimizer
+        # with the same settings, and must reuse one compiled step.
+        key = (self.dc.optimizer, self.dc.schedule, self.dc.weight_decay, self.dc.warmup_steps, lr, total)
         if key not in self._steps:
-            grad = self._grad
+            grad, tx = self._grad, opt
 
             def step(bp, opt_state, x, y):
                 loss, g = grad(bp, x, y)
-                updates, opt_state = opt.update(g, opt_state, bp)
+                updates, opt_state = tx.update(g, opt_state, bp)
                 return optax.apply_updates(bp, updates), opt_state, loss
 
             self._steps[key] = jax.jit(step, donate_argnums=(0, 1))
         return self._steps[key]
 
+    def errors(self, bp, x_ntd: np.ndarray, y_ntd: np.ndarray) -> np.ndarray:
+        """Per-sample MSE of the SPD block `bp` against the teacher outputs, [n] float64."""
+        bs, rep = self.dc.batch_size, self.ops.engine.replicate
+        return np.concatenate([np.asarray(to_host(self.sample_errors(bp, rep(x_ntd[s:s + bs]), rep(y_ntd[s:s + bs]))),
+                                          np.float64) for s in range(0, len(x_ntd), bs)])
+
     def mse(self, bp, x_ntd: np.ndarray, y_ntd: np.ndarray) -> float:
-        tot = 0.0
-        bs = self.dc.batch_size
-        for s in range(0, len(x_ntd), bs):
-            rep = self.ops.engine.replicate
-            tot += float(to_host(self.loss_fn(bp, rep(x_ntd[s:s + bs]), rep(y_ntd[s:s + bs])))) * len(x_ntd[s:s + bs])
-        return tot / len(x_ntd)
+        return float(np.mean(self.errors(bp, x_ntd, y_ntd)))
 
     def distill(self, block: int, bp, x_ntd: np.ndarray, y_ntd: np.ndarray, *, start_step: int = 0,
                 opt_state=None, losses: list[float] | None = None, initial: float | None = None,
@@ -114,9 +146,12 @@ class BlockDistiller:
         total = dc.epochs * steps_per_epoch
         lr = dc.lr_for(self.ops.cfg.arch)
         opt = make_optimizer(dc, lr, total)
-        step_fn = self._step(opt)
+        step_fn = self._step(opt, lr, total)
         original = bp  # never donated: the step functions work on a copy
-        initial = self.mse(bp, x_ntd, y_ntd) if initial is None else initial  # given when resuming
+        # Per-sample errors before training: the divergence guard compares each batch with these samples'
+        # own initial error. Recomputed when resuming (cheap, deterministic: the original weights).
+        init_err = self.errors(bp, x_ntd, y_ntd)
+        initial = float(np.mean(init_err)) if initial is None else initial
         bp = jax.tree.map(lambda a: a.copy(), bp)  # keeps each array's sharding
         if opt_state is None:
             opt_state = opt.init(bp)
@@ -135,11 +170,13 @@ class BlockDistiller:
                 bar.close()
                 return DistillResult(original, losses, initial, initial, "nan",
                                      f"B2B block {block}: loss became {loss} at step {step}; kept the original weights")
-            if loss > dc.diverge_factor * max(initial, 1e-12):
+            batch_initial = float(np.mean(init_err[idx]))
+            if loss > dc.diverge_factor * max(batch_initial, 1e-12):
                 bar.close()
                 return DistillResult(original, losses, initial, initial, "diverged",
-                                     f"B2B block {block}: loss {loss:.4g} exceeded {dc.diverge_factor}x the initial "
-                                     f"{initial:.4g} at step {step} (lr {lr:g}); kept the original weights")
+                                     f"B2B block {block}: loss {loss:.4g} exceeded {dc.diverge_factor}x the same "
+                                     f"samples' initial error {batch_initial:.4g} at step {step} (lr {lr:g}); "
+                                     "kept the original weights")
             if on_step is not None:
                 on_step(step + 1, bp, opt_state, losses, initial)
         bar.close()
@@ -147,4 +184,8 @@ class BlockDistiller:
         if not np.isfinite(final):
             return DistillResult(original, losses, initial, initial, "nan",
                                  f"B2B block {block}: final MSE is {final}; kept the original weights")
+        if not final < initial:
+            return DistillResult(original, losses, initial, initial, "worse",
+                                 f"B2B block {block}: final MSE {final:.4g} is not below the initial {initial:.4g} "
+                                 f"on the same data (lr {lr:g}); kept the original weights")
         return DistillResult(bp, losses, initial, final, "ok")

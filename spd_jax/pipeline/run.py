@@ -18,14 +18,12 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import numpy as np
-import yaml
-
 from spd_jax.checkpoint import Checkpointer
-from spd_jax.config import ConfigError
+from spd_jax.config import ConfigError, apply_overrides, check_types, from_dict, read_yaml
 from spd_jax.data import DataSpec, calibration_tokens, contiguous_sequences, eval_stream
 from spd_jax.distributed import is_main_process
 from spd_jax.loading import load_params, open_model
@@ -35,6 +33,7 @@ from spd_jax.pipeline.distill import BlockDistiller, DistillConfig, make_optimiz
 from spd_jax.pipeline.grouping import head_group_block
 from spd_jax.pipeline.ops import ModelOps
 from spd_jax.plan import PLAN_VERSION, save_plan
+from spd_jax.runlock import RunLock
 from spd_jax.runtime import Engine, build_model_def
 
 
@@ -42,16 +41,16 @@ from spd_jax.runtime import Engine, build_model_def
 class PipelineConfig:
     model: str = "embedded"
     tp: int = 3
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"
     emulate: bool = True  # CPU default: N-way TP maths on one device
-    spd_attn_bias: str = "full"
+    spd_attn_bias: Literal["full", "none"] = "full"
     data: str = "wiki"
     calib_samples: int = 16
     calib_len: int = 256
     eval_tokens: int = 8192  # held-out split, for the perplexity of each stage
     seed: int = 0
     batch_size: int = 8  # forward batch for hidden states / perplexity
-    sensitivity: str = "cumulative"  # cumulative (Algorithm 1) | isolated
+    sensitivity: Literal["cumulative", "isolated"] = "cumulative"  # Algorithm 1 | drop block i alone
     tau1: float | None = None  # absolute thresholds on s_i; None -> relative rule below
     tau2: float | None = None
     tau1_rel: float = 0.005  # tau1 = 0.5% of the calibration perplexity of the unmodified model
@@ -59,57 +58,56 @@ class PipelineConfig:
     ratio: float | None = 0.5  # fraction of blocks to drop (least sensitive first)
     max_ppl_increase: float | None = None  # percent; overrides ratio: largest ratio within this budget
     head_grouping: bool = True
-    hg_accept: str = "if_better"  # always (the paper) | if_better (keep only if the block's SPD MSE drops)
+    hg_accept: Literal["always", "if_better"] = "if_better"  # always: the paper; if_better: keep if the block's SPD MSE drops
     hg_samples: int = 8
     save_every: int = 25  # distillation steps between checkpoints
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
 
     def validate(self) -> None:
+        check_types(self, "pipeline config")
+        self.distill.validate()
         if self.ratio is not None and not 0.0 <= self.ratio <= 1.0:
             raise ConfigError(f"ratio must be in [0, 1], got {self.ratio}")
         if self.ratio is None and self.max_ppl_increase is None:
             raise ConfigError("give either ratio or max_ppl_increase")
+        if self.max_ppl_increase is not None and self.max_ppl_increase < 0:
+            raise ConfigError(f"max_ppl_increase must be >= 0 (percent), got {self.max_ppl_increase}")
         if self.tau1 is not None and self.tau2 is not None and not self.tau1 < self.tau2:
             raise ConfigError(f"thresholds must satisfy tau1 < tau2, got tau1={self.tau1}, tau2={self.tau2}")
         if not self.tau1_rel < self.tau2_rel:
             raise ConfigError(f"tau1_rel must be < tau2_rel, got {self.tau1_rel} >= {self.tau2_rel}")
-        if self.hg_accept not in ("always", "if_better"):
-            raise ConfigError(f"hg_accept must be always or if_better, got {self.hg_accept!r}")
-        if self.sensitivity not in ("cumulative", "isolated"):
-            raise ConfigError(f"sensitivity must be cumulative or isolated, got {self.sensitivity!r}")
-        for n in ("calib_samples", "calib_len", "batch_size", "save_every", "hg_samples"):
+        if self.tp < 1:
+            raise ConfigError(f"tp must be >= 1, got {self.tp}")
+        for n in ("calib_samples", "calib_len", "batch_size", "save_every", "hg_samples", "eval_tokens"):
             if getattr(self, n) < 1:
                 raise ConfigError(f"{n} must be >= 1, got {getattr(self, n)}")
-        if self.distill.epochs < 0 or self.distill.batch_size < 1:
-            raise ConfigError("distill.epochs must be >= 0 and distill.batch_size >= 1")
+        if self.data != "wiki" and not Path(self.data).expanduser().exists():
+            raise ConfigError(f"data file not found: {self.data} (give 'wiki' or an existing .txt/.jsonl file "
+                              "or saved dataset folder)")
+
+
+# Fields a resumed run may change without changing what it computes.
+RESUME_SAFE_FIELDS = ("save_every",)
 
 
 def load_pipeline_config(path: str | None, overrides: dict[str, Any]) -> PipelineConfig:
-    data = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        data = yaml.safe_load(p.read_text()) or {}
-    fields = {f.name for f in dataclasses.fields(PipelineConfig)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
-    dist = data.pop("distill", {}) or {}
-    dfields = {f.name for f in dataclasses.fields(DistillConfig)}
-    bad = sorted(set(dist) - dfields)
-    if bad:
-        raise ConfigError(f"{path}: unknown distill key(s) {bad}; allowed: {sorted(dfields)}")
-    cfg = PipelineConfig(**data, distill=DistillConfig(**dist))
-    for k, v in overrides.items():
-        if v is None:
-            continue
-        if k.startswith("distill."):
-            setattr(cfg.distill, k.split(".", 1)[1], v)
-        else:
-            setattr(cfg, k, v)
+    """The typed YAML loader of the run configs (`spd_jax.config`), then every field validated."""
+    data = read_yaml(path) if path else {}
+    cfg = apply_overrides(from_dict(PipelineConfig, data, str(path or "pipeline config")), overrides)
     cfg.validate()
     return cfg
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """'field: saved -> current' for every field that differs (nested dicts flattened with dots)."""
+    out = []
+    for k in sorted(set(saved) | set(current)):
+        a, b = saved.get(k, "<absent>"), current.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{k}.")
+        elif a != b and f"{prefix}{k}" not in RESUME_SAFE_FIELDS:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
 
 
 def _log(msg: str) -> None:
@@ -128,11 +126,51 @@ def _with_block(params, i, bp):
 
 
 def run_pipeline(pc: PipelineConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Run (or resume) the pipeline into `out`, holding `out/.lock` throughout (one writer per folder).
+
+    Checked before any work: `out` is not a file, no other run holds it, an existing checkpoint is
+    only continued with `resume` and only under the config it was written with. A fresh run that fails
+    before its first checkpoint removes the folders it created.
+    """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is an existing file, not a folder")
+    created = out  # the topmost folder this call creates, removed again if a fresh run saves nothing
+    while not created.parent.exists():
+        created = created.parent
+    created = created if not out.exists() else None
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(out / "checkpoint")
-    if ckpt.latest() is not None and not resume:
-        raise ConfigError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+    lock = RunLock(out)
+    try:
+        if is_main_process():
+            lock.acquire()
+        ckpt = Checkpointer(out / "checkpoint")
+        if ckpt.latest() is not None:
+            if not resume:
+                raise ConfigError(f"{out} already holds a checkpoint; pass --resume to continue it or choose "
+                                  "another --out")
+            saved = ckpt.restore_state().get("config")
+            if saved is None:
+                raise ConfigError(f"the checkpoint in {out} does not record the config it was written with, so a "
+                                  "resume cannot be checked; start again in a new --out")
+            diff = config_differences(saved, dataclasses.asdict(pc))
+            if diff:
+                raise ConfigError(f"--resume with a config that differs from the one {out} was written with: "
+                                  f"{'; '.join(diff)}. Resume with the original settings, or start a new --out "
+                                  f"(only {', '.join(RESUME_SAFE_FIELDS)} may change on resume)")
+        return _run_pipeline(pc, out, ckpt, resume, progress)
+    except BaseException:
+        if created and is_main_process() and Checkpointer(out / "checkpoint").latest() is None:
+            lock.release()
+            import shutil
+
+            shutil.rmtree(created, ignore_errors=True)  # a fresh run that saved nothing leaves nothing behind
+        raise
+    finally:
+        lock.release()
+
+
+def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: bool, progress: bool) -> dict:
     t_start = time.time()
     timings: dict[str, float] = {}
 
@@ -159,8 +197,8 @@ def run_pipeline(pc: PipelineConfig, out: str | Path, resume: bool = False, prog
     h_ev = ops.hidden_states(orig, ev)
     timings["hidden_states_s"] = time.time() - t0
 
-    state: dict[str, Any] = {"tp": pc.tp, "stage": "start", "hg": {}, "b2b": {}, "b2b_current": None,
-                             "ppl": {}, "save": 0}
+    state: dict[str, Any] = {"tp": pc.tp, "config": dataclasses.asdict(pc), "stage": "start", "hg": {}, "b2b": {},
+                             "b2b_current": None, "ppl": {}, "save": 0}
     params = orig
     dc = pc.distill
     distiller = BlockDistiller(ops, dc)
@@ -174,6 +212,7 @@ def run_pipeline(pc: PipelineConfig, out: str | Path, resume: bool = False, prog
             steps = dc.epochs * -(-pc.calib_samples // dc.batch_size)
             opt_target = make_optimizer(dc, dc.lr_for(cfg.arch), steps).init(bp)
         params, state, opt_state = ckpt.restore(engine, opt_target=opt_target)
+        state["config"] = dataclasses.asdict(pc)  # equal up to RESUME_SAFE_FIELDS (checked by run_pipeline)
         _log(f"[resume] from checkpoint {ckpt.latest()} at stage {state['stage']!r}"
              + (f", block {state['b2b_current']['block']} step {state['b2b_current']['step']}"
                 if state.get("b2b_current") else ""))
@@ -295,9 +334,17 @@ def run_pipeline(pc: PipelineConfig, out: str | Path, resume: bool = False, prog
     save()
     _log(f"[ppl] final (SPD plan + treatments) {state['ppl']['final']}")
 
+    status_counts = {s: sum(v["status"] == s for v in state["b2b"].values())
+                     for s in sorted({v["status"] for v in state["b2b"].values()})}
+    if state["b2b"]:
+        kept = status_counts.get("ok", 0)
+        _log(f"[B2B] {kept}/{len(state['b2b'])} distilled blocks improved and were kept"
+             + (f"; kept the original weights of {len(state['b2b']) - kept} ({status_counts})"
+                if kept < len(state["b2b"]) else ""))
     report = {
         "config": dataclasses.asdict(pc), "plan": plan, "ppl": state["ppl"], "head_grouping": state["hg"],
         "distillation": {k: {kk: vv for kk, vv in v.items() if kk != "losses"} for k, v in state["b2b"].items()},
+        "distillation_status_counts": status_counts,
         "timings_s": {**timings, "total_s": time.time() - t_start},
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "jax": jax.__version__,
                     "devices": f"{jax.device_count()}x{jax.devices()[0].device_kind}"},
