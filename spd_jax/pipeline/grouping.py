@@ -3,7 +3,9 @@
 1. Attention-score maps: for each head, the softmax attention map averaged over calibration samples.
 2. Scatter: split the heads into `tp` equal groups so that heads on the same device are as different
    as possible (maximise the sum of pairwise Euclidean distances between score maps inside groups).
-   Exhaustive over all partitions when there are at most `EXHAUSTIVE_LIMIT` of them, greedy beyond.
+   Exhaustive over all partitions when there are at most `EXHAUSTIVE_LIMIT` of them; beyond that, a
+   pairwise-swap local search (move the best improving swap of two units between groups until none
+   improves) from `SCATTER_RESTARTS` random balanced starts, keeping the best.
 3. Match (MC): choose which group goes to which device (i.e. to which MLP shard) to maximise the total
    norm of the MLP outputs before the residual add, sum_j ||MLP_j(LN2(X + Y_{g(j)}))||. Exhaustive over
    the tp! assignments for tp <= 8, the Hungarian method (exact) beyond.
@@ -31,6 +33,7 @@ from spd_jax.distributed import to_host
 from spd_jax.model import apply_rope, attention_core, attention_mask, positions_for, rope_tables
 
 EXHAUSTIVE_LIMIT = 20000
+SCATTER_RESTARTS = 32
 
 
 def grouping_units(layout) -> tuple[int, int] | None:
@@ -92,7 +95,31 @@ def _within(dist, groups):
     return sum(dist[a, b] for g in groups for a, b in itertools.combinations(g, 2))
 
 
-def scatter(dist: np.ndarray, tp: int) -> tuple[list[list[int]], str]:
+def _swap_search(dist: np.ndarray, group_of: np.ndarray, n_groups: int) -> np.ndarray:
+    """Best-improvement pairwise swaps between groups until no swap raises the within-group distance.
+
+    S[u, g] = sum of distances from u to the members of g; swapping a (in g) with b (in h) changes the
+    objective by (S[a,h] - d_ab - S[a,g]) + (S[b,g] - d_ab - S[b,h]). Group sizes never change.
+    """
+    group_of = group_of.copy()
+    onehot = np.eye(n_groups)[group_of]  # [n, G]
+    S = dist @ onehot
+    while True:
+        own = S[np.arange(len(group_of)), group_of]  # S[u, g(u)]
+        # gain[a, b] = S[a, g(b)] - own[a] + S[b, g(a)] - own[b] - 2 d_ab
+        to_b = S[:, group_of]  # [a, b] -> S[a, g(b)]
+        gain = to_b - own[:, None] + to_b.T - own[None, :] - 2 * dist
+        gain[group_of[:, None] == group_of[None, :]] = -np.inf
+        a, b = np.unravel_index(np.argmax(gain), gain.shape)
+        if not gain[a, b] > 1e-12 * max(1.0, abs(S).max()):
+            return group_of
+        ga, gb = group_of[a], group_of[b]
+        S[:, ga] += dist[:, b] - dist[:, a]
+        S[:, gb] += dist[:, a] - dist[:, b]
+        group_of[a], group_of[b] = gb, ga
+
+
+def scatter(dist: np.ndarray, tp: int, seed: int = 0) -> tuple[list[list[int]], str]:
     """Split units into tp equal groups maximising within-group distance. Returns (groups, method)."""
     n = dist.shape[0]
     k = n // tp
@@ -101,12 +128,16 @@ def scatter(dist: np.ndarray, tp: int) -> tuple[list[list[int]], str]:
     if n_partitions(n, tp) <= EXHAUSTIVE_LIMIT:
         best = max(_partitions(list(range(n)), k), key=lambda g: _within(dist, g))
         return [sorted(g) for g in best], "exhaustive"
-    groups: list[list[int]] = [[] for _ in range(tp)]
-    for u in sorted(range(n), key=lambda u: -dist[u].sum()):
-        open_ = [g for g in groups if len(g) < k]
-        best = max(open_, key=lambda g: (sum(dist[u, v] for v in g), -len(g)))
-        best.append(u)
-    return [sorted(g) for g in groups], "greedy"
+    rng = np.random.RandomState(seed)
+    base = np.repeat(np.arange(tp), k)
+    best_groups, best_val = None, -np.inf
+    for _ in range(SCATTER_RESTARTS):
+        group_of = _swap_search(dist, rng.permutation(base), tp)
+        groups = [sorted(np.nonzero(group_of == g)[0].tolist()) for g in range(tp)]
+        val = _within(dist, groups)
+        if val > best_val:
+            best_groups, best_val = groups, val
+    return sorted(best_groups), "local-search"
 
 
 def match(norms: np.ndarray) -> tuple[list[int], str]:
