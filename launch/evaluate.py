@@ -24,15 +24,19 @@ from spd_jax.cli import common_model_args, ensure_devices, run_config_from_args 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_model_args(p)
-    p.add_argument("--tasks", help="comma-separated BIG-bench task names (default: the five offline tasks); "
-                                   "'none' for perplexity only")
+    p.add_argument("--tasks", help="comma-separated BIG-bench task names (default: the five offline tasks when no "
+                                   "--task-file is given); 'none' for perplexity only")
     p.add_argument("--task-file", action="append", default=[],
                    help="a BIG-bench task.json or an lm-eval-style .jsonl (ARC, HellaSwag, PIQA, WinoGrande, SciQ, "
                         "LAMBADA); repeatable")
     p.add_argument("--task-dir", action="append", default=[], help="extra directory holding BIG-bench tasks")
     p.add_argument("--limit", type=int, help="at most N examples per task")
-    p.add_argument("--ppl-source", default="wiki", help="perplexity text source (held-out split): 'wiki' or a file")
-    p.add_argument("--ppl-file", help="same as --ppl-source with a local file")
+    p.add_argument("--ppl-source", default="wiki",
+                   help="perplexity text: 'wiki' (its held-out split) or a file (whole, unless --ppl-split eval)")
+    p.add_argument("--ppl-file", help="a local .txt/.jsonl file to score (whole, by default)")
+    p.add_argument("--ppl-split", choices=["all", "eval"],
+                   help="which documents to score: 'all' (default for a file given here) or 'eval' (the held-out "
+                        "split of the calibration rule: every 10th document; default for 'wiki')")
     p.add_argument("--ppl-tokens", type=int, default=16384, help="tokens of held-out text for perplexity (0: skip)")
     p.add_argument("--ppl-len", type=int, default=256, help="window length for perplexity")
     p.add_argument("--batch-size", type=int, default=16)
@@ -45,6 +49,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from spd_jax.distributed import maybe_spawn
+
+    spawned = maybe_spawn(args, __file__, argv)
+    if spawned is not None:
+        return spawned
     from pathlib import Path
 
     if args.download_bigbench:
@@ -54,13 +63,31 @@ def main(argv=None) -> int:
             print(path)
         return 0
     ensure_devices(args)
+    from spd_jax.config import ConfigError
+    from spd_jax.tasks import DEFAULT_TASKS, load_task
+
+    for name in ("limit", "batch_size", "ppl_len"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.ppl_tokens < 0:
+        raise ConfigError(f"--ppl-tokens must be >= 0 (0 skips perplexity), got {args.ppl_tokens}")
+    # Tasks are read and checked before the model loads: a bad file fails in seconds, not after perplexity.
+    if args.tasks is None:
+        names = [] if args.task_file else list(DEFAULT_TASKS)
+    else:
+        names = [t for t in args.tasks.split(",") if t and t != "none"]
+    tasks = [load_task(spec, args.limit, [Path(d) for d in args.task_dir]) for spec in names + args.task_file]
+    src = args.ppl_file or args.ppl_source
+    split = args.ppl_split or ("eval" if src == "wiki" else "all")
+    if args.ppl_tokens and src != "wiki" and not Path(src).expanduser().exists():
+        raise ConfigError(f"perplexity file not found: {src}")
     import jax
 
     from spd_jax.data import contiguous_sequences, eval_stream
     from spd_jax.distributed import is_main_process, maybe_initialize
     from spd_jax.evaluation import Scorer, evaluate_loaded, mean_accuracy, perplexity
     from spd_jax.inference import open_session
-    from spd_jax.tasks import DEFAULT_TASKS, load_task
 
     maybe_initialize(args)
     run = run_config_from_args(args)
@@ -72,15 +99,12 @@ def main(argv=None) -> int:
            "devices": f"{jax.device_count()}x{jax.devices()[0].device_kind}"}
     t0 = time.time()
     if args.ppl_tokens:
-        src = args.ppl_file or args.ppl_source
         eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
-        windows = contiguous_sequences(eval_stream(src, tok, eos), args.ppl_len, args.ppl_tokens)
-        out["perplexity"] = {"source": src, "split": "eval", "tokens": int(windows.size), "window": args.ppl_len,
+        windows = contiguous_sequences(eval_stream(src, tok, eos, split), args.ppl_len, args.ppl_tokens)
+        out["perplexity"] = {"source": src, "split": split, "tokens": int(windows.size), "window": args.ppl_len,
                              "value": perplexity(scorer, windows)}
-    names = list(DEFAULT_TASKS) if args.tasks is None else [t for t in args.tasks.split(",") if t and t != "none"]
     results = []
-    for spec in names + args.task_file:
-        name, fmt, items = load_task(spec, args.limit, [Path(d) for d in args.task_dir])
+    for name, fmt, items in tasks:
         results.append(evaluate_loaded(scorer, tok, name, fmt, items, cfg.max_position,
                                        progress=not (args.no_progress or args.json)))
     out["tasks"] = {r.name: {"n": r.n, "acc": r.acc, "acc_norm": r.acc_norm} for r in results}
@@ -94,7 +118,8 @@ def main(argv=None) -> int:
     else:
         if "perplexity" in out:
             p = out["perplexity"]
-            print(f"perplexity ({p['source']}, held-out, {p['tokens']} tokens): {p['value']:.3f}")
+            which = "held-out split" if p["split"] == "eval" else "all documents"
+            print(f"perplexity ({p['source']}, {which}, {p['tokens']} tokens): {p['value']:.3f}")
         for r in results:
             print(f"{r.name:40s} n={r.n:5d}  acc={r.acc:.4f}  acc_norm={r.acc_norm:.4f}")
         if results:

@@ -150,7 +150,16 @@ def calibration_tokens(spec: DataSpec, tokenizer, eos_id: int | None) -> np.ndar
     return sample_sequences(token_stream(tokenizer, docs, eos_id), spec.n_samples, spec.seq_len, spec.seed)
 
 
-def eval_stream(source: str, tokenizer, eos_id: int | None) -> np.ndarray:
+def eval_stream(source: str, tokenizer, eos_id: int | None, split: Literal["eval", "all"] = "eval") -> np.ndarray:
+    """Tokens of `source` for perplexity: the held-out split (documents never used for calibration), or
+    every document (`all`, for a file given only for evaluation)."""
+    if split not in ("eval", "all"):
+        raise ConfigError(f"split must be 'eval' or 'all', got {split!r}")
+    if split == "all":
+        docs = wiki_documents() if source == "wiki" else file_documents(Path(source).expanduser())
+        if not docs:
+            raise ConfigError(f"data source {source!r} has no text")
+        return token_stream(tokenizer, docs, eos_id)
     return token_stream(tokenizer, split_documents(documents(source), "eval"), eos_id)
 
 

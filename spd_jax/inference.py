@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jax
+
 from spd_jax.config import ConfigError, RunConfig, parse_block_spec
 from spd_jax.generate import GenerationResult, Generator
 from spd_jax.loading import LoadedModel, load_params, open_model
@@ -69,8 +71,19 @@ def open_session(run: RunConfig, *, params: Params | None = None, verbose: bool 
 
         params, _ = load_checkpoint_params(checkpoint_dirs(run.checkpoint)[1], engine)
     if params is None:
-        log = (lambda name: print(f"  loading {name}", file=sys.stderr)) if verbose else None
-        params = load_params(engine, loaded.source, progress=log)
+        import time
+
+        from tqdm.auto import tqdm
+
+        n = len(jax.tree.leaves(mdef.abstract))
+        t0 = time.time()
+        with tqdm(total=n, desc="loading weights", unit="tensor", file=sys.stderr, leave=False,
+                  disable=not verbose) as bar:
+            params = load_params(engine, loaded.source, progress=lambda name: bar.update(1))
+        if verbose:
+            nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(mdef.abstract))
+            print(f"loaded {n} tensors ({nbytes / 2**20:.0f} MiB as {run.dtype}) from {loaded.path.name} in "
+                  f"{time.time() - t0:.1f} s", file=sys.stderr)
     if run.fused_projections:
         from spd_jax.runtime import fuse_projections
 

@@ -365,11 +365,9 @@ def open_model(model: str | os.PathLike) -> LoadedModel:
         return LoadedModel(cfg, hf, SafetensorsSource(path),
                            lambda: AutoTokenizer.from_pretrained(str(path)), path)
     if path.suffix.lower() == ".gguf":
-        try:
-            hf = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-        except Exception as e:
-            raise WeightLoadError(f"{path}: GGUF metadata could not be read: {type(e).__name__}: {e}") from None
+        from spd_jax import gguf_meta  # config and tokenizer without torch (transformers' GGUF path imports it)
+
+        hf = gguf_meta.hf_config(path)
         cfg = model_config_from_hf(hf)
-        return LoadedModel(cfg, hf, GGUFSource(path, cfg),
-                           lambda: AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name), path)
+        return LoadedModel(cfg, hf, GGUFSource(path, cfg), lambda: gguf_meta.tokenizer(path), path)
     raise ConfigError(f"{path}: expected a Hugging Face model directory or a .gguf file")

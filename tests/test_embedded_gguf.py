@@ -48,3 +48,25 @@ def test_gguf_logits_and_greedy_tokens_match_transformers(embedded, hf_ref, tp):
         q = tok("The capital of France is")["input_ids"]
         g = Generator(eng, params, (False,) * lm.cfg.n_layers).generate([q], GenerationConfig(max_new_tokens=4))
         assert "Paris" in tok.decode(g.tokens[0])
+
+
+def test_torch_free_gguf_config_and_tokenizer_equal_transformers():
+    """Our GGUF header reader (no torch) gives transformers' config and token ids, special tokens included."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from spd_jax import gguf_meta
+    from spd_jax.config import model_config_from_hf
+
+    p = embedded_gguf_path()
+    ref_cfg = model_config_from_hf(AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name))
+    assert model_config_from_hf(gguf_meta.hf_config(p)) == ref_cfg
+    ours, ref = gguf_meta.tokenizer(p), AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    texts = [TEXT, "", "  leading spaces,\ttabs\n\nand newlines 1234567 3.14159", "ünïcödé 日本語 😀 ﷽",
+             "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n", "don't we'll <|endoftext|>x"]
+    for t in texts:
+        a, b = ours(t, add_special_tokens=True)["input_ids"], ref(t, add_special_tokens=True)["input_ids"]
+        assert a == b, t
+        assert ours.decode(a) == ref.decode(b) and ours.decode(a, skip_special_tokens=True) == ref.decode(
+            b, skip_special_tokens=True)
+    assert (len(ours), ours.bos_token, ours.eos_token, ours.pad_token) == (len(ref), ref.bos_token, ref.eos_token,
+                                                                           ref.pad_token)
