@@ -29,9 +29,12 @@ def parse_args(argv=None):
     p.add_argument("--spd-ratios", default="0,0.25,0.5,0.75,1")
     p.add_argument("--spd-plan", help="plan.json: benchmark its blocks instead of the ratios' last blocks")
     p.add_argument("--floor", action="store_true", help="also run with every all-reduce removed")
-    p.add_argument("--interconnect", choices=["hbw", "lbw", "pcie"], default="hbw",
-                   help="hbw: NCCL's choice (NVLink); lbw: NCCL over loopback sockets (no P2P/SHM); "
-                        "pcie: no P2P, through host memory (see spd_jax.bench.INTERCONNECT_ENV)")
+    p.add_argument("--interconnect", choices=["nvlink", "pcie", "net", "hbw", "lbw"], default="nvlink",
+                   help="nvlink: NCCL's choice; pcie: no P2P, through host memory; net: NCCL sockets over "
+                        "loopback TCP (hbw/lbw: old names of nvlink/net). See spd_jax.bench.INTERCONNECT_ENV")
+    p.add_argument("--link-reference", metavar="JSON",
+                   help="a bench JSON of the same shape/TP under nvlink: checks that this mode's small all-reduces "
+                        "really are slower, and says so in the output")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--fused-projections", action="store_true",
                    help="q/k/v and gate/up as single GEMMs (runtime.fuse_projections)")
@@ -42,7 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--compile-cache", metavar="DIR",
                    help="persistent XLA compilation cache: a second run of the same shapes (e.g. --interconnect "
                         "lbw after hbw) reuses the compiled programs instead of compiling again")
-    p.add_argument("--peer-json", help="a launch/bench_peer.py result from the same machine: report ratios to it")
+    p.add_argument("--peer-json", action="append", default=[],
+                   help="a launch/bench_peer.py result from the same machine: report ratios to it (repeatable: "
+                        "e.g. the eager and the compiled peer)")
     p.add_argument("--allreduce-sizes", default="8192,1048576,67108864",
                    help="message sizes (bytes) of the all-reduce microbenchmark, comma-separated")
     p.add_argument("--json", help="write the results as JSON to this file ('-' for stdout)")
@@ -55,6 +60,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from spd_jax.distributed import maybe_spawn
+
+    spawned = maybe_spawn(args, __file__, argv)
+    if spawned is not None:
+        return spawned
     import time
 
     phases, marks = {}, [time.perf_counter()]
@@ -68,6 +78,9 @@ def main(argv=None) -> int:
 
     # Before JAX's backend (and NCCL) start: the interconnect's NCCL variables, and 95% of GPU memory for
     # JAX only for shapes that need it (an explicit XLA_PYTHON_CLIENT_MEM_FRACTION always wins).
+    from spd_jax.bench import canonical_interconnect
+
+    args.interconnect = canonical_interconnect(args.interconnect)
     set_interconnect(args.interconnect)
     if args.shape in SHAPES:
         frac = memory_fraction(param_count(args.shape) * 2 / args.tp / 2**30, gpu_memory_gib())
@@ -84,7 +97,7 @@ def main(argv=None) -> int:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
     from spd_jax.bench import (NCCL_KEYS, allreduce_microbench, bench_generation_config, compile_generators,
-                               modes_for_ratio, random_params, shape_config, time_generation,
+                               link_check, modes_for_ratio, random_params, shape_config, time_generation,
                                weight_bytes_per_device)
     from spd_jax.distributed import is_main_process, maybe_initialize
     from spd_jax.generate import Generator
@@ -130,6 +143,8 @@ def main(argv=None) -> int:
     phase("all-reduce microbenchmark")
     sync = rows[0]
     floor = next((r for r in rows if r.label == "floor"), None)
+    ref = json.loads(Path(args.link_reference).read_text()) if args.link_reference else None
+    link = link_check(args.interconnect, ar, ref) if args.tp > 1 else {"status": "n/a", "message": "TP 1"}
     result = {
         "shape": args.shape, "tp": args.tp, "batch": args.batch, "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "dtype": args.dtype, "decode_chunk": args.decode_chunk,
@@ -137,6 +152,7 @@ def main(argv=None) -> int:
         "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
         "nccl_env": {k: os.environ.get(k) for k in NCCL_KEYS}, "random_weights": True,
         "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(), "jax": jax.__version__,
+        "n_processes": jax.process_count(), "link_check": link,
         "weight_bytes_per_device": weight_bytes_per_device(mdef), "allreduce": ar, "phases_s": phases,
         "rows": [{**r.__dict__, "speedup_e2e_vs_sync": sync.e2e_ms / r.e2e_ms,
                   "speedup_tpot_vs_sync": sync.tpot_ms / r.tpot_ms,
@@ -146,8 +162,12 @@ def main(argv=None) -> int:
     }
     if not is_main_process():
         return 0
+    procs = jax.process_count()
     print(f"# {args.shape} tp={args.tp} batch={args.batch} {args.prompt_len}in/{args.new_tokens}out {args.dtype} "
-          f"{args.interconnect} on {jax.device_count()}x{jax.devices()[0].device_kind} (RANDOM weights)")
+          f"{args.interconnect} on {jax.device_count()}x{jax.devices()[0].device_kind}, "
+          f"{'one process per device' if procs == jax.device_count() and procs > 1 else f'{procs} process(es)'} "
+          f"(RANDOM weights)")
+    print(f"# link: {link['message']}")
     print(f"{'config':8s} {'spd':>4s} {'ttft ms':>9s} {'tpot ms':>9s} {'e2e ms':>9s} {'tok/s':>8s} "
           f"{'e2e x':>6s} {'tpot x':>6s} {'AR removed':>10s}")
     for r in result["rows"]:
@@ -160,16 +180,16 @@ def main(argv=None) -> int:
         print(f"all-reduce {a['bytes']:>10d} B: in loop {a['in_loop_us']:9.1f} us (bus {a['bus_GBps']:.2f} GB/s), "
               f"one call from the host {a['median_us']:9.1f} us")
     if args.peer_json:
-        peer = json.loads(Path(args.peer_json).read_text())
-        result["peer"] = peer
-        for r in result["rows"]:
-            r["speedup_tpot_vs_peer"] = peer["tpot_ms"] / r["tpot_ms"]
-            r["speedup_e2e_vs_peer"] = peer["e2e_ms"] / r["e2e_ms"]
-        print(f"peer (transformers {peer.get('transformers')} TP {peer['tp']}, {peer['device']}): "
-              f"ttft {peer['ttft_ms']:.2f} ms, tpot {peer['tpot_ms']:.3f} ms, e2e {peer['e2e_ms']:.1f} ms")
-        for r in result["rows"]:
-            print(f"  {r['label']:8s} vs peer: decode {r['speedup_tpot_vs_peer']:.2f}x faster, "
-                  f"e2e {r['speedup_e2e_vs_peer']:.2f}x faster")
+        result["peers"] = [json.loads(Path(f).read_text()) for f in args.peer_json]
+        for peer in result["peers"]:
+            name = f"TP {peer['tp']} {peer.get('config', 'eager, dynamic cache')}"
+            print(f"peer: transformers {peer.get('transformers')} {name} on {peer['device']}: ttft "
+                  f"{peer['ttft_ms']:.2f} ms, tpot {peer['tpot_ms']:.3f} ms, e2e {peer['e2e_ms']:.1f} ms")
+            for r in result["rows"]:
+                r.setdefault("vs_peers", {})[name] = {"tpot_x": peer["tpot_ms"] / r["tpot_ms"],
+                                                      "e2e_x": peer["e2e_ms"] / r["e2e_ms"]}
+                print(f"  {r['label']:8s} vs that peer: decode {peer['tpot_ms'] / r['tpot_ms']:.2f}x faster, "
+                      f"e2e {peer['e2e_ms'] / r['e2e_ms']:.2f}x faster")
     if args.json:
         text = json.dumps(result, indent=2)
         print(text) if args.json == "-" else Path(args.json).write_text(text)

@@ -5,24 +5,21 @@
       python launch/infer.py --tp 8 --model /path/to/model --prompt "Hello"
 
 Each process gets `--coordinator 127.0.0.1:PORT --num-processes N --process-id I` appended to the
-command, XLA_FLAGS for K host devices and JAX_PLATFORMS=cpu. If any process fails, the others are
-stopped; the exit code is the first non-zero one.
+command, XLA_FLAGS for K host devices and JAX_PLATFORMS=cpu (or, with --gpus-per-process, its own
+GPUs). If any process fails, the others are stopped; the exit code is the first non-zero one.
+Process 0's output is shown; the others' only when they fail (--all-output shows all).
+The launch scripts' own `--spawn N` does the same for one process per GPU (spd_jax.distributed).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
-import time
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from spd_jax.distributed import launch_local  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -38,39 +35,11 @@ def main(argv=None) -> int:
                    help="GPU mode: give each process this many GPUs (CUDA_VISIBLE_DEVICES) instead of CPU devices")
     p.add_argument("--port", type=int, help="coordinator port (default: a free one)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds before the whole cluster is stopped")
+    p.add_argument("--all-output", action="store_true", help="show every process's output (default: process 0's)")
     args = p.parse_args(argv[:i])
-    cmd = argv[i + 1:]
-    port = args.port or free_port()
-    procs = []
-    for pid in range(args.num_processes):
-        if args.gpus_per_process:
-            k = args.gpus_per_process
-            env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(pid * k + j) for j in range(k)))
-        else:
-            env = dict(os.environ, JAX_PLATFORMS="cpu",
-                       XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices_per_process}")
-        full = cmd + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(args.num_processes),
-                      "--process-id", str(pid)]
-        procs.append(subprocess.Popen(full, env=env))
-    deadline = time.time() + args.timeout
-    rc = 0
-    while procs:
-        for pr in list(procs):
-            code = pr.poll()
-            if code is None:
-                continue
-            procs.remove(pr)
-            if code and not rc:
-                rc = code
-                for other in procs:
-                    other.terminate()
-        if time.time() > deadline:
-            for pr in procs:
-                pr.kill()
-            print("error: local cluster timed out", file=sys.stderr)
-            return 124
-        time.sleep(0.2)
-    return rc
+    return launch_local(argv[i + 1:], args.num_processes, gpus_per_process=args.gpus_per_process,
+                        devices_per_process=args.devices_per_process, port=args.port, timeout=args.timeout,
+                        quiet_others=not args.all_output)
 
 
 if __name__ == "__main__":

@@ -10,29 +10,42 @@ import sys
 from pathlib import Path
 
 
+def link(d: dict) -> str:
+    """The interconnect mode, the process layout, and whether the mode was shown to slow small all-reduces."""
+    if d["tp"] == 1:
+        return "-"
+    procs = d.get("n_processes", 1)
+    layout = "1 proc/device" if procs == d.get("n_devices") and procs > 1 else f"{procs} proc"
+    lc = d.get("link_check") or {}
+    check = {"verified": f", verified {lc.get('slower_x', 0):.1f}x", "not slower": ", NOT slower than nvlink",
+             "unverified": ", unverified"}.get(lc.get("status"), "")
+    return f"{d['interconnect'].upper()} ({layout}{check})"
+
+
 def rows(d: dict) -> list[str]:
     if "rows" not in d:
         return []
-    head = f"{d['shape']} | {d['tp']} | {d['interconnect'].upper() if d['tp'] > 1 else '-'}"
+    head = f"{d['shape']} | {d['tp']} | {link(d)}"
     out = []
     for r in d["rows"]:
         rem = r.get("allreduce_time_removed")
-        peer = r.get("speedup_tpot_vs_peer")
+        peers = r.get("vs_peers") or ({"eager": {"tpot_x": r["speedup_tpot_vs_peer"]}}
+                                      if r.get("speedup_tpot_vs_peer") else {})
+        peer = " / ".join(f"{v['tpot_x']:.1f}x ({k})" for k, v in peers.items())
         cfg = "sync" if r["label"] == "r=0.00" else r["label"]
         if r["label"].startswith("r=") and r["n_spd"]:
             cfg = f"SPD {r['label']} ({r['n_spd']} blocks)"
         out.append(f"| {head} | {cfg} | {r['ttft_ms']:.2f} | {r['tpot_ms']:.3f} | {r['e2e_ms']:.1f} | "
                    f"{r['speedup_e2e_vs_sync']:.3f} | {'-' if rem is None else f'{100 * rem:.0f}%'} | "
-                   f"{'' if peer is None else f'{peer:.1f}x'} |")
-    if "peer" in d:
-        p = d["peer"]
-        out.append(f"| {head} | transformers TP peer | {p['ttft_ms']:.2f} | {p['tpot_ms']:.3f} | {p['e2e_ms']:.1f} "
-                   f"| - | - | 1 |")
+                   f"{peer} |")
+    for p in d.get("peers") or ([d["peer"]] if "peer" in d else []):
+        out.append(f"| {head} | transformers TP {p['tp']} peer ({p.get('config', 'eager, dynamic cache')}) | "
+                   f"{p['ttft_ms']:.2f} | {p['tpot_ms']:.3f} | {p['e2e_ms']:.1f} | - | - | 1 |")
     return out
 
 
 def allreduce(d: dict) -> list[str]:
-    return [f"| {d['shape']} | {d['tp']} | {d['interconnect'].upper()} | {a['bytes']} | "
+    return [f"| {d['shape']} | {d['tp']} | {link(d)} | {a['bytes']} | "
             f"{a.get('in_loop_us', float('nan')):.1f} | {a['median_us']:.1f} | {a['bus_GBps']:.2f} |"
             for a in d.get("allreduce", [])]
 

@@ -2,7 +2,7 @@
 # Several benchmark jobs in one device call, under one deadline, then one table. RANDOM weights.
 # Usage: bash scripts/gpu_campaign.sh OUTDIR SECONDS JOB...
 #   JOB = SHAPE:TP:RATIOS:INTERCONNECTS:PEER   (INTERCONNECTS joined by '+', PEER 1 or 0)
-#   e.g. bash scripts/gpu_campaign.sh $OUT 560 llama2-7b:4:0,0.25,0.5,0.75,1:hbw+lbw:1 llama2-13b:4:0,1:hbw:0
+#   e.g. bash scripts/gpu_campaign.sh $OUT 560 llama2-7b:4:0,0.25,0.5,0.7,0.75,1:nvlink+pcie+net:1 llama2-13b:4:0,1:hbw:0
 # Each job sees only the first TP GPUs (CUDA_VISIBLE_DEVICES), so TP 1/2 rows can come from a bigger host;
 # GPU0=k starts at GPU k instead, so that two campaigns can run side by side on disjoint GPUs
 # (e.g. GPU0=2 for the second pair of a 4-GPU host; give each its own OUTDIR).

@@ -27,28 +27,68 @@ from spd_jax.generate import Generator
 from spd_jax.runtime import Engine
 
 # NCCL settings per interconnect mode, applied before JAX (and NCCL) start. NVLink multicast stays as the
-# environment has it (NCCL_NVLS_ENABLE is never touched).
-#   hbw:  whatever NCCL picks (NVLink P2P on these hosts);
-#   lbw:  no P2P, no shared memory: NCCL's socket transport over loopback (bandwidth-limited, ~3 GB/s);
-#   pcie: no P2P, shared memory on: GPU -> host memory -> GPU over PCIe, the path of hosts without NVLink
-#         or P2P between their GPUs.
+# environment has it (NCCL_NVLS_ENABLE is never touched). A mode is what NCCL is allowed to use; whether
+# it really slows the batch-1 all-reduces in a given setting is measured (`link_check`), not assumed:
+#   nvlink: whatever NCCL picks (NVLink P2P on NVLink hosts);
+#   pcie:   P2P off, shared memory on: GPU -> host memory -> GPU over PCIe, the path of hosts without
+#           NVLink or P2P between their GPUs (the paper's LBW: "CUDA-direct link disabled");
+#   net:    P2P and shared memory off, NCCL's socket transport over loopback TCP: what two hosts on
+#           Ethernet see (one process per GPU needed: within one process NCCL connects the GPUs directly).
+# `hbw` and `lbw` are the earlier names of nvlink and net, kept as aliases.
 INTERCONNECT_ENV: dict[str, dict[str, str]] = {
-    "hbw": {},
-    "lbw": {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1", "NCCL_SOCKET_IFNAME": "lo"},
+    "nvlink": {},
     "pcie": {"NCCL_P2P_DISABLE": "1"},
+    "net": {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1", "NCCL_NET": "Socket", "NCCL_SOCKET_IFNAME": "lo"},
 }
+INTERCONNECT_ALIASES = {"hbw": "nvlink", "lbw": "net"}
+INTERCONNECTS = sorted(INTERCONNECT_ENV) + sorted(INTERCONNECT_ALIASES)
 NCCL_KEYS = sorted({k for env in INTERCONNECT_ENV.values() for k in env})
+# A link counts as emulated when its in-loop 8 KiB all-reduce costs at least this many times nvlink's.
+LINK_SLOWER_THRESHOLD = 1.5
+
+
+def canonical_interconnect(mode: str) -> str:
+    mode = INTERCONNECT_ALIASES.get(mode, mode)
+    if mode not in INTERCONNECT_ENV:
+        raise ValueError(f"unknown interconnect {mode!r}; known: {INTERCONNECTS}")
+    return mode
 
 
 def set_interconnect(mode: str) -> None:
     """Set (and, where another mode set them, clear) the NCCL variables of `mode` in os.environ."""
-    if mode not in INTERCONNECT_ENV:
-        raise ValueError(f"unknown interconnect {mode!r}; known: {sorted(INTERCONNECT_ENV)}")
+    mode = canonical_interconnect(mode)
     for k in NCCL_KEYS:
         if k in INTERCONNECT_ENV[mode]:
             os.environ[k] = INTERCONNECT_ENV[mode][k]
-        elif mode != "hbw" and k in os.environ:
+        elif mode != "nvlink" and k in os.environ:
             del os.environ[k]
+
+
+def link_check(mode: str, allreduce: list[dict], reference: dict | None) -> dict:
+    """Whether `mode` really made the small all-reduces slower than the nvlink reference run.
+
+    `reference` is a bench JSON of the same shape/TP/process layout under nvlink. Returns
+    {"status": "reference" | "verified" | "not slower" | "unverified", "message", ...}."""
+    def small(ar):
+        return next((a["in_loop_us"] for a in ar if a["bytes"] == 8192), None)
+
+    mine = small(allreduce)
+    if mode == "nvlink":
+        return {"status": "reference", "small_allreduce_us": mine, "message": "nvlink (NCCL's own choice)"}
+    ref = small(reference.get("allreduce", [])) if reference else None
+    if mine is None or ref is None or ref <= 0:
+        return {"status": "unverified", "small_allreduce_us": mine,
+                "message": f"{mode}: UNVERIFIED emulation (no nvlink reference run of the 8 KiB all-reduce to "
+                           "compare with): these rows may not show that link"}
+    x = mine / ref
+    ok = x >= LINK_SLOWER_THRESHOLD
+    return {"status": "verified" if ok else "not slower", "small_allreduce_us": mine, "reference_us": ref,
+            "slower_x": x,
+            "message": (f"{mode}: 8 KiB all-reduce {mine:.1f} us vs nvlink {ref:.1f} us ({x:.1f}x): emulation verified"
+                        if ok else
+                        f"{mode}: 8 KiB all-reduce {mine:.1f} us vs nvlink {ref:.1f} us ({x:.2f}x): NOT slower for "
+                        "batch-1 messages here, so these rows do not show that link (one process per GPU "
+                        "makes NCCL use the transport; see docs/benchmarks.md)")}
 
 
 SHAPES: dict[str, dict[str, Any]] = {

@@ -1,9 +1,23 @@
-"""Multi-process / multi-host start-up through `jax.distributed` (the existing engine)."""
+"""Multi-process / multi-host start-up through `jax.distributed`, and the one-process-per-GPU launcher.
+
+`--spawn N` on any launch script starts N local processes of the same command, wired through
+`jax.distributed` (process 0 hosts the coordinator): on a GPU host each process owns one GPU
+(`CUDA_VISIBLE_DEVICES`), which is how tensor parallelism is deployed and what every multi-host run
+is; on a CPU host each gets its share of simulated devices. Process 0 prints; the others write to a
+log file that is shown only if they fail. Every process leaves the cluster through
+`jax.distributed.shutdown()` (a barrier), so exits are clean.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 
 import jax
 
@@ -18,6 +32,122 @@ def add_distributed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() with cluster auto-detection (SLURM, Open MPI, env vars)")
     g.add_argument("--init-timeout", type=int, default=120, help="seconds to wait for the coordinator")
+    g.add_argument("--spawn", type=int, metavar="N",
+                   help="start N local processes of this command, one per GPU (on CPU: simulated devices split "
+                        "among them), wired through jax.distributed; output from process 0 only")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_gpu_count() -> int:
+    """GPUs on this host without starting JAX (which would take GPU memory in the launching process)."""
+    if os.environ.get("JAX_PLATFORMS", "").lower() == "cpu" or shutil.which("nvidia-smi") is None:
+        return 0
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if vis is not None:
+        return len([d for d in vis.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for ln in out.splitlines() if ln.startswith("GPU "))
+
+
+def launch_local(cmd: list[str], n: int, *, gpus_per_process: int | None = None, devices_per_process: int = 1,
+                 port: int | None = None, timeout: float = 1800, quiet_others: bool = True) -> int:
+    """Run `cmd` as n processes wired through jax.distributed (each gets --coordinator/--num-processes/
+    --process-id). GPU mode: process i sees GPUs [i*k, (i+1)*k) of the visible ones. CPU mode: each has
+    `devices_per_process` simulated devices. If one fails the others are stopped; the exit code is the
+    first non-zero one. With `quiet_others`, processes > 0 write to a log shown only when they fail."""
+    port = port or free_port()
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    logdir = tempfile.mkdtemp(prefix="spd-jax-procs-") if quiet_others else None
+    procs, logs = [], []
+    for pid in range(n):
+        if gpus_per_process:
+            k = gpus_per_process
+            ids = [visible[j] if visible else str(j) for j in range(pid * k, (pid + 1) * k)]
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(ids))
+        else:
+            env = dict(os.environ, JAX_PLATFORMS="cpu",
+                       XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+        full = cmd + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n), "--process-id", str(pid)]
+        out = None
+        if logdir and pid > 0:
+            out = open(os.path.join(logdir, f"process-{pid}.log"), "w")
+        logs.append(out)
+        procs.append(subprocess.Popen(full, env=env, stdout=out, stderr=subprocess.STDOUT if out else None))
+    deadline = time.time() + timeout
+    rc = 0
+    live = list(enumerate(procs))
+    while live:
+        for i, pr in list(live):
+            code = pr.poll()
+            if code is None:
+                continue
+            live.remove((i, pr))
+            if code and not rc:
+                rc = code
+                if logs[i] is not None:
+                    logs[i].flush()
+                    with open(logs[i].name) as f:
+                        tail = f.read()[-4000:]
+                    print(f"--- process {i} failed (exit {code}); the end of its log:\n{tail}", file=sys.stderr)
+                for _, other in live:
+                    other.terminate()
+        if time.time() > deadline:
+            for _, pr in live:
+                pr.kill()
+            print("error: local processes timed out", file=sys.stderr)
+            return 124
+        time.sleep(0.2)
+    for f in logs:
+        if f is not None:
+            f.close()
+    if logdir:
+        shutil.rmtree(logdir, ignore_errors=True)
+    return rc
+
+
+def strip_spawn(argv: list[str]) -> list[str]:
+    """argv without `--spawn N` / `--spawn=N`."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--spawn":
+            skip = True
+        elif not a.startswith("--spawn="):
+            out.append(a)
+    return out
+
+
+def maybe_spawn(args: argparse.Namespace, script: str, argv: list[str] | None = None) -> int | None:
+    """If `--spawn N` was given, run `script` as N local processes (one per GPU) and return its exit code."""
+    n = getattr(args, "spawn", None)
+    if not n:
+        return None
+    if n < 1:
+        raise SystemExit(f"error: --spawn must be >= 1, got {n}")
+    if args.coordinator or args.num_processes or args.process_id is not None or args.distributed:
+        raise SystemExit("error: --spawn starts its own processes; do not combine it with --coordinator, "
+                         "--num-processes, --process-id or --distributed")
+    argv = sys.argv[1:] if argv is None else argv
+    cmd = [sys.executable, script, *strip_spawn(argv)]
+    gpus = local_gpu_count()
+    if gpus:
+        if gpus < n:
+            raise SystemExit(f"error: --spawn {n} needs {n} GPUs, {gpus} are visible")
+        return launch_local(cmd, n, gpus_per_process=1)
+    tp = getattr(args, "tp", None) or n
+    if tp % n:
+        raise SystemExit(f"error: --spawn {n} on CPU splits the {tp} devices of --tp among the processes; "
+                         f"{n} does not divide {tp}")
+    return launch_local(cmd, n, devices_per_process=tp // n)
 
 
 def maybe_initialize(args: argparse.Namespace) -> bool:
@@ -29,8 +159,10 @@ def maybe_initialize(args: argparse.Namespace) -> bool:
         raise SystemExit("error: --coordinator, --num-processes and --process-id must be given together")
     if explicit and args.process_id != 0:
         _wait_for_coordinator(args.coordinator, args.init_timeout)
-    # CPU collectives across processes go through gloo (GPU collectives use NCCL regardless).
+    # CPU collectives across processes go through gloo (GPU collectives use NCCL regardless). Gloo prints
+    # its connection messages on the C-level stdout: send those to stderr, keep Python's stdout for output.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    _c_stdout_to_stderr()
     kwargs = dict(initialization_timeout=args.init_timeout)
     if explicit:
         kwargs.update(coordinator_address=args.coordinator, num_processes=args.num_processes,
@@ -42,6 +174,16 @@ def maybe_initialize(args: argparse.Namespace) -> bool:
         raise SystemExit(f"error: could not join the jax.distributed cluster at {where} within "
                          f"{args.init_timeout}s: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
     return True
+
+
+def _c_stdout_to_stderr() -> None:
+    try:
+        sys.stdout.flush()
+        real = os.dup(1)
+        os.dup2(2, 1)
+        sys.stdout = os.fdopen(real, "w", buffering=1)
+    except (OSError, ValueError, AttributeError):  # no real file descriptors (embedded interpreters)
+        pass
 
 
 def _wait_for_coordinator(address: str, timeout: float) -> None:
@@ -62,6 +204,18 @@ def _wait_for_coordinator(address: str, timeout: float) -> None:
             time.sleep(0.5)
     raise SystemExit(f"error: could not join the jax.distributed cluster at {address} within {timeout}s: "
                      f"the coordinator (process 0) is not reachable ({last})")
+
+
+def shutdown() -> None:
+    """Leave the jax.distributed cluster (a barrier across processes) if this process joined one."""
+    try:
+        from jax._src import distributed as _dist
+
+        joined = _dist.global_state.client is not None
+    except Exception:  # noqa: BLE001 - private API: fall back to asking for the process count
+        joined = jax.process_count() > 1
+    if joined:
+        jax.distributed.shutdown()
 
 
 def is_main_process() -> bool:

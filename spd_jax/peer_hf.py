@@ -2,9 +2,12 @@
 
 Same shapes as `spd_jax.bench.SHAPES` (LLaMA family), RANDOM bf16 weights, batch 1, the same prompt and
 new-token lengths. transformers shards the model with its predefined TP plan (`tp_plan="auto"`) over the
-`torchrun` processes (one per GPU, NCCL; gloo on CPU). Generation is plain greedy `model.generate` with
-its default dynamic KV cache (eager PyTorch, no compilation), which is what a user gets from
-`from_pretrained(..., tp_plan="auto")`.
+`torchrun` processes (one per GPU, NCCL; gloo on CPU). Two configurations, each labelled in its result:
+  * eager (default): plain greedy `model.generate` with its default dynamic KV cache, no compilation,
+    which is what a user gets from `from_pretrained(..., tp_plan="auto")`;
+  * compiled (`compiled=True`): transformers' fastest documented setting, a static KV cache
+    (`generation_config.cache_implementation = "static"`) and `model.forward` compiled with
+    `torch.compile(mode="reduce-overhead", fullgraph=True)` (CUDA graphs); warmed up until compiled.
 
 Timings (device-synchronised, after a warm-up):
   * ttft: `generate(max_new_tokens=1)`;
@@ -84,7 +87,7 @@ def make_checkpoint(shape: str, out_dir: str, seed: int = 0, shard_bytes: int = 
     return out_dir
 
 
-def run_peer(checkpoint: str, prompt_len: int, new_tokens: int, repeats: int) -> dict | None:
+def run_peer(checkpoint: str, prompt_len: int, new_tokens: int, repeats: int, compiled: bool = False) -> dict | None:
     """Run under torchrun (WORLD_SIZE processes = TP degree). Returns the result on rank 0."""
     import torch
     import torch.distributed as dist
@@ -109,6 +112,9 @@ def run_peer(checkpoint: str, prompt_len: int, new_tokens: int, repeats: int) ->
     cfg = model.config
     if world > 1 and local[0] * world != cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads):
         raise RuntimeError(f"transformers did not shard q_proj over {world} processes (local shape {local})")
+    if compiled:
+        model.generation_config.cache_implementation = "static"
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     dev = model.device
     rng = np.random.RandomState(0)
     ids = torch.tensor(rng.randint(3, model.config.vocab_size, size=(1, prompt_len)), device=dev)
@@ -130,10 +136,16 @@ def run_peer(checkpoint: str, prompt_len: int, new_tokens: int, repeats: int) ->
         return (time.perf_counter() - t0) * 1e3
 
     timed(2)  # warm-up (CUDA/NCCL init, allocator)
+    if compiled:  # compile (and capture graphs for) the prefill and decode shapes the timed runs use
+        timed(1)
+        timed(new_tokens)
+        timed(new_tokens)
     ttft = [timed(1) for _ in range(repeats)]
     e2e = [timed(new_tokens) for _ in range(repeats)]
     t1, te = float(np.median(ttft)), float(np.median(e2e))
-    res = {"peer": "transformers", "tp": world, "prompt_len": prompt_len, "new_tokens": new_tokens,
+    res = {"peer": "transformers", "tp": world,
+           "config": "static cache + torch.compile" if compiled else "eager, dynamic cache",
+           "prompt_len": prompt_len, "new_tokens": new_tokens,
            "ttft_ms": t1, "e2e_ms": te, "tpot_ms": (te - t1) / max(new_tokens - 1, 1),
            "ttft_all": ttft, "e2e_all": e2e, "device": torch.cuda.get_device_name() if cuda else "cpu",
            "torch": torch.__version__, "random_weights": True, "q_proj_local_shape": list(local)}

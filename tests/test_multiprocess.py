@@ -68,3 +68,30 @@ def test_spd_pipeline_across_two_processes(tokenized_tiny, tmp_path):
     lm = open_model(model)
     params, state = load_checkpoint_params(out / "checkpoint", Engine.create(build_model_def(lm.cfg, 2)))
     assert state["stage"] == "done"
+
+
+def test_spawn_one_process_per_device_gives_the_same_tokens_and_one_output(tokenized_tiny):
+    """`--spawn N` (one process per GPU on a GPU host; here one per simulated CPU device) == one process."""
+    model = str(tokenized_tiny[0])
+    args = [str(ROOT / "launch/infer.py"), "--model", model, "--tp", "2", "--spd-blocks", "0", "--max-new-tokens",
+            "6", "--no-warmup", "--json", "--prompt", "The capital of France is"]
+    env = dict(_env(), PYTHONUNBUFFERED="1")
+    spawned = subprocess.run([sys.executable, *args, "--spawn", "2"], env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert spawned.returncode == 0, spawned.stderr[-3000:]
+    single = subprocess.run([sys.executable, *args], env=_env(8), capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    a, b = __import__("json").loads(spawned.stdout), __import__("json").loads(single.stdout)  # one JSON each
+    assert a["n_devices"] == 2 and b["n_devices"] == 8
+    assert a["results"][0]["token_ids"] == b["results"][0]["token_ids"]
+    for noise in ("Traceback", "UNAVAILABLE", "Connection reset", "Failed to disconnect"):
+        assert noise not in spawned.stderr, spawned.stderr[-3000:]
+
+
+def test_spawn_refuses_bad_combinations(tokenized_tiny):
+    base = [sys.executable, str(ROOT / "launch/infer.py"), "--model", str(tokenized_tiny[0]), "--tp", "2"]
+    r = subprocess.run(base + ["--spawn", "3"], env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "does not divide 2" in r.stderr
+    r = subprocess.run(base + ["--spawn", "2", "--process-id", "0"], env=_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and "do not combine it" in r.stderr
