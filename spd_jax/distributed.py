@@ -63,6 +63,8 @@ def launch_local(cmd: list[str], n: int, *, gpus_per_process: int | None = None,
     --process-id). GPU mode: process i sees GPUs [i*k, (i+1)*k) of the visible ones. CPU mode: each has
     `devices_per_process` simulated devices. If one fails the others are stopped; the exit code is the
     first non-zero one. With `quiet_others`, processes > 0 write to a log shown only when they fail."""
+    import signal
+
     port = port or free_port()
     visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     logdir = tempfile.mkdtemp(prefix="spd-jax-procs-") if quiet_others else None
@@ -72,6 +74,9 @@ def launch_local(cmd: list[str], n: int, *, gpus_per_process: int | None = None,
             k = gpus_per_process
             ids = [visible[j] if visible else str(j) for j in range(pid * k, (pid + 1) * k)]
             env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(ids))
+            # XLA's coordination-service client logs gRPC warnings when the processes leave at slightly
+            # different times (seen on GPUs even after the shutdown barrier); show errors only, unless set.
+            env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         else:
             env = dict(os.environ, JAX_PLATFORMS="cpu",
                        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
@@ -81,6 +86,15 @@ def launch_local(cmd: list[str], n: int, *, gpus_per_process: int | None = None,
             out = open(os.path.join(logdir, f"process-{pid}.log"), "w")
         logs.append(out)
         procs.append(subprocess.Popen(full, env=env, stdout=out, stderr=subprocess.STDOUT if out else None))
+
+    def stop_all(signum, _frame):  # a launcher stopped by `timeout` or Ctrl-C takes its processes with it
+        for pr in procs:
+            if pr.poll() is None:
+                pr.kill()
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, stop_all)
     deadline = time.time() + timeout
     rc = 0
     live = list(enumerate(procs))

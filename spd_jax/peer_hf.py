@@ -5,9 +5,12 @@ new-token lengths. transformers shards the model with its predefined TP plan (`t
 `torchrun` processes (one per GPU, NCCL; gloo on CPU). Two configurations, each labelled in its result:
   * eager (default): plain greedy `model.generate` with its default dynamic KV cache, no compilation,
     which is what a user gets from `from_pretrained(..., tp_plan="auto")`;
-  * compiled (`compiled=True`): transformers' fastest documented setting, a static KV cache
-    (`generation_config.cache_implementation = "static"`) and `model.forward` compiled with
-    `torch.compile(mode="reduce-overhead", fullgraph=True)` (CUDA graphs); warmed up until compiled.
+  * compiled (`compiled=True`): transformers' fastest setting, a static KV cache
+    (`generation_config.cache_implementation = "static"`), with which `generate` compiles the decoding
+    forward itself (`generation_config.compile_config`: torch.compile, mode "reduce-overhead" = CUDA
+    graphs, fullgraph); warmed up until compiled. Compiling `model.forward` by hand on top of that (the
+    older recipe) compiles twice and fails with "accessing tensor output of CUDAGraphs that has been
+    overwritten" (seen on 4x H200, transformers 5.17, torch 2.11, at TP 1 and TP 4).
 
 Timings (device-synchronised, after a warm-up):
   * ttft: `generate(max_new_tokens=1)`;
@@ -113,8 +116,10 @@ def run_peer(checkpoint: str, prompt_len: int, new_tokens: int, repeats: int, co
     if world > 1 and local[0] * world != cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads):
         raise RuntimeError(f"transformers did not shard q_proj over {world} processes (local shape {local})")
     if compiled:
+        from transformers import CompileConfig
+
         model.generation_config.cache_implementation = "static"
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        model.generation_config.compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead")
     dev = model.device
     rng = np.random.RandomState(0)
     ids = torch.tensor(rng.randint(3, model.config.vocab_size, size=(1, prompt_len)), device=dev)

@@ -188,6 +188,13 @@ def test_transformers_tp_peer_runs_sharded_and_bench_reports_ratios_to_it(tmp_pa
         assert ratios["tpot_x"] == pytest.approx(p["tpot_ms"] / row["tpot_ms"])
         assert ratios["e2e_x"] == pytest.approx(p["e2e_ms"] / row["e2e_ms"])
     assert "vs that peer" in r.stdout
+    # the static-cache configuration runs and is labelled (torch.compile itself engages on GPUs only)
+    pc = tmp_path / "peer-compiled.json"
+    r = subprocess.run([sys.executable, str(ROOT / "launch/bench_peer.py"), "--checkpoint", str(ck), "--compiled",
+                        "--prompt-len", "8", "--new-tokens", "4", "--repeats", "2", "--json", str(pc)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(pc.read_text())["config"] == "static cache + torch.compile"
     assert len(list(cache.iterdir())) >= 4  # prefill + decode for two SPD configurations were cached
 
 
