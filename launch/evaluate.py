@@ -40,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--ppl-tokens", type=int, default=16384, help="tokens of held-out text for perplexity (0: skip)")
     p.add_argument("--ppl-len", type=int, default=256, help="window length for perplexity")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-agreement", action="store_true",
+                   help="skip the comparison with the unmodified model (top-1 agreement, KL) that runs on the "
+                        "perplexity text whenever SPD blocks or a checkpoint are in use")
     p.add_argument("--download-bigbench", action="store_true",
                    help="download bigbench==1.0.0 (sdist) with pip and extract the task files, then exit")
     p.add_argument("--json", action="store_true")
@@ -103,6 +106,13 @@ def main(argv=None) -> int:
         windows = contiguous_sequences(eval_stream(src, tok, eos, split), args.ppl_len, args.ppl_tokens)
         out["perplexity"] = {"source": src, "split": split, "tokens": int(windows.size), "window": args.ppl_len,
                              "value": perplexity(scorer, windows)}
+        if (any(sess.spd_modes) or run.checkpoint) and not args.no_agreement and not run.fused_projections:
+            from spd_jax.evaluation import divergence_from_reference
+            from spd_jax.loading import load_params
+
+            ref = load_params(sess.engine, sess.loaded.source) if run.checkpoint else sess.params
+            out["vs_unmodified"] = divergence_from_reference(sess.engine, ref, sess.params, sess.spd_modes, windows,
+                                                             batch_size=min(args.batch_size, len(windows)))
     results = []
     for name, fmt, items in tasks:
         results.append(evaluate_loaded(scorer, tok, name, fmt, items, cfg.max_position,
@@ -120,6 +130,10 @@ def main(argv=None) -> int:
             p = out["perplexity"]
             which = "held-out split" if p["split"] == "eval" else "all documents"
             print(f"perplexity ({p['source']}, {which}, {p['tokens']} tokens): {p['value']:.3f}")
+        if "vs_unmodified" in out:
+            v = out["vs_unmodified"]
+            print(f"vs the unmodified model on the same text: top-1 agreement {100 * v['top1_agreement']:.2f}%, "
+                  f"mean KL {v['kl_mean']:.4f} nats ({v['positions']} positions)")
         for r in results:
             print(f"{r.name:40s} n={r.n:5d}  acc={r.acc:.4f}  acc_norm={r.acc_norm:.4f}")
         if results:

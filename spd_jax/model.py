@@ -390,3 +390,25 @@ def vocab_parallel_is_argmax(logits_local_btv, targets_bt, vocab_size: int):
     tgt = jnp.take_along_axis(lg, jnp.clip(local_t, 0, vl - 1)[..., None], axis=-1)[..., 0]
     tgt = psum(jnp.where(ok, tgt, 0.0))
     return tgt >= m
+
+
+def vocab_parallel_log_softmax(logits_local_btv, vocab_size: int):
+    """Log-probabilities of this shard's vocab columns from vocab-sharded logits, [B, T, Vl] float32
+    (padded columns >= vocab_size get -inf)."""
+    vl = logits_local_btv.shape[-1]
+    col = jax.lax.axis_index(TP_AXIS) * vl + jnp.arange(vl)
+    lg = jnp.where(col < vocab_size, logits_local_btv.astype(jnp.float32), -jnp.inf)
+    m = jax.lax.pmax(jnp.max(lg, axis=-1), TP_AXIS)
+    lse = jnp.log(psum(jnp.sum(jnp.exp(lg - m[..., None]), axis=-1))) + m
+    return lg - lse[..., None]
+
+
+def vocab_parallel_argmax(logits_local_btv, vocab_size: int):
+    """[B, T] int32: the global argmax of vocab-sharded logits (lowest index on ties, as np.argmax)."""
+    vl = logits_local_btv.shape[-1]
+    start = jax.lax.axis_index(TP_AXIS) * vl
+    lg = jnp.where(start + jnp.arange(vl) < vocab_size, logits_local_btv.astype(jnp.float32), -jnp.inf)
+    local_max = jnp.max(lg, axis=-1)
+    m = jax.lax.pmax(local_max, TP_AXIS)
+    idx = jnp.where(local_max >= m, start + jnp.argmax(lg, axis=-1), jnp.iinfo(jnp.int32).max)
+    return jax.lax.pmin(idx.astype(jnp.int32), TP_AXIS)
