@@ -39,6 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, help="B2B epochs")
     p.add_argument("--lr", type=float, help="B2B learning rate")
     p.add_argument("--distill-batch-size", type=int)
+    p.add_argument("--distill-inputs", choices=["teacher", "student"],
+                   help="B2B inputs: the unmodified model's hidden states (teacher, the paper) or, block by block "
+                        "in order, the treated model's own (student)")
     p.add_argument("--save-every", type=int, help="B2B steps between checkpoints")
     p.add_argument("--no-head-grouping", action="store_true")
     p.add_argument("--dtype", choices=["float32", "bfloat16"])
@@ -73,7 +76,7 @@ def main(argv=None) -> int:
         "sensitivity": args.sensitivity, "dtype": args.dtype, "emulate": args.emulate,
         "head_grouping": False if args.no_head_grouping else None,
         "distill.epochs": args.epochs, "distill.lr": args.lr,
-        "distill.batch_size": args.distill_batch_size, "save_every": args.save_every})
+        "distill.batch_size": args.distill_batch_size, "distill.inputs": args.distill_inputs, "save_every": args.save_every})
     report = run_pipeline(pc, args.out, resume=args.resume, progress=not args.no_progress)
     from spd_jax.distributed import is_main_process
 

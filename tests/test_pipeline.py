@@ -276,3 +276,33 @@ def test_resume_after_kill_gives_the_same_parameters(tokenized_tiny, tmp_path):
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["spd_blocks"] == [0, 1, 2]
+
+
+def test_b2b_on_student_inputs_trains_each_block_on_the_treated_models_states(tokenized_tiny, tmp_path):
+    """distill.inputs=student: block i learns on the hidden state that the model with the SPD plan and the
+    already distilled blocks 0..i-1 produces. Checked against a full forward of the final model (blocks
+    before i are final when block i starts), not against the pipeline's own propagation."""
+    from spd_jax.data import DataSpec, calibration_tokens
+    from spd_jax.pipeline.run import PipelineConfig, run_pipeline
+
+    model, corpus = tokenized_tiny
+    pc = PipelineConfig(model=str(model), tp=2, emulate=False, data=str(corpus), calib_samples=4, calib_len=16,
+                        eval_tokens=64, ratio=1.0, tau1=-1e9, tau2=1e9, head_grouping=False,
+                        distill=DistillConfig(epochs=2, batch_size=2, lr=1e-5, inputs="student"))
+    report = run_pipeline(pc, tmp_path / "run", progress=False)
+    b2b = report["distillation"]
+    assert sorted(b2b) == ["0", "1", "2"] and all(v["inputs"] == "student" for v in b2b.values())
+    lm, eng, orig = _setup(model, 2)
+    final, _ = load_checkpoint_params(tmp_path / "run" / "checkpoint", eng)
+    tok = lm.tokenizer()
+    calib = calibration_tokens(DataSpec(str(corpus), 4, 16, 0), tok, lm.cfg.eos_token_ids[0])
+    modes = (True, True, True)
+    fwd = jax.jit(eng.forward(modes, return_hidden=True))
+    h_student = [np.asarray(h) for h in fwd(final, calib, np.zeros((4,), np.int32), None, 0)[2]]
+    ops = ModelOps(eng, batch_size=2)
+    h_teacher = ops.hidden_states(orig, calib)
+    d = BlockDistiller(ops, DistillConfig(batch_size=2))
+    for i in range(3):  # block i's initial error: its original weights on the treated model's input
+        want = d.mse(orig["layers"][i], h_student[i].astype(h_teacher.dtype), h_teacher[i + 1])
+        assert b2b[str(i)]["initial_mse"] == pytest.approx(want, rel=1e-4)
+    assert b2b["1"]["initial_mse"] != pytest.approx(d.mse(orig["layers"][1], h_teacher[1], h_teacher[2]), rel=1e-3)

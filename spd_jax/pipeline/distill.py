@@ -43,6 +43,9 @@ class DistillConfig:
     warmup_steps: int = 0
     diverge_factor: float = 10.0  # stop if a batch's loss > factor * the same samples' loss before training
     seed: int = 0
+    # teacher: each block learns on the unmodified model's hidden states (the paper); student: blocks in
+    # order, each on the treated model's own hidden states (docs/spd_pipeline.md)
+    inputs: Literal["teacher", "student"] = "teacher"
 
     def validate(self, where: str = "distill") -> None:
         check_types(self, where)

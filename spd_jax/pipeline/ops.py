@@ -109,3 +109,13 @@ class ModelOps:
 
             self._block[spd] = self.engine.sharded(shard, (self.block_specs, P()), P())
         return self._block[spd]
+
+    def apply_block(self, bp, x_ntd: np.ndarray, spd: bool) -> np.ndarray:
+        """One block's output on host inputs, in batches of `batch_size`, as a host array of x's dtype."""
+        key = ("apply", spd)
+        if key not in self._block:
+            block, dtype = self.block_fn(spd), self.mdef.dtype
+            self._block[key] = jax.jit(lambda p, x: block(p, x.astype(dtype)))
+        f, rep = self._block[key], self.engine.replicate
+        return np.concatenate([np.asarray(to_host(f(bp, rep(x_ntd[s:s + self.batch_size]))), x_ntd.dtype)
+                               for s in range(0, len(x_ntd), self.batch_size)])

@@ -298,35 +298,43 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
     # ---- block-to-block distillation for chosen SB/ESB blocks
     t0 = time.time()
     b2b_blocks = [b["index"] for b in plan["blocks"] if b["mode"] == "spd" and b["class"] in ("SB", "ESB")]
-    if dc.epochs > 0:
-        for i in b2b_blocks:
-            if str(i) in state["b2b"]:
-                continue
-            cur = state.get("b2b_current") or {}
-            start_step = cur.get("step", 0) if cur.get("block") == i else 0
-            losses = cur.get("losses", []) if cur.get("block") == i else []
+    if dc.epochs > 0 and b2b_blocks:
+        # distill.inputs: "teacher" (the paper): every block learns on the unmodified model's hidden states;
+        # "student": blocks are distilled in order, each on the hidden states the already treated model
+        # (SPD plan + distilled/regrouped blocks before it) produces, so it also learns to correct the
+        # error accumulated upstream. Targets are the teacher's outputs either way.
+        x_student = h_cal[0] if dc.inputs == "student" else None
+        for i in range(max(b2b_blocks) + 1):
+            if i in b2b_blocks and str(i) not in state["b2b"]:
+                x_in = h_cal[i] if x_student is None else x_student
+                cur = state.get("b2b_current") or {}
+                start_step = cur.get("step", 0) if cur.get("block") == i else 0
+                losses = cur.get("losses", []) if cur.get("block") == i else []
 
-            def on_step(step, bp, ost, losses_, initial, i=i):
-                nonlocal params
-                if step % pc.save_every == 0:
-                    params = _with_block(params, i, bp)
-                    state["b2b_current"] = {"block": i, "step": step, "losses": list(losses_), "initial_mse": initial}
-                    save(ost)
-                    _log(f"[checkpoint] saved block {i} step {step}")
+                def on_step(step, bp, ost, losses_, initial, i=i):
+                    nonlocal params
+                    if step % pc.save_every == 0:
+                        params = _with_block(params, i, bp)
+                        state["b2b_current"] = {"block": i, "step": step, "losses": list(losses_),
+                                                "initial_mse": initial}
+                        save(ost)
+                        _log(f"[checkpoint] saved block {i} step {step}")
 
-            res = distiller.distill(i, _block_of(params, i), h_cal[i], h_cal[i + 1], start_step=start_step,
-                                    opt_state=opt_state if start_step else None, losses=losses,
-                                    initial=cur.get("initial_mse") if start_step else None,
-                                    on_step=on_step, progress=progress)
-            opt_state = None
-            params = _with_block(params, i, res.params)
-            state["b2b"][str(i)] = {"status": res.status, "initial_mse": res.initial_mse, "final_mse": res.final_mse,
-                                    "steps": len(res.losses), "losses": res.losses, "message": res.message,
-                                    "lr": dc.lr_for(cfg.arch)}
-            state["b2b_current"] = None
-            save()
-            _log(f"[B2B] block {i}: MSE {res.initial_mse:.4g} -> {res.final_mse:.4g} ({res.status})"
-                 + (f" {res.message}" if res.message else ""))
+                res = distiller.distill(i, _block_of(params, i), x_in, h_cal[i + 1], start_step=start_step,
+                                        opt_state=opt_state if start_step else None, losses=losses,
+                                        initial=cur.get("initial_mse") if start_step else None,
+                                        on_step=on_step, progress=progress)
+                opt_state = None
+                params = _with_block(params, i, res.params)
+                state["b2b"][str(i)] = {"status": res.status, "initial_mse": res.initial_mse,
+                                        "final_mse": res.final_mse, "steps": len(res.losses), "losses": res.losses,
+                                        "message": res.message, "lr": dc.lr_for(cfg.arch), "inputs": dc.inputs}
+                state["b2b_current"] = None
+                save()
+                _log(f"[B2B] block {i}: MSE {res.initial_mse:.4g} -> {res.final_mse:.4g} ({res.status})"
+                     + (f" {res.message}" if res.message else ""))
+            if x_student is not None and i < max(b2b_blocks):  # the treated model's input to block i + 1
+                x_student = ops.apply_block(_block_of(params, i), x_student, modes[i])
     timings["distill_s"] = time.time() - t0
 
     state["ppl"]["final"] = ppls(modes, params)
