@@ -49,11 +49,14 @@ class ModelOps:
         fwd = self.engine.forward((False,) * self.n_layers, return_hidden=True)
         return jax.jit(lambda p, t, pad: jnp.stack(fwd(p, t, pad, None, jnp.int32(0))[2]))
 
-    def hidden_states(self, params: Params, tokens_nt: np.ndarray) -> np.ndarray:
+    def hidden_states(self, params: Params, tokens_nt: np.ndarray, progress: bool = False,
+                      desc: str = "teacher hidden states") -> np.ndarray:
         """[L+1, N, T, D] on host, in the model dtype: inputs of blocks 0..L-1 and the last block's output."""
+        from tqdm.auto import tqdm
+
         outs = []
-        pad = np.zeros((0,), np.int32)
-        for sl in batches(len(tokens_nt), self.batch_size):
+        for sl in tqdm(list(batches(len(tokens_nt), self.batch_size)), desc=desc, disable=not progress,
+                       unit="batch"):
             t = tokens_nt[sl]
             pad = np.zeros((len(t),), np.int32)
             outs.append(to_host(self._hidden_fn(params, self.engine.replicate(t), self.engine.replicate(pad))))

@@ -193,8 +193,8 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
     orig = load_params(engine, lm.source)
     ops = ModelOps(engine, pc.batch_size)
     t0 = time.time()
-    h_cal = ops.hidden_states(orig, calib)
-    h_ev = ops.hidden_states(orig, ev)
+    h_cal = ops.hidden_states(orig, calib, progress, "teacher hidden states (calibration)")
+    h_ev = ops.hidden_states(orig, ev, progress, "teacher hidden states (evaluation)")
     timings["hidden_states_s"] = time.time() - t0
 
     state: dict[str, Any] = {"tp": pc.tp, "config": dataclasses.asdict(pc), "stage": "start", "hg": {}, "b2b": {},
