@@ -201,7 +201,8 @@ class Generator:
         """Compile prefill and decode ahead of time for prompts of up to `prompt_len` tokens (the same
         bucket) without running them. Safe to call from several threads at once for different
         generators (XLA compiles in parallel; nothing executes), which is how the benchmark compiles
-        its SPD configurations."""
+        its SPD configurations. Inputs are abstract (no `device_put`): in a multi-process run a real
+        placement checks equality across processes, a collective that threads must not interleave."""
         gen.validate()
         t_pad, max_len = self._padded_lengths(prompt_len, gen.max_new_tokens)
         key = self._compiled_key(gen, batch, t_pad, max_len)
@@ -215,8 +216,8 @@ class Generator:
         cache = jax.eval_shape(lambda: eng.init_cache(batch, max_len))
         if not eng.emulate:
             cache = placed(cache, eng.cache_shardings())
-        tokens = eng.replicate(np.zeros((batch, t_pad), np.int32))
-        pad = eng.replicate(np.zeros((batch,), np.int32))
+        tokens = eng.replicated_spec((batch, t_pad), jnp.int32)
+        pad = eng.replicated_spec((batch,), jnp.int32)
         rng = jax.random.PRNGKey(0)
         prefill = self._prefill_fn(gen).lower(self.params, tokens, pad, cache, rng).compile()
         first_sh, cache_sh = prefill.output_shardings

@@ -244,6 +244,13 @@ class Engine:
             return jnp.asarray(x)
         return jax.device_put(x, named(self.mesh, P()))
 
+    def replicated_spec(self, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
+        """The abstract counterpart of `replicate` (for ahead-of-time lowering). Unlike `replicate`, it
+        runs no cross-process check, so compiling from several threads cannot interleave collectives."""
+        if self.emulate:
+            return jax.ShapeDtypeStruct(shape, dtype)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=named(self.mesh, P()))
+
     @functools.cached_property
     def _logits_jit(self):
         return {}

@@ -219,6 +219,7 @@ def test_campaign_script_runs_each_interconnect_and_tabulates_the_measured_rows(
                          BENCH_ARGS="--prompt-len 16 --new-tokens 4 --repeats 2 --allreduce-sizes 8192 "
                                     "--dtype float32")
     for ic in ("nvlink", "net"):
+        assert f"tiny-tp2-{ic}-1proc.json" in files, files.get("campaign.log", "")[-4000:]
         d = json.loads(files[f"tiny-tp2-{ic}-1proc.json"])
         lc = d["link_check"]
         label = {"reference": "NVLINK (1 proc/device)", "not slower": "NET (1 proc/device, NOT slower than nvlink)",
