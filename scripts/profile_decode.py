@@ -151,11 +151,11 @@ def main():
         from spd_jax.runtime import fuse_projections
 
         engine, params = fuse_projections(engine, params)
-    if args.floor:
-        import dataclasses
+    from spd_jax.plan import SyncPlan
 
-        engine = dataclasses.replace(engine, floor=True)
-    gen = Generator(engine, params, (args.spd,) * cfg.n_layers)
+    L = cfg.n_layers
+    plan = SyncPlan.floor(L) if args.floor else SyncPlan.all_spd(L) if args.spd else SyncPlan.sync(L)
+    gen = Generator(engine, params, plan)
     gcfg = GenerationConfig(max_new_tokens=args.new_tokens, stop_at_eos=False, decode_chunk=args.decode_chunk)
     prompt = [list(np.random.RandomState(0).randint(3, cfg.vocab_size, size=128))]
     gen.generate(prompt, gcfg)

@@ -114,16 +114,11 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 
 def param_count(name: str) -> int:
-    """Number of weights of a named shape (no JAX needed: usable before the backend starts)."""
-    d = SHAPES[name]
-    h, hd, inter, opt = d["hidden"], d["head_dim"], d["intermediate"], d["arch"] == "opt"
-    q_kv = hd * (d["n_heads"] + 2 * d["n_kv_heads"])
-    attn = h * (q_kv + d["n_heads"] * hd) + (q_kv + h if opt else 0)  # q/k/v/o (+ their biases)
-    mlp = (2 * h * inter + inter + h) if opt else 3 * h * inter  # fc1/fc2 with biases, or gate/up/down
-    norms = (2 if opt else 1) * h  # LayerNorm scale+bias, or RMSNorm scale
-    embed = d["vocab_size"] * h * (1 if opt else 2)  # OPT ties its LM head
-    extra = (d["max_position"] + 2) * h if opt else 0  # OPT's learned positions (offset 2)
-    return d["n_layers"] * (attn + mlp + 2 * norms) + norms + embed + extra
+    """Number of weights of a named shape, read from the model's declared parameter layout (abstract
+    shapes only: no device is touched, so it is usable before the backend starts)."""
+    from spd_jax.runtime import build_model_def
+
+    return build_model_def(shape_config(name), 1).param_count()
 
 
 def memory_fraction(weight_gib_per_device: float, card_gib: float | None, headroom_gib: float = 8.0) -> float | None:
@@ -162,7 +157,7 @@ def shape_config(name: str) -> ModelConfig:
     d = dict(SHAPES[name])
     opt = d["arch"] == "opt"
     return ModelConfig(**d, rope=None if opt else RopeConfig(theta=10000.0), tie_embeddings=opt, qkv_bias=opt,
-                       o_bias=opt, mlp_bias=opt, eos_token_ids=())
+                       o_bias=opt, eos_token_ids=())
 
 
 def random_params(engine: Engine, seed: int = 0):
@@ -185,11 +180,6 @@ def random_params(engine: Engine, seed: int = 0):
         return draws[kind](key)
 
     return treedef.unflatten([draw(k, a, sh) for k, a, sh in zip(keys, leaves, shard_leaves)])
-
-
-def modes_for_ratio(n_layers: int, ratio: float) -> tuple[bool, ...]:
-    n = int(round(ratio * n_layers))
-    return tuple(i >= n_layers - n for i in range(n_layers))
 
 
 @dataclasses.dataclass
@@ -248,18 +238,24 @@ def time_generation(gen: Generator, batch: int, prompt_len: int, new_tokens: int
         ttft.append(r.ttft_s * 1e3)
         dec.append(r.decode_s * 1e3 / max(new_tokens - 1, 1))
     tpot = float(np.median(dec))
-    return Timing(label, sum(gen.spd_modes), float(np.median(ttft)), tpot, float(np.median(e2e)),
+    return Timing(label, gen.plan.n_spd, float(np.median(ttft)), tpot, float(np.median(e2e)),
                   batch * 1e3 / tpot, ttft, e2e)
 
 
-def allreduce_microbench(mesh, sizes_bytes=(8 << 10, 1 << 20, 64 << 20), repeats: int = 20) -> list[dict]:
+def allreduce_microbench(mesh, sizes_bytes=(8 << 10, 1 << 20, 64 << 20), repeats: int = 20,
+                         methods: tuple[str, ...] = ()) -> list[dict]:
     """Latency and bus bandwidth of a bf16 psum over the tp axis, per message size, measured two ways.
 
     * `median_us`: one jitted all-reduce timed from the host (includes dispatch and synchronisation);
     * `in_loop_us`: the marginal cost of one all-reduce inside an on-device loop of dependent
       all-reduces, ((time of K+1 iterations) - (time of 1)) / K, the way the decode loop pays for them.
-    Bus bandwidth is computed from the in-loop time."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    Bus bandwidth is computed from the in-loop time. `methods`: all-reduce implementations
+    (collectives.METHODS) whose in-loop cost is measured the same way (`in_loop_us_by_method`, `fastest`):
+    the measured choice table of size x link -> method."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from spd_jax.collectives import AllReduce
 
     n = mesh.devices.size
 
@@ -279,21 +275,30 @@ def allreduce_microbench(mesh, sizes_bytes=(8 << 10, 1 << 20, 64 << 20), repeats
         f = jax.jit(jax.shard_map(lambda a: jax.lax.psum(a, "tp"), mesh=mesh, in_specs=P("tp", None),
                                   out_specs=P(None, None)))
 
-        def chain(k):
+        def chain(k, method="psum"):
             # k dependent all-reduces (each scaled back by 1/n so values stay finite). k is static, so XLA
             # knows the trip count and (as in the decode loop's fixed-length chunks) needs no per-iteration
             # read of the loop predicate by the host. The carry's type changes from device-varying to
             # replicated, hence check_vma=False for this microbenchmark only.
-            body = lambda a: jax.lax.fori_loop(0, k, lambda _, c: jax.lax.psum(c, "tp") * (1.0 / n), a)
+            how = AllReduce(method, max_bytes=1 << 62)
+            body = lambda a: jax.lax.fori_loop(0, k, lambda _, c: how(c, "tp") * (1.0 / n), a)  # noqa: E731
             return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("tp", None), out_specs=P("tp", None),
                                          check_vma=False))
 
         k_many = 64 if size <= (1 << 20) else 8
+
+        def in_loop(method="psum"):
+            t_one, t_many = host_time(chain(1, method), x), host_time(chain(k_many + 1, method), x)
+            return max(t_many - t_one, 0.0) / k_many
+
         t = host_time(f, x)
-        t_one, t_many = host_time(chain(1), x), host_time(chain(k_many + 1), x)
-        t_loop = max(t_many - t_one, 0.0) / k_many
+        t_loop = in_loop()
         busbw = 2 * (n - 1) / n * size / t_loop if n > 1 and t_loop > 0 else float("nan")
-        out.append({"bytes": size, "median_us": t * 1e6, "in_loop_us": t_loop * 1e6, "bus_GBps": busbw / 1e9})
+        row = {"bytes": size, "median_us": t * 1e6, "in_loop_us": t_loop * 1e6, "bus_GBps": busbw / 1e9}
+        if methods:
+            row["in_loop_us_by_method"] = {m: (t_loop if m == "psum" else in_loop(m)) * 1e6 for m in methods}
+            row["fastest"] = min(row["in_loop_us_by_method"], key=row["in_loop_us_by_method"].get)
+        out.append(row)
     return out
 
 

@@ -8,16 +8,27 @@ import sys
 from typing import Any
 
 
-def common_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML run config (configs/*.yaml); flags override it")
+def model_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that say which model runs and how it is split, the same for every command that loads one
+    (infer, evaluate, train_distill); each overrides the YAML config's field of the same name."""
     p.add_argument("--model", help="HF model directory, .gguf file, or 'embedded' (default)")
     p.add_argument("--tp", type=int, help="tensor-parallel degree")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"])
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--emulate", dest="emulate", action="store_true", default=None,
+                   help="run the N-way TP maths on one device (vmap over shards) instead of N devices")
+    g.add_argument("--no-emulate", dest="emulate", action="store_false", help="real TP over N devices")
+
+
+def common_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML run config (configs/*.yaml); flags override it")
+    model_flags(p)
     p.add_argument("--spd-blocks", help="blocks that drop the attention sync: 'all', 'none', or e.g. '0,2,5-9'")
     p.add_argument("--spd-plan", help="plan.json written by launch/train_distill.py (overrides --spd-blocks)")
     p.add_argument("--checkpoint", help="output dir of launch/train_distill.py: distilled weights + its plan")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"])
-    p.add_argument("--emulate", action="store_true", default=None,
-                   help="run the N-way TP maths on one device (vmap over shards) instead of N devices")
+    p.add_argument("--allreduce", choices=["psum", "gather", "a2a"],
+                   help="how the block all-reduces are done: NCCL's psum (default) or a one-shot exchange for small "
+                        "messages (docs/benchmarks.md has the measured choice per link)")
     p.add_argument("--fused-projections", action="store_true", default=None,
                    help="q/k/v and gate/up as single GEMMs at inference (same maths, fewer kernels)")
     from spd_jax.distributed import add_distributed_args
@@ -39,7 +50,8 @@ def run_config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None 
     overrides = {"model": args.model, "tp": args.tp, "spd_blocks": args.spd_blocks, "spd_plan": args.spd_plan,
                  "checkpoint": getattr(args, "checkpoint", None),
                  "dtype": args.dtype, "emulate": args.emulate,
-                 "fused_projections": getattr(args, "fused_projections", None), **(extra or {})}
+                 "fused_projections": getattr(args, "fused_projections", None),
+                 "allreduce": getattr(args, "allreduce", None), **(extra or {})}
     return load_run_config(args.config, overrides)
 
 

@@ -75,7 +75,7 @@ def check_types(obj: Any, where: str) -> None:
             raise ConfigError(f"{where}: {f.name} must be a finite number, got {v}")
 
 
-Arch = Literal["llama", "qwen2", "opt"]
+Arch = Literal["llama", "mistral", "qwen2", "qwen3", "opt"]  # the entries of spd_jax.arch.FAMILIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,14 +104,17 @@ class ModelConfig:
     tie_embeddings: bool = False
     qkv_bias: bool = False  # qwen2 and OPT
     o_bias: bool = False  # OPT
-    mlp_bias: bool = False  # OPT (fc1/fc2)
+    sliding_window: int | None = None  # Mistral: a query attends to the last `sliding_window` positions
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
 
     @property
-    def is_opt(self) -> bool:
-        return self.arch == "opt"
+    def family(self):
+        """The architecture's table entry (spd_jax.arch.Family): norm, MLP, positions, names."""
+        from spd_jax.arch import family
+
+        return family(self.arch)
 
     def validate(self) -> None:
         if self.n_heads % self.n_kv_heads:
@@ -119,6 +122,10 @@ class ModelConfig:
         for name in ("vocab_size", "hidden", "n_layers", "n_heads", "head_dim", "intermediate"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(f"model config: sliding_window must be >= 1 or null, got {self.sliding_window}")
+        if (self.rope is None) != (self.family.positions == "learned"):
+            raise ConfigError(f"model config: {self.arch} uses {self.family.positions} positions, rope={self.rope}")
 
 
 def _rope_from_hf(hf: Any) -> RopeConfig:
@@ -148,11 +155,11 @@ def _eos_ids(hf: Any) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
 
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "opt")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "opt")
 
 
 def model_config_from_hf(hf: Any) -> ModelConfig:
-    """Build a ModelConfig from a transformers PretrainedConfig (LLaMA, Qwen2 or OPT)."""
+    """Build a ModelConfig from a transformers PretrainedConfig (LLaMA, Mistral, Qwen2, Qwen3 or OPT)."""
     mt = getattr(hf, "model_type", None)
     if mt not in SUPPORTED_ARCHS:
         raise ConfigError(f"unknown architecture {mt!r}: spd-jax supports {', '.join(SUPPORTED_ARCHS)}")
@@ -183,7 +190,6 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
             tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
             qkv_bias=True,
             o_bias=True,
-            mlp_bias=True,
             **common,
         )
     else:
@@ -192,6 +198,13 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
         if getattr(hf, "mlp_bias", False):
             raise ConfigError("llama with mlp_bias=True is not supported")
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        window = None
+        if mt == "mistral":
+            window = getattr(hf, "sliding_window", None)
+        elif mt in ("qwen2", "qwen3") and getattr(hf, "use_sliding_window", False):
+            raise ConfigError(f"{mt} with use_sliding_window=True (per-layer windows) is not supported")
+        elif getattr(hf, "sliding_window", None) is not None and mt == "llama":
+            window = hf.sliding_window  # a LLaMA-arch GGUF of a Mistral model that records its window
         cfg = ModelConfig(
             arch=mt,
             n_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
@@ -202,7 +215,8 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
             rope=_rope_from_hf(hf),
             tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             qkv_bias=(mt == "qwen2") or bool(getattr(hf, "attention_bias", False)),
-            o_bias=(mt == "llama") and bool(getattr(hf, "attention_bias", False)),
+            o_bias=(mt in ("llama", "qwen3")) and bool(getattr(hf, "attention_bias", False)),
+            sliding_window=None if window is None else int(window),
             **common,
         )
     cfg.validate()
@@ -247,6 +261,10 @@ class RunConfig:
     spd_attn_bias: Literal["full", "none"] = "full"  # see docs/design.md (OPT bias in the MLP input)
     emulate: bool = False  # run N-way TP on one device (vmap over shards) instead of N devices
     fused_projections: bool = False  # q/k/v and gate/up as single GEMMs at inference (runtime.fuse_projections)
+    # the block all-reduces: NCCL's psum, or a one-shot exchange for messages of at most allreduce_max_bytes
+    # (spd_jax/collectives.py; `launch/bench.py --allreduce-methods` measures which is faster on a link)
+    allreduce: Literal["psum", "gather", "a2a"] = "psum"
+    allreduce_max_bytes: int = 1 << 20
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
 
     def validate(self) -> None:
@@ -257,6 +275,8 @@ class RunConfig:
             raise ConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.spd_attn_bias not in ("full", "none"):
             raise ConfigError(f"spd_attn_bias must be 'full' or 'none', got {self.spd_attn_bias!r}")
+        if self.allreduce_max_bytes < 0:
+            raise ConfigError(f"allreduce_max_bytes must be >= 0, got {self.allreduce_max_bytes}")
         self.generation.validate()
 
 

@@ -21,8 +21,6 @@ import time
 
 import jax
 
-ENV_HINTS = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
-
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("multi-process (jax.distributed)")

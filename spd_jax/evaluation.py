@@ -20,8 +20,14 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from spd_jax.distributed import to_host
-from spd_jax.model import (psum, vocab_parallel_argmax, vocab_parallel_is_argmax, vocab_parallel_log_softmax,
-                           vocab_parallel_nll)
+from spd_jax.model import (
+    psum,
+    vocab_parallel_argmax,
+    vocab_parallel_is_argmax,
+    vocab_parallel_log_softmax,
+    vocab_parallel_nll,
+)
+from spd_jax.plan import SyncPlan
 from spd_jax.runtime import Engine, Params
 
 
@@ -41,27 +47,28 @@ class TaskResult:
 
 
 class Scorer:
-    """Token log-likelihoods for any engine/params/SPD modes, batched and jitted per (modes, shape)."""
+    """Token log-likelihoods for any engine/params/sync plan, batched and jitted per (plan, shape)."""
 
-    def __init__(self, engine: Engine, params: Params, spd_modes: Sequence[bool], batch_size: int = 16,
+    def __init__(self, engine: Engine, params: Params, plan: SyncPlan, batch_size: int = 16,
                  bucket: int = 32):
         self.engine, self.params = engine, params
-        self.modes = tuple(bool(m) for m in spd_modes)
+        self.plan = plan.check(engine.mdef.cfg.n_layers)
         self.batch_size, self.bucket = batch_size, bucket
         self._fn = None
 
     def _nll_fn(self):
         if self._fn is None:
-            graphdef, modes, bias = self.engine.mdef.graphdef, self.modes, self.engine.spd_attn_bias
+            graphdef, plan = self.engine.mdef.graphdef, self.plan
             vocab = self.engine.mdef.cfg.vocab_size
 
             def shard(params, tokens, pad):
                 model = nnx.merge(graphdef, params)
-                logits, _ = model(tokens, pad, None, 0, spd_modes=modes, spd_attn_bias=bias)
+                logits, _ = model(tokens, pad, None, 0, plan=plan)
                 lg, tg = logits[:, :-1], tokens[:, 1:]
                 return vocab_parallel_nll(lg, tg, vocab), vocab_parallel_is_argmax(lg, tg, vocab)
 
-            f = self.engine.sharded(shard, (self.engine.mdef.specs(), P(), P()), (P(), P()))
+            f = self.engine.sharded(shard, (self.engine.mdef.specs(), P(), P()), (P(), P()),
+                                    check_vma=plan.allreduce.checkable)
             self._fn = jax.jit(f)
         return self._fn
 
@@ -97,7 +104,7 @@ def perplexity(scorer: Scorer, windows_nt: np.ndarray) -> float:
     return float(math.exp(np.concatenate(nll).mean()))
 
 
-def divergence_from_reference(engine: Engine, ref_params: Params, params: Params, spd_modes: Sequence[bool],
+def divergence_from_reference(engine: Engine, ref_params: Params, params: Params, plan: SyncPlan,
                               windows_nt: np.ndarray, batch_size: int = 8) -> dict:
     """How far a (SPD, distilled) model's next-token distribution is from the unmodified model's, on text.
 
@@ -106,13 +113,13 @@ def divergence_from_reference(engine: Engine, ref_params: Params, params: Params
     over every position of every window. Unlike perplexity or a multiple-choice accuracy near chance, this
     shows small changes on small models. Computed inside the TP shards (vocab-parallel); the
     full-vocabulary distributions are never gathered."""
-    graphdef, bias = engine.mdef.graphdef, engine.spd_attn_bias
-    modes, sync = tuple(bool(m) for m in spd_modes), (False,) * engine.mdef.cfg.n_layers
+    graphdef = engine.mdef.graphdef
+    plan, sync = plan.check(engine.mdef.cfg.n_layers), SyncPlan.sync(engine.mdef.cfg.n_layers)
     vocab = engine.mdef.cfg.vocab_size
 
     def shard(ref_p, p, tokens, pad):
-        lg_ref, _ = nnx.merge(graphdef, ref_p)(tokens, pad, None, 0, spd_modes=sync, spd_attn_bias=bias)
-        lg, _ = nnx.merge(graphdef, p)(tokens, pad, None, 0, spd_modes=modes, spd_attn_bias=bias)
+        lg_ref, _ = nnx.merge(graphdef, ref_p)(tokens, pad, None, 0, plan=sync)
+        lg, _ = nnx.merge(graphdef, p)(tokens, pad, None, 0, plan=plan)
         lp_ref, lp = vocab_parallel_log_softmax(lg_ref, vocab), vocab_parallel_log_softmax(lg, vocab)
         terms = jnp.where(jnp.isfinite(lp_ref), jnp.exp(lp_ref) * (lp_ref - lp), 0.0)
         kl = psum(jnp.sum(terms, axis=-1))
@@ -120,7 +127,7 @@ def divergence_from_reference(engine: Engine, ref_params: Params, params: Params
         return kl, agree
 
     specs = engine.mdef.specs()
-    f = jax.jit(engine.sharded(shard, (specs, specs, P(), P()), (P(), P())))
+    f = jax.jit(engine.sharded(shard, (specs, specs, P(), P()), (P(), P()), check_vma=plan.allreduce.checkable))
     kls, agrees = [], []
     rep = engine.replicate
     for s in range(0, len(windows_nt), batch_size):

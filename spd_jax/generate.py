@@ -21,6 +21,7 @@ import numpy as np
 
 from spd_jax.config import ConfigError, GenerationConfig
 from spd_jax.distributed import to_host
+from spd_jax.plan import SyncPlan
 from spd_jax.runtime import Engine, Params
 
 PAD_ID = 0
@@ -67,12 +68,12 @@ def _round_up(n: int, m: int) -> int:
 
 
 class Generator:
-    """Jitted prefill + decode for one engine, parameter set and SPD configuration."""
+    """Jitted prefill + decode for one engine, parameter set and sync plan."""
 
-    def __init__(self, engine: Engine, params: Params, spd_modes: Sequence[bool], *, bucket: int = 16):
+    def __init__(self, engine: Engine, params: Params, plan: SyncPlan, *, bucket: int = 16):
         self.engine = engine
         self.params = params
-        self.spd_modes = tuple(bool(m) for m in spd_modes)
+        self.plan = plan.check(engine.mdef.cfg.n_layers)
         self.cfg = engine.mdef.cfg
         self.bucket = bucket
         self._prefill = {}
@@ -82,7 +83,7 @@ class Generator:
     def _prefill_fn(self, gen: GenerationConfig):
         key = (gen.temperature, gen.top_k, gen.top_p)
         if key not in self._prefill:
-            fwd = self.engine.forward(self.spd_modes, attend_cache=False, with_cache=True)
+            fwd = self.engine.forward(self.plan, attend_cache=False, with_cache=True)
 
             def prefill(params, tokens, pad, cache, rng):
                 logits, cache = fwd(params, tokens, pad, cache, jnp.int32(0))
@@ -96,7 +97,7 @@ class Generator:
     def _decode_fn(self, gen: GenerationConfig, max_new: int):
         key = (gen.temperature, gen.top_k, gen.top_p, max_new, gen.stop_at_eos, gen.decode_chunk)
         if key not in self._decode:
-            fwd = self.engine.forward(self.spd_modes, attend_cache=True, with_cache=True)
+            fwd = self.engine.forward(self.plan, attend_cache=True, with_cache=True)
             eos = jnp.asarray(self.cfg.eos_token_ids or (-1,), jnp.int32)
             steps = max_new - 1  # the first token comes from the prefill
             chunk = max(1, min(gen.decode_chunk, steps)) if steps > 0 else 1
@@ -226,7 +227,3 @@ class Generator:
         decode = self._decode_fn(gen, gen.max_new_tokens).lower(self.params, cache, first, pad, jnp.int32(t_pad),
                                                                  rng).compile()
         self._compiled[key] = (prefill, decode)
-
-    def warmup(self, gen: GenerationConfig, prompt_len: int = 8, batch: int = 1):
-        """Compile prefill and decode for this shape class (so timings exclude compilation)."""
-        self.generate([[1] * prompt_len] * batch, dataclasses.replace(gen, stop_at_eos=False))

@@ -18,7 +18,9 @@ from typing import Any
 from spd_jax.config import ConfigError
 
 # GGUF `general.architecture` -> transformers model_type, for the families spd-jax runs.
-GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2"}
+# A Mistral model is a "llama" GGUF (llama.cpp converts it so); its sliding window, when the file records
+# one under `llama.attention.sliding_window`, is applied.
+GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 # Pre-tokenizer split rules by `tokenizer.ggml.pre` (as transformers' GGUF converter and llama.cpp use
 # them); a kind not listed splits with GPT-2's rule (the byte-level default).
@@ -71,7 +73,9 @@ def hf_config(path: str | Path) -> types.SimpleNamespace:
         rope.update(rope_type="linear", factor=float(get("rope.scaling.factor")))
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab = get("vocab_size", len(tokens) if tokens is not None else None)
-    return types.SimpleNamespace(
+    window = get("attention.sliding_window", None, required=False)
+    extra = {"sliding_window": int(window)} if window is not None and arch == "llama" else {}
+    return types.SimpleNamespace(**extra,
         model_type=GGUF_ARCHS[arch], vocab_size=int(vocab), hidden_size=hidden,
         num_hidden_layers=int(get("block_count")), num_attention_heads=heads,
         num_key_value_heads=int(get("attention.head_count_kv", heads, required=False)),

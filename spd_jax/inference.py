@@ -9,10 +9,9 @@ from typing import Any
 
 import jax
 
-from spd_jax.config import ConfigError, RunConfig, parse_block_spec
-from spd_jax.generate import GenerationResult, Generator
+from spd_jax.config import ConfigError, RunConfig
 from spd_jax.loading import LoadedModel, load_params, open_model
-from spd_jax.plan import load_plan, modes_from_plan
+from spd_jax.plan import SyncPlan, load_plan
 from spd_jax.runtime import Engine, Params, build_model_def
 
 
@@ -22,24 +21,16 @@ class Session:
     loaded: LoadedModel
     engine: Engine
     params: Params
-    spd_modes: tuple[bool, ...]
+    plan: SyncPlan
     tokenizer: Any
 
     @property
     def cfg(self):
         return self.loaded.cfg
 
-    def generator(self) -> Generator:
-        return Generator(self.engine, self.params, self.spd_modes)
-
     def encode(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         return list(ids)
-
-    def generate_text(self, prompts: list[str], gen=None) -> tuple[list[str], GenerationResult]:
-        gen = gen or self.run.generation
-        res = self.generator().generate([self.encode(p) for p in prompts], gen)
-        return [self.tokenizer.decode(t, skip_special_tokens=True) for t in res.tokens], res
 
 
 def checkpoint_dirs(path: str) -> tuple[Path, Path]:
@@ -50,22 +41,28 @@ def checkpoint_dirs(path: str) -> tuple[Path, Path]:
     return p, p / "checkpoint"
 
 
-def resolve_spd_modes(run: RunConfig, n_layers: int) -> tuple[bool, ...]:
+def resolve_plan(run: RunConfig, n_layers: int) -> SyncPlan:
+    """The run's SyncPlan: a checkpoint's plan.json, a plan file, or the `spd_blocks` spec."""
+    from spd_jax.collectives import AllReduce
+
+    bias, how = run.spd_attn_bias, AllReduce(run.allreduce, run.allreduce_max_bytes)
     if run.spd_plan is None and run.checkpoint:
         out, _ = checkpoint_dirs(run.checkpoint)
         if not (out / "plan.json").is_file():
             raise ConfigError(f"{out} has no plan.json next to its checkpoint")
-        return modes_from_plan(load_plan(out / "plan.json"), n_layers, where=str(out / "plan.json"))
-    if run.spd_plan:
-        return modes_from_plan(load_plan(run.spd_plan), n_layers, where=str(run.spd_plan))
-    return parse_block_spec(run.spd_blocks, n_layers)
+        plan = SyncPlan.from_plan(load_plan(out / "plan.json"), n_layers, bias, where=str(out / "plan.json"))
+    elif run.spd_plan:
+        plan = SyncPlan.from_plan(load_plan(run.spd_plan), n_layers, bias, where=str(run.spd_plan))
+    else:
+        plan = SyncPlan.from_spec(run.spd_blocks, n_layers, bias)
+    return plan.using(how)
 
 
 def open_session(run: RunConfig, *, params: Params | None = None, verbose: bool = False) -> Session:
     loaded = open_model(run.model)
-    modes = resolve_spd_modes(run, loaded.cfg.n_layers)
+    plan = resolve_plan(run, loaded.cfg.n_layers)
     mdef = build_model_def(loaded.cfg, run.tp, run.dtype)
-    engine = Engine.create(mdef, emulate=run.emulate, spd_attn_bias=run.spd_attn_bias)
+    engine = Engine.create(mdef, emulate=run.emulate)
     if params is None and run.checkpoint:
         from spd_jax.checkpoint import load_checkpoint_params
 
@@ -88,4 +85,4 @@ def open_session(run: RunConfig, *, params: Params | None = None, verbose: bool 
         from spd_jax.runtime import fuse_projections
 
         engine, params = fuse_projections(engine, params)
-    return Session(run, loaded, engine, params, modes, loaded.tokenizer())
+    return Session(run, loaded, engine, params, plan, loaded.tokenizer())

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import struct
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +24,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from spd_jax.arch import ParamInfo
 from spd_jax.config import ConfigError, ModelConfig, model_config_from_hf
 from spd_jax.runtime import Engine, ModelDef, Params, path_names
 
@@ -82,6 +82,8 @@ class SafetensorsFile:
 class TensorSource:
     """name -> lazily read numpy array (HF orientation and names)."""
 
+    naming = "hf"  # which checkpoint name of a parameter (arch.ParamInfo.hf / .gguf) this source answers to
+
     def names(self) -> set[str]:
         raise NotImplementedError
 
@@ -123,22 +125,6 @@ class SafetensorsSource(TensorSource):
         return self.files[self.where[name]].get(name)
 
 
-_GGUF_NAMES = [
-    (r"token_embd\.weight", "model.embed_tokens.weight"),
-    (r"output_norm\.weight", "model.norm.weight"),
-    (r"output\.weight", "lm_head.weight"),
-    (r"blk\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-    (r"blk\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"blk\.(\d+)\.attn_q\.(weight|bias)", r"model.layers.\1.self_attn.q_proj.\2"),
-    (r"blk\.(\d+)\.attn_k\.(weight|bias)", r"model.layers.\1.self_attn.k_proj.\2"),
-    (r"blk\.(\d+)\.attn_v\.(weight|bias)", r"model.layers.\1.self_attn.v_proj.\2"),
-    (r"blk\.(\d+)\.attn_output\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
-    (r"blk\.(\d+)\.ffn_gate\.weight", r"model.layers.\1.mlp.gate_proj.weight"),
-    (r"blk\.(\d+)\.ffn_up\.weight", r"model.layers.\1.mlp.up_proj.weight"),
-    (r"blk\.(\d+)\.ffn_down\.weight", r"model.layers.\1.mlp.down_proj.weight"),
-]
-
-
 def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's Q/K row permutation (convert_hf_to_gguf.py `permute`)."""
     dim = w.shape[0] // n_head // 2
@@ -146,7 +132,10 @@ def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 class GGUFSource(TensorSource):
-    """Dequantised tensors of a GGUF file, under Hugging Face names."""
+    """Dequantised tensors of a GGUF file, under their GGUF names (each parameter declares its GGUF name;
+    `arch.ParamInfo.gguf`). Shapes come back in the Hugging Face orientation ([out, in])."""
+
+    naming = "gguf"
 
     def __init__(self, path: Path, cfg: ModelConfig):
         import gguf
@@ -157,12 +146,7 @@ class GGUFSource(TensorSource):
             raise WeightLoadError(f"{path}: not a readable GGUF file: {type(e).__name__}: {e}") from None
         self._dequantize = gguf.dequantize
         self.cfg = cfg
-        self.tensors = {}
-        for t in self.reader.tensors:
-            for pat, rep in _GGUF_NAMES:
-                if re.fullmatch(pat, t.name):
-                    self.tensors[re.sub(pat, rep, t.name)] = t
-                    break
+        self.tensors = {t.name: t for t in self.reader.tensors}
         self._cache: tuple[str, np.ndarray] | None = None
 
     def names(self):
@@ -174,75 +158,41 @@ class GGUFSource(TensorSource):
         t = self.tensors[name]
         w = np.asarray(self._dequantize(t.data, t.tensor_type), dtype=np.float32)
         w = w.reshape(tuple(int(x) for x in reversed(t.shape)))  # ggml ne is [in, out]: reverse
-        if self.cfg.arch == "llama" and name.endswith("q_proj.weight"):
-            w = unpermute_rope(w, self.cfg.n_heads)
-        elif self.cfg.arch == "llama" and name.endswith("k_proj.weight"):
-            w = unpermute_rope(w, self.cfg.n_kv_heads)
         self._cache = (name, w)  # shards of one tensor are read one after another
         return w
 
 
-# ----------------------------------------------------------------------------- our layout <- HF names
+# ----------------------------------------------------------------------------- our layout <- checkpoint names
 
 
 @dataclasses.dataclass(frozen=True)
 class ParamSource:
-    hf_name: str
+    name: str  # tensor name in the source (HF or GGUF naming)
     transpose: bool = False
     maps: tuple[np.ndarray | None, ...] = ()  # per global dim: index into the (transposed) tensor, -1 = 0
+    rope_heads: int | None = None  # GGUF: undo llama.cpp's RoPE row permutation over this many heads
 
     def __hash__(self):
-        return hash(self.hf_name)
+        return hash(self.name)
 
 
-def _hf_name(cfg: ModelConfig, path: tuple) -> tuple[str, bool]:
-    """HF tensor name and whether it is a Linear weight ([out, in] -> transpose)."""
-    opt = cfg.is_opt
-    root = "model.decoder" if opt else "model"
-    if path == ("embed", "w"):
-        return f"{root}.embed_tokens.weight", False
-    if path == ("pos_embed",):
-        return f"{root}.embed_positions.weight", False
-    if path == ("lm_head", "w"):
-        return "lm_head.weight", True
-    if path[0] == "final_norm":
-        return f"{root}.{'final_layer_norm' if opt else 'norm'}.{'weight' if path[1] == 'scale' else 'bias'}", False
-    assert path[0] == "layers", path
-    i, sub = path[1], path[2:]
-    pre = f"{root}.layers.{i}"
-    if sub[0] in ("attn_norm", "mlp_norm"):
-        norm = {("attn_norm", True): "self_attn_layer_norm", ("mlp_norm", True): "final_layer_norm",
-                ("attn_norm", False): "input_layernorm", ("mlp_norm", False): "post_attention_layernorm"}
-        return f"{pre}.{norm[(sub[0], opt)]}.{'weight' if sub[1] == 'scale' else 'bias'}", False
-    kind = "weight" if sub[-1] == "w" else "bias"
-    if sub[0] == "attn":
-        proj = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj" if opt else "o_proj"}[sub[1]]
-        return f"{pre}.self_attn.{proj}.{kind}", kind == "weight"
-    proj = {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj", "fc1": "fc1", "fc2": "fc2"}[sub[1]]
-    return f"{pre}.{proj}.{kind}", kind == "weight"
-
-
-def param_sources(mdef: ModelDef) -> Params:
+def param_sources(mdef: ModelDef, naming: str = "hf") -> Params:
+    """Where each parameter comes from, read off its declared layout (arch.ParamInfo): name, orientation,
+    and the padding/replication map of each logical axis."""
     cfg, lay = mdef.cfg, mdef.layout
 
-    def one(path, x):
-        p = path_names(path)
-        name, transpose = _hf_name(cfg, p)
-        maps: list[np.ndarray | None] = [None] * x.ndim
-        owner = p[-2] if len(p) > 1 else ""
-        if owner in ("k", "v"):
-            maps[-1] = lay.kv_column_map()
-        elif owner in ("gate", "up", "fc1"):
-            maps[-1] = lay.intermediate_map()
-        elif owner in ("down", "fc2") and p[-1] == "w":
-            maps[0] = lay.intermediate_map()
-        elif p == ("embed", "w"):
-            maps[0] = lay.vocab_map()
-        elif p == ("lm_head", "w"):
-            maps[1] = lay.vocab_map()
-        return ParamSource(name, transpose, tuple(maps))
+    def one(info: ParamInfo):
+        name = info.hf if naming == "hf" else info.gguf
+        if name is None:
+            what = "a checkpoint tensor" if not info.fused_from else "a checkpoint tensor (fused layout)"
+            raise WeightLoadError(f"a parameter with axes {info.axes} has no {naming} name: it is not {what}"
+                                  + ("" if naming == "hf" else f"; {cfg.arch} has no GGUF form"))
+        rope = None
+        if naming == "gguf" and info.gguf_rope is not None:
+            rope = cfg.n_heads if info.gguf_rope == "q" else cfg.n_kv_heads
+        return ParamSource(name, info.transpose, tuple(lay.pad_map(a) for a in info.axes), rope)
 
-    return jax.tree_util.tree_map_with_path(one, mdef.abstract)
+    return jax.tree.map(one, mdef.infos, is_leaf=lambda x: isinstance(x, ParamInfo))
 
 
 def _expected_src_shape(ps: ParamSource, global_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -277,29 +227,30 @@ def read_block(tensor: np.ndarray, ps: ParamSource, global_shape, index, dtype) 
 def load_params(engine: Engine, source: TensorSource, progress: Callable[[str], None] | None = None) -> Params:
     """Read every parameter of `engine.mdef` from `source`, directly into its shards."""
     mdef = engine.mdef
-    srcs = param_sources(mdef)
+    if mdef.fused:
+        raise WeightLoadError("load weights into the unfused model, then runtime.fuse_projections")
+    srcs = param_sources(mdef, getattr(source, "naming", "hf"))
     names = source.names()
     np_dtype = np.dtype(mdef.dtype)
     specs = mdef.specs()
     shardings = engine.shardings()
-    cfg = mdef.cfg
 
     flat_abs = jax.tree_util.tree_flatten_with_path(mdef.abstract)[0]
     out = {}
     for path, abstract in flat_abs:
         p = path_names(path)
         ps = _get(srcs, p)
-        name = ps.hf_name
-        if name not in names and name == "lm_head.weight" and cfg.tie_embeddings:
-            continue  # pragma: no cover  (tied models have no lm_head param)
+        name = ps.name
         if name not in names and name.startswith("model.decoder."):  # old OPT checkpoints: "decoder.*"
             alt = name[len("model."):]
             if alt in names:
-                ps = dataclasses.replace(ps, hf_name=alt)
+                ps = dataclasses.replace(ps, name=alt)
                 name = alt
         if name not in names:
             raise WeightLoadError(f"checkpoint has no tensor {name!r} (needed for parameter {'/'.join(map(str, p))})")
         tensor = source.get(name)
+        if ps.rope_heads is not None:
+            tensor = unpermute_rope(np.asarray(tensor), ps.rope_heads)
         want = _expected_src_shape(ps, abstract.shape)
         if tuple(tensor.shape) != want:
             raise WeightLoadError(f"shape mismatch for {name!r}: checkpoint has {tuple(tensor.shape)}, "

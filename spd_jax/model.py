@@ -7,7 +7,11 @@ computation is read from the arrays, never from the config. The same code theref
   * under `jax.vmap(..., axis_name="tp")` on one device (the single-device N-way TP emulation),
 because both bind the collective `psum` / `axis_index` to the axis name "tp".
 
-The decoder block has a per-block, static sync mode (SPD_METHOD.md sections 1-2):
+What a module builds comes from the family's table entry (`spd_jax.arch.Family`: norm, MLP, positions,
+q/k norms, checkpoint names); every parameter declares its layout (`arch.ParamInfo`) where it is made.
+
+The decoder block has a per-block, static sync mode, carried by one `SyncPlan` (docs/design.md, "SPD
+block"):
   sync:  H = X + AllReduce(Y_i) + b_o ;  out = H + AllReduce(Z_i(LN2(H))) + b_down
   spd:   M_i = X + Y_i (+ b_o) ;         out = X + AllReduce(Y_i + Z_i(LN2(M_i))) + b_o + b_down
 where Y_i is device i's partial attention output (row-parallel o-projection without its bias).
@@ -15,8 +19,6 @@ where Y_i is device i's partial attention output (row-parallel o-projection with
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 
 import jax
@@ -24,31 +26,33 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spd_jax.arch import ParamInfo
+from spd_jax.collectives import PSUM, AllReduce
 from spd_jax.config import ModelConfig, RopeConfig
+from spd_jax.plan import SyncPlan
 from spd_jax.sharding import TP_AXIS, TPLayout
 
 NEG_INF = float(np.finfo(np.float32).min)
 
-
-_NO_COLLECTIVES = contextvars.ContextVar("spd_jax_no_collectives", default=False)
-
-
-@contextlib.contextmanager
-def collectives_disabled():
-    """Trace the model with every all-reduce replaced by the identity: the compute-only lower bound used
-    by the benchmark's --floor mode. The numbers are meaningless; only the timing is. Needs
-    check_vma=False (the replication types are deliberately wrong)."""
-    token = _NO_COLLECTIVES.set(True)
-    try:
-        yield
-    finally:
-        _NO_COLLECTIVES.reset(token)
+# MLP activations by family kind, looked up when the MLP is traced (so a change here reaches every user
+# of the MLP: the model, distillation and head grouping alike).
+ACTIVATIONS = {"swiglu": jax.nn.silu, "relu": jax.nn.relu}
 
 
-def psum(x):
-    if _NO_COLLECTIVES.get():
-        return x
-    return jax.lax.psum(x, TP_AXIS)
+def psum(x, on: bool = True, how: AllReduce = PSUM):
+    """All-reduce over the `tp` axis, done as `how` says (collectives.AllReduce: NCCL's psum or a one-shot
+    exchange for small messages); `on=False` is the floor plan's identity (no collective)."""
+    return how(x, TP_AXIS) if on else x
+
+
+def param(value, info: ParamInfo) -> nnx.Param:
+    """A parameter with its declared layout (read back by `runtime.param_infos`)."""
+    return nnx.Param(value, info=info)
+
+
+def _leaf_names(names, leaf: str) -> dict:
+    hf, gg = names if names is not None else (None, None)
+    return {"hf": None if hf is None else f"{hf}.{leaf}", "gguf": None if gg is None else f"{gg}.{leaf}"}
 
 
 # ----------------------------------------------------------------------------- layers
@@ -73,16 +77,30 @@ def matmul(x, w, **kw):
 
 
 class Linear(nnx.Module):
-    """y = x @ w (+ b). w is [in, out]. Row-parallel callers add their bias after the all-reduce."""
+    """y = x @ w (+ b). w is [in, out] with logical `axes`; its checkpoint form is [out, in].
 
-    def __init__(self, din: int, dout: int, *, bias: bool, dtype):
-        self.w = nnx.Param(jnp.zeros((din, dout), dtype))
-        self.b = nnx.Param(jnp.zeros((dout,), dtype)) if bias else None
+    Row-parallel callers add their bias after the all-reduce. `part` (a slice of the tp-split dimension
+    of a *global* weight) computes one shard's share outside shard_map (head grouping)."""
 
-    def __call__(self, x, add_bias: bool = True):
-        y = matmul(x, self.w[...])
-        if add_bias and self.b is not None:
-            y = y + self.b[...]
+    def __init__(self, din: int, dout: int, *, axes: tuple[str, str], bias: bool, dtype, names=None,
+                 gguf_rope=None, fused_from: tuple[str, ...] = ()):
+        self.w = param(jnp.zeros((din, dout), dtype), ParamInfo(axes, transpose=True, gguf_rope=gguf_rope,
+                                                                 fused_from=fused_from, **_leaf_names(names, "weight")))
+        self.b = param(jnp.zeros((dout,), dtype), ParamInfo(axes[1:], gguf_rope=gguf_rope, fused_from=fused_from,
+                                                            **_leaf_names(names, "bias"))) if bias else None
+        self.row_parallel = ParamInfo(axes).tp_dim() == 0
+
+    def __call__(self, x, add_bias: bool = True, part: slice | None = None):
+        w = self.w[...]
+        b = None if self.b is None else self.b[...]
+        if part is not None:
+            if self.row_parallel:
+                w = w[part]
+            else:
+                w, b = w[:, part], None if b is None else b[part]
+        y = matmul(x, w)
+        if add_bias and b is not None:
+            y = y + b
         return y
 
     def bias(self):
@@ -90,12 +108,13 @@ class Linear(nnx.Module):
 
 
 class Norm(nnx.Module):
-    """RMSNorm (llama/qwen2, HF semantics: normalise in f32, cast, then scale) or LayerNorm (OPT)."""
+    """RMSNorm (HF semantics: normalise in f32, cast, then scale) or LayerNorm (OPT)."""
 
-    def __init__(self, d: int, *, eps: float, layernorm: bool, dtype):
+    def __init__(self, d: int, *, kind: str, eps: float, dtype, names=None, axes: tuple[str] = ("embed",)):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((d,), dtype))
-        self.bias = nnx.Param(jnp.zeros((d,), dtype)) if layernorm else None
+        self.scale = param(jnp.ones((d,), dtype), ParamInfo(axes, **_leaf_names(names, "weight")))
+        self.bias = param(jnp.zeros((d,), dtype), ParamInfo(axes, **_leaf_names(names, "bias"))) \
+            if kind == "layer" else None
 
     def __call__(self, x):
         xf = x.astype(jnp.float32)
@@ -137,15 +156,21 @@ def apply_rope(x_bthd, cos_btd, sin_btd):
     return (xf * cos + rot.astype(jnp.float32) * sin).astype(x_bthd.dtype)
 
 
-def attention_core(q_bthd, k_bskd, v_bskd, mask_bts):
-    """Grouped-query attention on local heads. q heads h use kv head h // (H/K)."""
+def attention_probs(q_bthd, k_bskd, mask_bts):
+    """Softmax attention probabilities [B, K, G, T, S] (float32); q head h = k * G + g uses kv head k."""
     b, t, h, d = q_bthd.shape
     kh = k_bskd.shape[2]
     q = q_bthd.reshape(b, t, kh, h // kh, d)
     s = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd, preferred_element_type=jnp.float32)
     s = s / np.float32(math.sqrt(d))
     s = jnp.where(mask_bts[:, None, None, :, :], s, NEG_INF)
-    p = jax.nn.softmax(s, axis=-1)
+    return jax.nn.softmax(s, axis=-1)
+
+
+def attention_core(q_bthd, k_bskd, v_bskd, mask_bts):
+    """Grouped-query attention on local heads -> [B, T, H * hd]."""
+    b, t, h, d = q_bthd.shape
+    p = attention_probs(q_bthd, k_bskd, mask_bts)
     o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v_bskd.dtype), v_bskd)
     return o.reshape(b, t, h * d)
 
@@ -154,18 +179,32 @@ class Attention(nnx.Module):
     """GQA attention. `fused`: q, k, v are one column-parallel projection `qkv` whose global columns are
     shard-major ([q_0 k_0 v_0 | q_1 k_1 v_1 | ...]), so each shard's slice is its own [q_i k_i v_i]."""
 
-    def __init__(self, cfg: ModelConfig, layout: TPLayout, dtype, fused: bool = False):
-        d, hd = cfg.hidden, cfg.head_dim
+    def __init__(self, cfg: ModelConfig, layout: TPLayout, dtype, fused: bool = False, block: int = 0):
+        d, hd, fam = cfg.hidden, cfg.head_dim, cfg.family
+        names = lambda role: fam.names(role, block)  # noqa: E731
         self.head_dim = hd
         self.group = cfg.n_heads // layout.kv_heads  # q heads per kv head (static)
         self.fused = fused
         if fused:
-            self.qkv = Linear(d, (cfg.n_heads + 2 * layout.kv_heads) * hd, bias=cfg.qkv_bias, dtype=dtype)
+            self.qkv = Linear(d, (cfg.n_heads + 2 * layout.kv_heads) * hd, axes=("embed", "fused"),
+                              bias=cfg.qkv_bias, dtype=dtype, fused_from=("q", "k", "v"))
         else:
-            self.q = Linear(d, cfg.n_heads * hd, bias=cfg.qkv_bias, dtype=dtype)
-            self.k = Linear(d, layout.kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype)
-            self.v = Linear(d, layout.kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype)
-        self.o = Linear(cfg.n_heads * hd, d, bias=cfg.o_bias, dtype=dtype)
+            rope_rows = fam.gguf_rope_permuted
+            self.q = Linear(d, cfg.n_heads * hd, axes=("embed", "q_heads"), bias=cfg.qkv_bias, dtype=dtype,
+                            names=names("q"), gguf_rope="q" if rope_rows else None)
+            self.k = Linear(d, layout.kv_heads * hd, axes=("embed", "kv_heads"), bias=cfg.qkv_bias, dtype=dtype,
+                            names=names("k"), gguf_rope="k" if rope_rows else None)
+            self.v = Linear(d, layout.kv_heads * hd, axes=("embed", "kv_heads"), bias=cfg.qkv_bias, dtype=dtype,
+                            names=names("v"))
+        self.o = Linear(cfg.n_heads * hd, d, axes=("q_heads", "embed"), bias=cfg.o_bias, dtype=dtype,
+                        names=names("o"))
+        if fam.qk_norm:  # Qwen3: RMSNorm over head_dim on every q and k head, before RoPE
+            self.q_norm = Norm(hd, kind="rms", eps=cfg.norm_eps, dtype=dtype, names=names("q_norm"),
+                               axes=("head_dim",))
+            self.k_norm = Norm(hd, kind="rms", eps=cfg.norm_eps, dtype=dtype, names=names("k_norm"),
+                               axes=("head_dim",))
+        else:
+            self.q_norm = self.k_norm = None
 
     def project_qkv(self, h_btd):
         b, t, _ = h_btd.shape
@@ -178,11 +217,27 @@ class Attention(nnx.Module):
         hl = self.group * kl
         return y[:, :, :hl], y[:, :, hl:hl + kl], y[:, :, hl + kl:]
 
-    def __call__(self, h_btd, rope_cs, mask_bts, kv_cache, cache_index, attend_cache: bool):
-        """Returns (Y_i: this shard's partial o-projection, no bias, new kv cache or None)."""
+    def heads(self, h_btd, rope_cs):
+        """q [B,T,H,hd], k, v [B,T,K,hd] of the normed input: projections, q/k norms, RoPE."""
         q, k, v = self.project_qkv(h_btd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope_cs is not None:
             q, k = apply_rope(q, *rope_cs), apply_rope(k, *rope_cs)
+        return q, k, v
+
+    def output(self, o_btf, heads=None):
+        """The o-projection without its bias (Y_i). `heads`: which q heads of a global o weight `o_btf`
+        holds (head grouping, outside shard_map); None = this shard's own heads."""
+        if heads is None:
+            return self.o(o_btf, add_bias=False)
+        hd = self.head_dim
+        rows = (np.asarray(heads)[:, None] * hd + np.arange(hd)[None, :]).reshape(-1)
+        return matmul(o_btf, self.o.w[...][rows])
+
+    def __call__(self, h_btd, rope_cs, mask_bts, kv_cache, cache_index, attend_cache: bool):
+        """Returns (Y_i: this shard's partial o-projection, no bias, new kv cache or None)."""
+        q, k, v = self.heads(h_btd, rope_cs)
         new_cache = None
         if kv_cache is not None:
             ck = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), (0, cache_index, 0, 0))
@@ -190,39 +245,49 @@ class Attention(nnx.Module):
             new_cache = {"k": ck, "v": cv}
             if attend_cache:
                 k, v = ck, cv
-        o = attention_core(q, k, v, mask_bts)
-        return self.o(o, add_bias=False), new_cache
+        return self.output(attention_core(q, k, v, mask_bts)), new_cache
 
 
 class MLP(nnx.Module):
-    """SwiGLU (llama/qwen2: gate, up, down) or ReLU (OPT: fc1, fc2). Returns the partial sum Z_i."""
+    """SwiGLU (gate, up, down) or ReLU with biases (OPT: fc1, fc2). Returns the partial sum Z_i.
 
-    def __init__(self, cfg: ModelConfig, layout: TPLayout, dtype, fused: bool = False):
-        d, f = cfg.hidden, layout.intermediate
-        self.relu = cfg.is_opt
-        self.fused = fused and not cfg.is_opt
-        if cfg.is_opt:
-            self.fc1 = Linear(d, f, bias=True, dtype=dtype)
-            self.fc2 = Linear(f, d, bias=True, dtype=dtype)
+    `part`: one shard's slice of the ffn axis of *global* weights (head grouping's per-shard MLP)."""
+
+    def __init__(self, cfg: ModelConfig, layout: TPLayout, dtype, fused: bool = False, block: int = 0):
+        d, f, fam = cfg.hidden, layout.intermediate, cfg.family
+        names = lambda role: fam.names(role, block)  # noqa: E731
+        self.kind = fam.mlp
+        self.fused = fused and fam.mlp == "swiglu"
+        if fam.mlp == "relu":
+            self.fc1 = Linear(d, f, axes=("embed", "ffn"), bias=fam.mlp_bias, dtype=dtype, names=names("fc1"))
+            self.fc2 = Linear(f, d, axes=("ffn", "embed"), bias=fam.mlp_bias, dtype=dtype, names=names("fc2"))
         else:
             if self.fused:  # shard-major columns [gate_0 up_0 | gate_1 up_1 | ...]
-                self.gate_up = Linear(d, 2 * f, bias=False, dtype=dtype)
+                self.gate_up = Linear(d, 2 * f, axes=("embed", "fused"), bias=False, dtype=dtype,
+                                      fused_from=("gate", "up"))
             else:
-                self.gate = Linear(d, f, bias=False, dtype=dtype)
-                self.up = Linear(d, f, bias=False, dtype=dtype)
-            self.down = Linear(f, d, bias=False, dtype=dtype)
+                self.gate = Linear(d, f, axes=("embed", "ffn"), bias=False, dtype=dtype, names=names("gate"))
+                self.up = Linear(d, f, axes=("embed", "ffn"), bias=False, dtype=dtype, names=names("up"))
+            self.down = Linear(f, d, axes=("ffn", "embed"), bias=False, dtype=dtype, names=names("down"))
 
-    def __call__(self, h_btd):
-        if self.relu:
-            return self.fc2(jax.nn.relu(self.fc1(h_btd)), add_bias=False)
+    def __call__(self, h_btd, part: slice | None = None):
+        act = ACTIVATIONS[self.kind]
+        if self.kind == "relu":
+            return self.fc2(act(self.fc1(h_btd, part=part)), add_bias=False, part=part)
         if self.fused:
+            if part is not None:
+                raise ValueError("a shard slice of the fused layout is not defined (use the unfused model)")
             gu = self.gate_up(h_btd)
             fl = gu.shape[-1] // 2
-            return self.down(jax.nn.silu(gu[..., :fl]) * gu[..., fl:], add_bias=False)
-        return self.down(jax.nn.silu(self.gate(h_btd)) * self.up(h_btd), add_bias=False)
+            return self.down(act(gu[..., :fl]) * gu[..., fl:], add_bias=False)
+        return self.down(act(self.gate(h_btd, part=part)) * self.up(h_btd, part=part), add_bias=False, part=part)
 
     def out_bias(self):
-        return self.fc2.bias() if self.relu else None
+        return self.fc2.bias() if self.kind == "relu" else None
+
+    def width(self) -> int:
+        """The ffn width of the weights held (global, padded, outside shard_map; local inside)."""
+        return (self.fc2 if self.kind == "relu" else self.down).w.shape[0]
 
 
 def _add(x, b):
@@ -230,68 +295,79 @@ def _add(x, b):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layout: TPLayout, dtype, fused: bool = False):
-        ln = cfg.is_opt
-        self.attn_norm = Norm(cfg.hidden, eps=cfg.norm_eps, layernorm=ln, dtype=dtype)
-        self.attn = Attention(cfg, layout, dtype, fused)
-        self.mlp_norm = Norm(cfg.hidden, eps=cfg.norm_eps, layernorm=ln, dtype=dtype)
-        self.mlp = MLP(cfg, layout, dtype, fused)
+    def __init__(self, cfg: ModelConfig, layout: TPLayout, dtype, fused: bool = False, index: int = 0):
+        fam = cfg.family
+        self.attn_norm = Norm(cfg.hidden, kind=fam.norm, eps=cfg.norm_eps, dtype=dtype,
+                              names=fam.names("attn_norm", index))
+        self.attn = Attention(cfg, layout, dtype, fused, index)
+        self.mlp_norm = Norm(cfg.hidden, kind=fam.norm, eps=cfg.norm_eps, dtype=dtype,
+                             names=fam.names("mlp_norm", index))
+        self.mlp = MLP(cfg, layout, dtype, fused, index)
 
-    def __call__(self, x_btd, rope_cs, mask_bts, kv_cache, cache_index, *, spd: bool, attend_cache: bool,
-                 spd_attn_bias: str = "full"):
+    def spd_mlp(self, x_btd, y_btd, bias: str, part: slice | None = None):
+        """Z_i of an SPD block: the MLP on this shard's own attention partial, M_i = X + Y_i (+ b_o)."""
+        m = x_btd + y_btd
+        if bias == "full":
+            m = _add(m, self.attn.o.bias())
+        return self.mlp(self.mlp_norm(m), part=part)
+
+    def __call__(self, x_btd, rope_cs, mask_bts, kv_cache, cache_index, *, mode: str, bias: str = "full",
+                 attend_cache: bool = False, allreduce: AllReduce = PSUM):
+        """mode: "sync" (two all-reduces), "spd" (one) or "none" (the floor: sync maths, no collective)."""
         y, new_cache = self.attn(self.attn_norm(x_btd), rope_cs, mask_bts, kv_cache, cache_index, attend_cache)
         b_o, b_out = self.attn.o.bias(), self.mlp.out_bias()
-        if not spd:  # two sync points
-            h = _add(x_btd + psum(y), b_o)
+        if mode != "spd":  # two sync points
+            on = mode == "sync"
+            h = _add(x_btd + psum(y, on, allreduce), b_o)
             z = self.mlp(self.mlp_norm(h))
-            return _add(h + psum(z), b_out), new_cache
-        # SPD: the MLP on this shard sees only its local attention partial; one all-reduce.
-        m = x_btd + y
-        if spd_attn_bias == "full":
-            m = _add(m, b_o)
-        z = self.mlp(self.mlp_norm(m))
-        out = _add(_add(x_btd + psum(y + z), b_o), b_out)
+            return _add(h + psum(z, on, allreduce), b_out), new_cache
+        z = self.spd_mlp(x_btd, y, bias)  # one sync point: the MLP sees only this shard's attention partial
+        out = _add(_add(x_btd + psum(y + z, True, allreduce), b_o), b_out)
         return out, new_cache
 
 
 class Embedding(nnx.Module):
-    def __init__(self, vocab: int, d: int, dtype):
-        self.w = nnx.Param(jnp.zeros((vocab, d), dtype))
+    def __init__(self, vocab: int, d: int, dtype, names=None):
+        self.w = param(jnp.zeros((vocab, d), dtype), ParamInfo(("vocab", "embed"), **_leaf_names(names, "weight")))
 
 
 class LMHead(nnx.Module):
-    def __init__(self, d: int, vocab: int, dtype):
-        self.w = nnx.Param(jnp.zeros((d, vocab), dtype))
+    def __init__(self, d: int, vocab: int, dtype, names=None):
+        self.w = param(jnp.zeros((d, vocab), dtype), ParamInfo(("embed", "vocab"), transpose=True,
+                                                               **_leaf_names(names, "weight")))
 
 
 class Transformer(nnx.Module):
-    """Decoder-only LM (LLaMA/Qwen2/OPT). `__call__` runs one TP shard; see module docstring."""
+    """Decoder-only LM (the families of spd_jax.arch). `__call__` runs one TP shard; see module docstring."""
 
     def __init__(self, cfg: ModelConfig, layout: TPLayout, dtype=jnp.float32, fused: bool = False):
         """fused: q/k/v and gate/up as single projections (an inference layout, see runtime.fuse_projections)."""
+        fam = cfg.family
         self.cfg = cfg
-        self.embed = Embedding(layout.vocab, cfg.hidden, dtype)
-        self.pos_embed = nnx.Param(jnp.zeros((cfg.max_position + 2, cfg.hidden), dtype)) if cfg.is_opt else None
-        self.layers = nnx.List([Block(cfg, layout, dtype, fused) for _ in range(cfg.n_layers)])
-        self.final_norm = Norm(cfg.hidden, eps=cfg.norm_eps, layernorm=cfg.is_opt, dtype=dtype)
-        self.lm_head = None if cfg.tie_embeddings else LMHead(cfg.hidden, layout.vocab, dtype)
+        self.embed = Embedding(layout.vocab, cfg.hidden, dtype, fam.names("embed"))
+        self.pos_embed = param(jnp.zeros((cfg.max_position + 2, cfg.hidden), dtype),  # OPT: learned, offset 2
+                               ParamInfo(("positions", "embed"), **_leaf_names(fam.names("pos_embed"), "weight"))) \
+            if fam.positions == "learned" else None
+        self.layers = nnx.List([Block(cfg, layout, dtype, fused, i) for i in range(cfg.n_layers)])
+        self.final_norm = Norm(cfg.hidden, kind=fam.norm, eps=cfg.norm_eps, dtype=dtype, names=fam.names("final_norm"))
+        self.lm_head = None if cfg.tie_embeddings else LMHead(cfg.hidden, layout.vocab, dtype, fam.names("lm_head"))
 
-    def embed_tokens(self, tokens_bt):
+    def embed_tokens(self, tokens_bt, collectives: bool = True, allreduce: AllReduce = PSUM):
         """Vocab-parallel lookup: each shard owns rows [i*Vl, (i+1)*Vl); one all-reduce."""
         w = self.embed.w[...]
         vl = w.shape[0]
         ids = tokens_bt - jax.lax.axis_index(TP_AXIS) * vl
         ok = (ids >= 0) & (ids < vl)
         x = jnp.take(w, jnp.clip(ids, 0, vl - 1), axis=0) * ok[..., None].astype(w.dtype)
-        return psum(x)
+        return psum(x, collectives, allreduce)
 
     def logits_local(self, h_btd):
         """This shard's slice of the vocabulary logits, in float32."""
         w = self.embed.w[...].T if self.lm_head is None else self.lm_head.w[...]
         return matmul(h_btd, w, preferred_element_type=jnp.float32)
 
-    def hidden_in(self, tokens_bt, positions_bt):
-        x = self.embed_tokens(tokens_bt)
+    def hidden_in(self, tokens_bt, positions_bt, collectives: bool = True, allreduce: AllReduce = PSUM):
+        x = self.embed_tokens(tokens_bt, collectives, allreduce)
         if self.pos_embed is not None:  # OPT: learned positions with offset 2
             x = x + jnp.take(self.pos_embed[...], positions_bt + 2, axis=0)
         return x
@@ -299,23 +375,28 @@ class Transformer(nnx.Module):
     def rope(self, positions_bt):
         return rope_tables(self.cfg, positions_bt)
 
-    def run_blocks(self, x_btd, pad_b, start: int, spd_modes: tuple[bool, ...], spd_attn_bias: str = "full"):
+    def mask(self, q_slots_t, k_slots_s, pad_b):
+        return attention_mask(q_slots_t, k_slots_s, pad_b, self.cfg.sliding_window)
+
+    def fresh_inputs(self, t: int, pad_b):
+        return fresh_inputs(self.cfg, t, pad_b)
+
+    def run_blocks(self, x_btd, pad_b, start: int, plan: SyncPlan):
         """Blocks start..L-1 on hidden states x (no cache, fresh sequence). For the SPD pipeline."""
-        t = x_btd.shape[1]
-        slots = jnp.arange(t, dtype=jnp.int32)
-        rope_cs, mask = self.rope(positions_for(slots, pad_b)), attention_mask(slots, slots, pad_b)
+        rope_cs, mask = self.fresh_inputs(x_btd.shape[1], pad_b)
         for i in range(start, len(self.layers)):
-            x_btd, _ = self.layers[i](x_btd, rope_cs, mask, None, 0, spd=spd_modes[i], attend_cache=False,
-                                      spd_attn_bias=spd_attn_bias)
+            x_btd, _ = self.layers[i](x_btd, rope_cs, mask, None, 0, mode=plan.modes[i], bias=plan.bias,
+                                      allreduce=plan.allreduce)
         return x_btd
 
-    def __call__(self, tokens_bt, pad_b, cache, cache_index, *, spd_modes: tuple[bool, ...],
-                 attend_cache: bool = False, spd_attn_bias: str = "full", return_hidden: bool = False):
+    def __call__(self, tokens_bt, pad_b, cache, cache_index, *, plan: SyncPlan, attend_cache: bool = False,
+                 return_hidden: bool = False):
         """One shard's forward.
 
         tokens_bt: [B, T] token ids, left-padded by pad_b[b] tokens (pad slots are never attended to).
         cache: None (no KV cache) or a list of {"k","v"} [B, S, KVl, hd] per layer.
         cache_index: slot where tokens_bt[:, 0] is written (0 for a fresh prefill).
+        plan: the per-block sync modes and SPD bias policy (static).
         attend_cache: attend over the whole cache (decode) instead of only over tokens_bt (prefill).
         Returns (local logits [B, T, Vl] float32, new cache or None[, hidden states]); with return_hidden
         the hidden states are the L block inputs followed by the last block's output (L + 1 arrays).
@@ -324,15 +405,15 @@ class Transformer(nnx.Module):
         slots = cache_index + jnp.arange(t, dtype=jnp.int32)  # [T]
         positions = positions_for(slots, pad_b)
         keys = jnp.arange(cache[0]["k"].shape[1], dtype=jnp.int32) if attend_cache else slots
-        mask = attention_mask(slots, keys, pad_b)
+        mask = self.mask(slots, keys, pad_b)
         rope_cs = self.rope(positions)
-        x = self.hidden_in(tokens_bt, positions)
+        x = self.hidden_in(tokens_bt, positions, not plan.collective_free, plan.allreduce)
         new_cache = [] if cache is not None else None
         hidden = []
         for i, layer in enumerate(self.layers):
             hidden.append(x)
             x, c = layer(x, rope_cs, mask, None if cache is None else cache[i], cache_index,
-                         spd=spd_modes[i], attend_cache=attend_cache, spd_attn_bias=spd_attn_bias)
+                         mode=plan.modes[i], bias=plan.bias, attend_cache=attend_cache, allreduce=plan.allreduce)
             if cache is not None:
                 new_cache.append(c)
         hidden.append(x)
@@ -347,9 +428,22 @@ def positions_for(slots_t, pad_b):
     return jnp.maximum(slots_t[None, :] - pad_b[:, None], 0)
 
 
-def attention_mask(q_slots_t, k_slots_s, pad_b):
-    """[B, T, S]: causal and not a pad slot."""
-    return (k_slots_s[None, None, :] <= q_slots_t[None, :, None]) & (k_slots_s[None, None, :] >= pad_b[:, None, None])
+def attention_mask(q_slots_t, k_slots_s, pad_b, window: int | None = None):
+    """[B, T, S]: causal, not a pad slot and, with a sliding `window`, q - k < window (HF's semantics:
+    a query sees itself and the window - 1 positions before it). Slot differences are position
+    differences within a sequence, so this holds with a KV cache and left padding alike."""
+    q, k = q_slots_t[None, :, None], k_slots_s[None, None, :]
+    m = (k <= q) & (k >= pad_b[:, None, None])
+    if window is not None:
+        m = m & (q - k < window)
+    return m
+
+
+def fresh_inputs(cfg: ModelConfig, t: int, pad_b):
+    """RoPE tables (or None) and mask of a fresh sequence of t slots without cache: what a block needs when
+    it runs alone (SPD pipeline, head grouping)."""
+    slots = jnp.arange(t, dtype=jnp.int32)
+    return rope_tables(cfg, positions_for(slots, pad_b)), attention_mask(slots, slots, pad_b, cfg.sliding_window)
 
 
 def rope_tables(cfg: ModelConfig, positions_bt):

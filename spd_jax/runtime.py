@@ -22,11 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
+from spd_jax.arch import ParamInfo
 from spd_jax.config import ModelConfig
 from spd_jax.model import Transformer
-from spd_jax.sharding import TP_AXIS, TPLayout, make_mesh, named, param_spec
+from spd_jax.plan import SyncPlan
+from spd_jax.sharding import TP_AXIS, TPLayout, make_mesh, named, spec_of
 
 Params = dict[str, Any]
 
@@ -44,9 +47,31 @@ def tp_axis_of(spec: P) -> int | None:
     return None
 
 
+def param_infos(state) -> Params:
+    """The declared layout (`arch.ParamInfo`) of every parameter of an NNX state, as a pure dict shaped
+    like `nnx.to_pure_dict(state)`. A parameter that declares none is an error, never replicated."""
+    out: Params = {}
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    for path, var in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_var)[0]:
+        names = path_names(path)
+        info = var.get_metadata().get("info") if is_var(var) else None
+        if not isinstance(info, ParamInfo):
+            raise ValueError(f"parameter {'/'.join(map(str, names))} declares no layout (arch.ParamInfo)")
+        node = out
+        for k in names[:-1]:
+            node = node.setdefault(k, {})
+        node[names[-1]] = info
+    return out
+
+
+def _is_info(x) -> bool:
+    return isinstance(x, ParamInfo)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelDef:
-    """Everything static about a model split `tp` ways: config, layout, NNX graphdef, global shapes."""
+    """Everything static about a model split `tp` ways: config, layout, NNX graphdef, global shapes and
+    each parameter's declared layout."""
 
     cfg: ModelConfig
     layout: TPLayout
@@ -54,13 +79,27 @@ class ModelDef:
     abstract: Params  # pure dict of ShapeDtypeStruct with global shapes
     dtype: Any
     fused: bool = False  # q/k/v and gate/up stored as single projections (inference layout)
+    infos: Params = dataclasses.field(default=None, compare=False)  # pure dict of arch.ParamInfo
 
     @property
     def tp(self) -> int:
         return self.layout.tp
 
     def specs(self) -> Params:
-        return jax.tree_util.tree_map_with_path(lambda p, x: param_spec(path_names(p), x.ndim), self.abstract)
+        return jax.tree.map(spec_of, self.infos, is_leaf=_is_info)
+
+    def param_count(self) -> int:
+        """Weights of the model as the checkpoint has them (no padding or kv-head replication)."""
+        lay = self.layout
+
+        def one(info: ParamInfo, a) -> int:
+            n = 1
+            for ax, size in zip(info.axes, a.shape):
+                m = lay.pad_map(ax)
+                n *= size if m is None else int(m.max()) + 1
+            return n
+
+        return sum(jax.tree.leaves(jax.tree.map(one, self.infos, self.abstract, is_leaf=_is_info)))
 
     def cache_shape(self, batch: int, max_len: int) -> tuple[int, ...]:
         return (batch, max_len, self.layout.kv_heads, self.cfg.head_dim)
@@ -71,7 +110,7 @@ def build_model_def(cfg: ModelConfig, tp: int, dtype: str | Any = "float32", fus
     layout = TPLayout(cfg, tp)
     abs_model = nnx.eval_shape(lambda: Transformer(cfg, layout, dt, fused))
     graphdef, state = nnx.split(abs_model)
-    return ModelDef(cfg, layout, graphdef, nnx.to_pure_dict(state), dt, fused)
+    return ModelDef(cfg, layout, graphdef, nnx.to_pure_dict(state), dt, fused, param_infos(state))
 
 
 # ----------------------------------------------------------------------------- shard stacking (emulation)
@@ -108,13 +147,11 @@ class Engine:
     mdef: ModelDef
     mesh: Mesh | None = None
     emulate: bool = False
-    spd_attn_bias: str = "full"
-    floor: bool = False  # benchmark only: no collectives at all (see model.collectives_disabled)
 
     @staticmethod
-    def create(mdef: ModelDef, *, emulate: bool = False, devices=None, spd_attn_bias: str = "full") -> "Engine":
+    def create(mdef: ModelDef, *, emulate: bool = False, devices=None) -> "Engine":
         mesh = None if emulate else make_mesh(mdef.tp, devices)
-        return Engine(mdef, mesh, emulate, spd_attn_bias)
+        return Engine(mdef, mesh, emulate)
 
     # ---- placement
     def shardings(self) -> Params:
@@ -167,29 +204,19 @@ class Engine:
         return z()
 
     # ---- running a per-shard function
-    def sharded(self, fn: Callable, in_specs, out_specs) -> Callable:
+    def sharded(self, fn: Callable, in_specs, out_specs, *, check_vma: bool = True) -> Callable:
         """Run `fn` (one shard's computation, collectives over "tp") as real or emulated TP.
 
         in_specs/out_specs are pytrees of PartitionSpec as for `jax.shard_map`. Under emulation,
         inputs with a "tp" spec are expected in stacked [tp, *local] layout (as params are stored) and
         such outputs come back stacked too (use `gather` for the global array); replicated outputs
-        come back as one copy.
+        come back as one copy. check_vma=False: `fn` cannot be typed by the replication check (the floor
+        plan leaves out every all-reduce on purpose; a one-shot all-reduce's equal-on-every-device result
+        is typed device-varying), so shard_map does not check it.
         """
         is_p = lambda x: isinstance(x, P)  # noqa: E731
-        if self.floor:
-            from spd_jax.model import collectives_disabled
-
-            inner = fn
-
-            def fn(*args):
-                with collectives_disabled():
-                    return inner(*args)
-
-            if self.emulate:
-                raise ValueError("the floor mode needs real devices (no emulation)")
-            return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
         if not self.emulate:
-            return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=True)
+            return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma)
         in_axes = jax.tree.map(lambda s: 0 if tp_axis_of(s) is not None else None, in_specs, is_leaf=is_p)
         out_axes = jax.tree.map(lambda s: 0, out_specs, is_leaf=is_p)
         vm = jax.vmap(fn, in_axes=in_axes, out_axes=out_axes, axis_name=TP_AXIS, axis_size=self.mdef.tp)
@@ -205,7 +232,7 @@ class Engine:
         return unstack_shards(x, spec) if self.emulate else x
 
     # ---- the forward
-    def forward(self, spd_modes: tuple[bool, ...], *, attend_cache: bool = False, with_cache: bool = False,
+    def forward(self, plan: SyncPlan, *, attend_cache: bool = False, with_cache: bool = False,
                 return_hidden: bool = False) -> Callable:
         """An (unjitted) function (params, tokens[B,T], pad[B], cache, cache_index) -> (logits[B,T,V], cache).
 
@@ -213,23 +240,26 @@ class Engine:
         with_cache. With return_hidden the hidden states (L block inputs + the last block's output,
         each [B,T,D]) come back as a third output.
         """
-        spd_modes = tuple(bool(m) for m in spd_modes)
         n_layers = self.mdef.cfg.n_layers
-        if len(spd_modes) != n_layers:
-            raise ValueError(f"spd_modes has {len(spd_modes)} entries, model has {n_layers} blocks")
-        graphdef, bias_mode = self.mdef.graphdef, self.spd_attn_bias
+        if not isinstance(plan, SyncPlan):
+            raise TypeError(f"forward needs a SyncPlan, got {type(plan).__name__}")
+        plan.check(n_layers)
+        if plan.collective_free and self.emulate:
+            raise ValueError("the floor plan needs real devices (no emulation)")
+        graphdef = self.mdef.graphdef
 
         def fn(params, tokens, pad, cache, cache_index):
             model = nnx.merge(graphdef, params)
-            return model(tokens, pad, cache, cache_index, spd_modes=spd_modes, attend_cache=attend_cache,
-                         spd_attn_bias=bias_mode, return_hidden=return_hidden)
+            return model(tokens, pad, cache, cache_index, plan=plan, attend_cache=attend_cache,
+                         return_hidden=return_hidden)
 
         cache_specs = [{"k": CACHE_SPEC, "v": CACHE_SPEC}] * n_layers if with_cache else None
         logits_spec = P(None, None, TP_AXIS)
         out_specs = (logits_spec, cache_specs)
         if return_hidden:
             out_specs = (*out_specs, [P()] * (n_layers + 1))
-        sm = self.sharded(fn, (self.mdef.specs(), P(), P(), cache_specs, P()), out_specs)
+        sm = self.sharded(fn, (self.mdef.specs(), P(), P(), cache_specs, P()), out_specs,
+                          check_vma=not plan.collective_free and plan.allreduce.checkable)
         vocab = self.mdef.cfg.vocab_size
 
         def run(params, tokens, pad, cache, cache_index):
@@ -255,14 +285,14 @@ class Engine:
     def _logits_jit(self):
         return {}
 
-    def logits(self, params: Params, tokens, pad=None, spd_modes=None):
-        """Full-sequence logits (no cache), jitted per SPD configuration. tokens: [B, T] int."""
+    def logits(self, params: Params, tokens, pad=None, plan: SyncPlan | None = None):
+        """Full-sequence logits (no cache), jitted per sync plan (default: all sync). tokens: [B, T] int."""
         tokens = np.asarray(tokens, np.int32)
-        spd_modes = tuple(spd_modes) if spd_modes is not None else (False,) * self.mdef.cfg.n_layers
+        plan = plan if plan is not None else SyncPlan.sync(self.mdef.cfg.n_layers)
         pad = np.zeros(tokens.shape[0], np.int32) if pad is None else np.asarray(pad, np.int32)
-        key = spd_modes
+        key = plan
         if key not in self._logits_jit:
-            f = self.forward(spd_modes)
+            f = self.forward(plan)
             self._logits_jit[key] = jax.jit(lambda p, t, pd: f(p, t, pd, None, jnp.int32(0))[0])
         return self._logits_jit[key](params, self.replicate(tokens), self.replicate(pad))
 
@@ -270,20 +300,25 @@ class Engine:
 # ----------------------------------------------------------------------------- fused projections
 
 
-def _fuse_layer(lp: Params) -> Params:
-    """One block's params (one shard's view) -> the fused layout: q|k|v and gate|up concatenated on the
-    output columns of this shard, so the global columns come out shard-major."""
-    out = dict(lp)
-    attn = dict(lp["attn"])
-    q, k, v = attn.pop("q"), attn.pop("k"), attn.pop("v")
-    attn["qkv"] = {n: jnp.concatenate([q[n], k[n], v[n]], axis=-1) for n in q}
-    out["attn"] = attn
-    mlp = dict(lp["mlp"])
-    if "gate" in mlp:
-        gate, up = mlp.pop("gate"), mlp.pop("up")
-        mlp["gate_up"] = {n: jnp.concatenate([gate[n], up[n]], axis=-1) for n in gate}
-    out["mlp"] = mlp
-    return out
+def _fuse_layer(lp: Params, finfos: Params) -> Params:
+    """One block's params (one shard's view) -> the fused layout described by the fused model's
+    parameter infos: a leaf declaring `fused_from=(a, b, ...)` is the same leaf of sibling modules a, b,
+    ... concatenated on this shard's output columns, so the global columns come out shard-major."""
+    def walk(src: Params, infos: Params) -> Params:
+        out = {}
+        for name, sub in infos.items():
+            if isinstance(sub, ParamInfo):
+                out[name] = src[name]
+                continue
+            infos_here = list(sub.values())
+            fused_from = infos_here[0].fused_from if all(isinstance(i, ParamInfo) for i in infos_here) else ()
+            if fused_from:
+                out[name] = {leaf: jnp.concatenate([src[m][leaf] for m in fused_from], axis=-1) for leaf in sub}
+            else:
+                out[name] = walk(src[name], sub)
+        return out
+
+    return walk(lp, finfos)
 
 
 def fuse_projections(engine: Engine, params: Params) -> tuple[Engine, Params]:
@@ -299,8 +334,9 @@ def fuse_projections(engine: Engine, params: Params) -> tuple[Engine, Params]:
         return engine, params
     fmdef = build_model_def(mdef.cfg, mdef.tp, mdef.dtype, fused=True)
     fused_engine = dataclasses.replace(engine, mdef=fmdef)
-    fn = jax.jit(engine.sharded(_fuse_layer, (mdef.specs()["layers"][0],), fmdef.specs()["layers"][0]),
-                 donate_argnums=0)
+    finfos = fmdef.infos["layers"][0]
+    fn = jax.jit(engine.sharded(lambda lp: _fuse_layer(lp, finfos), (mdef.specs()["layers"][0],),
+                                fmdef.specs()["layers"][0]), donate_argnums=0)
     out = {k: v for k, v in params.items() if k != "layers"}
     layers = {}
     for i in sorted(params["layers"]):

@@ -1,8 +1,10 @@
-"""Megatron tensor-parallel layout over a 1-D `tp` mesh axis.
+"""Megatron tensor-parallel layout over a 1-D `tp` mesh axis, from each parameter's logical axes.
 
-Column-parallel: q/k/v, gate/up (fc1)  -> weight [in, out] split on `out`   P(None, "tp")
-Row-parallel:    o, down (fc2)          -> weight [in, out] split on `in`    P("tp", None)
-Vocab-parallel:  embedding [V, D] split on V; lm head [D, V] split on V.
+Every parameter declares logical axes (`spd_jax.arch.ParamInfo`, set where the model creates it); the
+axes q_heads / kv_heads / ffn / vocab / fused are split over `tp`, the rest replicated:
+Column-parallel: q/k/v, gate/up (fc1)  -> weight [embed, heads|ffn] split on `out`   P(None, "tp")
+Row-parallel:    o, down (fc2)          -> weight [heads|ffn, embed] split on `in`    P("tp", None)
+Vocab-parallel:  embedding [vocab, embed]; lm head [embed, vocab].
 Norms, position embeddings and row-parallel biases are replicated (a row-parallel bias is added
 once, after the all-reduce).
 
@@ -18,8 +20,10 @@ import dataclasses
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from spd_jax.arch import LOGICAL_AXES, ParamInfo
 from spd_jax.config import ConfigError, ModelConfig, ceil_to
 
 TP_AXIS = "tp"
@@ -70,14 +74,6 @@ class TPLayout:
     def vocab(self) -> int:
         return ceil_to(self.cfg.vocab_size, self.tp)
 
-    @property
-    def heads_local(self) -> int:
-        return self.cfg.n_heads // self.tp
-
-    @property
-    def kv_heads_local(self) -> int:
-        return self.kv_heads // self.tp
-
     # Index maps from our global layout to the checkpoint's (-1 = zero padding).
     def kv_column_map(self) -> np.ndarray:
         hd = self.cfg.head_dim
@@ -92,26 +88,22 @@ class TPLayout:
         m = np.arange(self.vocab)
         return np.where(m < self.cfg.vocab_size, m, -1)
 
+    def pad_map(self, axis: str) -> np.ndarray | None:
+        """Index map of a logical axis into the checkpoint's (-1 = zero padding); None = identity."""
+        rule = LOGICAL_AXES[axis][1]
+        return {"kv": self.kv_column_map, "ffn": self.intermediate_map, "vocab": self.vocab_map}[rule]() \
+            if rule else None
 
-COLUMN = P(None, TP_AXIS)
-ROW = P(TP_AXIS, None)
-SHARDED_VEC = P(TP_AXIS)
+
 REPLICATED = P()
 
 
-def param_spec(path: tuple[str, ...], ndim: int) -> P:
-    """Partition spec of a parameter from its module path (e.g. ('layers', 3, 'attn', 'q', 'w'))."""
-    names = [str(p) for p in path]
-    leaf, owner = names[-1], names[-2] if len(names) > 1 else ""
-    if owner in ("q", "k", "v", "qkv", "gate", "up", "gate_up", "fc1"):
-        return COLUMN if leaf == "w" else SHARDED_VEC
-    if owner in ("o", "down", "fc2"):
-        return ROW if leaf == "w" else REPLICATED
-    if owner == "embed":
-        return ROW
-    if owner == "lm_head":
-        return COLUMN
-    return REPLICATED
+def spec_of(info: ParamInfo) -> P:
+    """PartitionSpec of a parameter from its declared logical axes."""
+    d = info.tp_dim()
+    if d is None:
+        return REPLICATED
+    return P(*[TP_AXIS if i == d else None for i in range(len(info.axes))])
 
 
 def make_mesh(tp: int, devices=None) -> Mesh:

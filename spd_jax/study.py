@@ -37,13 +37,13 @@ def run_study(pc: PipelineConfig, ratios, limit: int, task_dirs, out_json: Path,
     t_start = time.time()
     lm = open_model(pc.model)
     cfg, tok = lm.cfg, lm.tokenizer()
-    eng = Engine.create(build_model_def(cfg, pc.tp, pc.dtype), emulate=pc.emulate, spd_attn_bias=pc.spd_attn_bias)
+    eng = Engine.create(build_model_def(cfg, pc.tp, pc.dtype), emulate=pc.emulate)
     L = cfg.n_layers
     eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
     calib = calibration_tokens(DataSpec(pc.data, pc.calib_samples, pc.calib_len, pc.seed), tok, eos)
     ev = contiguous_sequences(eval_stream(pc.data, tok, eos), pc.calib_len, pc.eval_tokens)
     orig = load_params(eng, lm.source)
-    ops = ModelOps(eng, pc.batch_size)
+    ops = ModelOps(eng, pc.batch_size, pc.spd_attn_bias)
     h = ops.hidden_states(orig, calib)
     sens = sensitivity(ops, orig, h, calib, pc.sensitivity, progress=False)
     log(f"[study] sensitivity done; base calibration PPL {sens.base_ppl:.3f}")
@@ -55,8 +55,8 @@ def run_study(pc: PipelineConfig, ratios, limit: int, task_dirs, out_json: Path,
         b2b[i] = res.params
         b2b_info[i] = {"initial_mse": res.initial_mse, "final_mse": res.final_mse, "status": res.status}
         spec = eng.mdef.specs()["layers"][i]
-        new, info = head_group_block(ops.block_graphdef, eng.to_global(orig["layers"][i], spec), h[i][: pc.hg_samples],
-                                     cfg, eng.mdef.layout, pc.spd_attn_bias)
+        new, info = head_group_block(ops.block_graphdef, ops.block_infos, eng.to_global(orig["layers"][i], spec),
+                                     h[i][: pc.hg_samples], cfg, eng.mdef.layout, pc.spd_attn_bias)
         kept = False
         if info["applied"]:
             new = eng.from_global(new, spec)
@@ -75,16 +75,16 @@ def run_study(pc: PipelineConfig, ratios, limit: int, task_dirs, out_json: Path,
     rows = []
     for ratio in ratios:
         chosen = select_by_ratio(sens.s, ratio)
-        modes = tuple(j in chosen for j in range(L))
+        plan = ops.plan(chosen)
         for method in (METHODS if chosen else ("no SPD",)):
             params = orig
             if method != "ZS" and chosen:
                 src = b2b if method == "ZS+B2B" else hg_b2b
                 for i in chosen:
                     params = _with_block(params, i, src[i])
-            sc = Scorer(eng, params, modes, batch_size=16)
+            sc = Scorer(eng, params, plan, batch_size=16)
             ppl = perplexity(sc, ev)
-            vs = divergence_from_reference(eng, orig, params, modes, ev, batch_size=8)
+            vs = divergence_from_reference(eng, orig, params, plan, ev, batch_size=8)
             res = [evaluate_loaded(sc, tok, name, fmt, items, cfg.max_position) for name, fmt, items in tasks]
             row = {"ratio": ratio, "n_dropped": len(chosen), "method": method, "ppl": ppl,
                    "top1_agreement": vs["top1_agreement"], "kl_mean": vs["kl_mean"],

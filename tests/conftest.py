@@ -17,9 +17,20 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 def _tiny_hf(kind: str, path):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        OPTConfig,
+        OPTForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
-    torch.manual_seed({"llama": 0, "qwen2": 1, "opt": 2, "llama3": 3}[kind])
+    torch.manual_seed({"llama": 0, "qwen2": 1, "opt": 2, "llama3": 3, "qwen3": 4, "mistral": 5}[kind])
     if kind in ("llama", "llama3"):
         extra = {}
         if kind == "llama3":
@@ -36,6 +47,16 @@ def _tiny_hf(kind: str, path):
                           num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128,
                           tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
         model = Qwen2ForCausalLM(cfg)
+    elif kind == "qwen3":  # per-head q/k RMSNorm; head_dim 16 != hidden / heads = 8
+        cfg = Qwen3Config(vocab_size=89, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                          num_attention_heads=8, num_key_value_heads=4, head_dim=16, max_position_embeddings=128,
+                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+        model = Qwen3ForCausalLM(cfg)
+    elif kind == "mistral":  # a sliding window much shorter than the test sequences
+        cfg = MistralConfig(vocab_size=107, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+                            num_attention_heads=8, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                            sliding_window=4, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+        model = MistralForCausalLM(cfg)
     else:
         cfg = OPTConfig(vocab_size=103, hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=8,
                         max_position_embeddings=128, word_embed_proj_dim=64, do_layer_norm_before=True,
@@ -53,9 +74,10 @@ def _tiny_hf(kind: str, path):
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """{kind: (model_dir, torch_model)} for llama (GQA 8/4), llama3 (rope scaling, tied, GQA 8/2), qwen2, opt."""
+    """{kind: (model_dir, torch_model)} for llama (GQA 8/4), llama3 (rope scaling, tied, GQA 8/2), qwen2, opt,
+    qwen3 (q/k norms, GQA 8/4, head_dim 16) and mistral (sliding window 4, GQA 8/2)."""
     out = {}
-    for kind in ("llama", "llama3", "qwen2", "opt"):
+    for kind in ("llama", "llama3", "qwen2", "opt", "qwen3", "mistral"):
         d = tmp_path_factory.mktemp(f"tiny_{kind}")
         out[kind] = (d, _tiny_hf(kind, d))
     return out

@@ -17,6 +17,7 @@ def main():
     p.add_argument("spd_blocks")
     p.add_argument("--tp", type=int, default=8)
     from spd_jax.distributed import add_distributed_args, is_main_process, maybe_initialize, to_host
+    from spd_jax.plan import SyncPlan
 
     add_distributed_args(p)
     args = p.parse_args()
@@ -34,8 +35,8 @@ def main():
     params = load_params(eng, lm.source)
     modes = parse_block_spec(args.spd_blocks, lm.cfg.n_layers)
     tokens = np.random.RandomState(0).randint(3, 100, size=(2, 9)).astype(np.int32)
-    logits = to_host(eng.logits(params, tokens, spd_modes=modes))
-    gen = Generator(eng, params, modes).generate([list(tokens[0]), list(tokens[1, 3:])],
+    logits = to_host(eng.logits(params, tokens, plan=SyncPlan.from_flags(modes)))
+    gen = Generator(eng, params, SyncPlan.from_flags(modes)).generate([list(tokens[0]), list(tokens[1, 3:])],
                                                  GenerationConfig(max_new_tokens=5, stop_at_eos=False))
     if is_main_process():
         np.savez(args.out, logits=logits, tokens=np.array(gen.tokens), processes=jax.process_count(),

@@ -1,6 +1,5 @@
 """The latency benchmark on tiny shapes (8 simulated CPU devices): fields, block counts, floor HLO."""
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -13,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spd_jax.bench import (SHAPES, memory_fraction, modes_for_ratio, param_count, random_params, set_interconnect,
-                           shape_config)
+from spd_jax.bench import memory_fraction, param_count, random_params, set_interconnect, shape_config
+from spd_jax.plan import SyncPlan
 from spd_jax.runtime import Engine, build_model_def
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,16 +22,35 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("n_layers", [4, 30, 32, 80])
 @pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 0.7, 0.75, 1.0])
 def test_ratio_drops_exactly_round_r_times_l_blocks(n_layers, ratio):
-    modes = modes_for_ratio(n_layers, ratio)
-    assert sum(modes) == int(round(ratio * n_layers))
-    assert all(modes[n_layers - sum(modes):])  # the last blocks
+    plan = SyncPlan.from_ratio(n_layers, ratio)
+    assert plan.n_spd == int(round(ratio * n_layers))
+    assert plan.spd_blocks == list(range(n_layers - plan.n_spd, n_layers))  # the last blocks
+    assert plan.block_allreduces == 2 * n_layers - plan.n_spd
 
 
-@pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_param_count_matches_the_model_definition(shape):
-    """The JAX-free count (used to size GPU memory before the backend starts) equals the model's weights."""
-    mdef = build_model_def(shape_config(shape), 1, "bfloat16")
-    assert param_count(shape) == sum(int(np.prod(a.shape)) for a in jax.tree.leaves(mdef.abstract))
+@pytest.mark.parametrize("shape,published", [
+    ("llama2-7b", 6_738_415_616), ("llama2-13b", 13_015_864_320), ("llama2-70b", 68_976_648_192),
+    ("opt-6.7b", 6_658_473_984), ("opt-30b", 29_974_540_288),
+])
+def test_param_count_equals_the_published_checkpoint_sizes(shape, published):
+    """Counted from the parameters' declared layouts (no padding or kv replication), abstract shapes only;
+    references: the sizes transformers reports for meta-llama/Llama-2-*-hf and facebook/opt-*."""
+    assert param_count(shape) == published
+
+
+def test_param_count_does_not_start_the_backend():
+    code = ("from spd_jax.bench import param_count; param_count('llama2-7b'); "
+            "from jax._src import xla_bridge; assert not xla_bridge.backends_are_initialized()")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_param_count_pads_nothing_at_tp_that_needs_padding():
+    """At TP 8 the tiny OPT's ffn/vocab are padded and LLaMA's kv heads replicated: the count is unchanged."""
+    for shape in ("tiny", "tiny-opt"):
+        a = build_model_def(shape_config(shape), 1).param_count()
+        b = build_model_def(shape_config(shape), 8).param_count()
+        big = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(build_model_def(shape_config(shape), 8).abstract))
+        assert a == b and big >= b
 
 
 @pytest.mark.parametrize("shape,tp,card_gib,expect", [
@@ -85,9 +103,9 @@ def test_link_check_says_whether_a_mode_slowed_small_allreduces():
     assert link_check("net", ar(118.0), None)["status"] == "unverified"
 
 
-def _hlo(engine, modes):
+def _hlo(engine, plan):
     params = random_params(engine)
-    fwd = engine.forward(modes)
+    fwd = engine.forward(plan)
     tokens = engine.replicate(np.zeros((1, 8), np.int32))
     pad = engine.replicate(np.zeros((1,), np.int32))
     return jax.jit(lambda p, t, d: fwd(p, t, d, None, jnp.int32(0))[0]).lower(params, tokens, pad).as_text()
@@ -99,9 +117,9 @@ def test_floor_mode_has_no_all_reduce_and_spd_has_fewer(shape):
     eng = Engine.create(build_model_def(cfg, 4, "float32"))
     L = cfg.n_layers
     count = lambda text: text.count("all-reduce") + text.count("all_reduce")  # noqa: E731
-    sync = count(_hlo(eng, (False,) * L))
-    spd = count(_hlo(eng, (True,) * L))
-    floor = count(_hlo(dataclasses.replace(eng, floor=True), (False,) * L))
+    sync = count(_hlo(eng, SyncPlan.sync(L)))
+    spd = count(_hlo(eng, SyncPlan.all_spd(L)))
+    floor = count(_hlo(eng, SyncPlan.floor(L)))
     assert sync == 2 * L + 1  # two per block + the vocab-parallel embedding
     assert spd == L + 1  # one per block
     assert floor == 0

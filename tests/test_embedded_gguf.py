@@ -9,6 +9,7 @@ from spd_jax.config import GenerationConfig
 from spd_jax.embedded import embedded_gguf_path
 from spd_jax.generate import Generator
 from spd_jax.loading import load_params
+from spd_jax.plan import SyncPlan
 from spd_jax.runtime import Engine, build_model_def
 
 TEXT = "The capital of France is Paris. It is known for the Eiffel Tower and"
@@ -41,12 +42,12 @@ def test_gguf_logits_and_greedy_tokens_match_transformers(embedded, hf_ref, tp):
     ours = np.asarray(eng.logits(params, np.array([ids])))[0]
     chex.assert_trees_all_close(ours, ref, atol=2e-3, rtol=1e-3)
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
-    gen = Generator(eng, params, (False,) * lm.cfg.n_layers).generate([ids], GenerationConfig(max_new_tokens=10,
+    gen = Generator(eng, params, SyncPlan.from_flags((False,) * lm.cfg.n_layers)).generate([ids], GenerationConfig(max_new_tokens=10,
                                                                                               stop_at_eos=False))
     assert gen.tokens[0] == ref_gen
     if tp == 3:  # the done-criterion of the core issue: a sensible continuation at TP 3
         q = tok("The capital of France is")["input_ids"]
-        g = Generator(eng, params, (False,) * lm.cfg.n_layers).generate([q], GenerationConfig(max_new_tokens=4))
+        g = Generator(eng, params, SyncPlan.from_flags((False,) * lm.cfg.n_layers)).generate([q], GenerationConfig(max_new_tokens=4))
         assert "Paris" in tok.decode(g.tokens[0])
 
 

@@ -10,9 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from spd_jax.evaluation import (MCItem, Scorer, accuracy, choice_loglikelihoods, evaluate_loaded, evaluate_task,
-                                perplexity)
+from spd_jax.evaluation import (
+    MCItem,
+    Scorer,
+    accuracy,
+    choice_loglikelihoods,
+    evaluate_loaded,
+    evaluate_task,
+    perplexity,
+)
 from spd_jax.loading import load_params, open_model
+from spd_jax.plan import SyncPlan
 from spd_jax.runtime import Engine, build_model_def
 from spd_jax.tasks import extract_bigbench, load_bigbench, load_task
 
@@ -75,7 +83,7 @@ def test_perplexity_equals_exp_mean_nll_from_pytorch(tiny_models):
     path, ref = tiny_models["opt"]
     lm = open_model(path)
     eng = Engine.create(build_model_def(lm.cfg, 4))
-    sc = Scorer(eng, load_params(eng, lm.source), (False,) * 3, batch_size=2)
+    sc = Scorer(eng, load_params(eng, lm.source), SyncPlan.sync(3), batch_size=2)
     windows = np.random.RandomState(0).randint(3, 100, size=(3, 20)).astype(np.int32)
     with torch.no_grad():
         logp = torch.log_softmax(ref(torch.tensor(windows, dtype=torch.long)).logits.double(), -1).numpy()
@@ -96,8 +104,8 @@ def test_sync_plan_reproduces_no_spd_numbers_exactly(embedded, tmp_path):
     results = []
     for extra in ({}, {"spd_plan": str(tmp_path / "plan.json")}):
         sess = open_session(RunConfig(model="embedded", tp=3, emulate=True, **extra))
-        assert not any(sess.spd_modes)
-        sc = Scorer(sess.engine, sess.params, sess.spd_modes, batch_size=4)
+        assert not sess.plan.any_spd
+        sc = Scorer(sess.engine, sess.params, sess.plan, batch_size=4)
         results.append((choice_loglikelihoods(sc, tok, items), perplexity(sc, windows)))
     assert results[0] == results[1]  # bit-identical
     lls = results[0][0]
@@ -167,10 +175,10 @@ def test_divergence_from_reference_equals_numpy_on_full_logits(tiny_models, tp, 
     params = load_params(eng, lm.source)
     tokens = np.random.RandomState(3).randint(3, 100, size=(5, 12)).astype(np.int32)
     modes = (True, False, True)
-    got = divergence_from_reference(eng, params, params, modes, tokens, batch_size=2)
+    got = divergence_from_reference(eng, params, params, SyncPlan.from_flags(modes), tokens, batch_size=2)
 
     def logp(m):
-        lg = np.asarray(eng.logits(params, tokens, spd_modes=m), np.float64)[:, :, :lm.cfg.vocab_size]
+        lg = np.asarray(eng.logits(params, tokens, plan=SyncPlan.from_flags(m)), np.float64)[:, :, :lm.cfg.vocab_size]
         lg = lg - lg.max(-1, keepdims=True)
         return lg - np.log(np.exp(lg).sum(-1, keepdims=True))
 
@@ -179,5 +187,5 @@ def test_divergence_from_reference_equals_numpy_on_full_logits(tiny_models, tp, 
     assert got["positions"] == tokens.size
     assert got["kl_mean"] == pytest.approx(kl.mean(), rel=1e-3, abs=1e-7) and got["kl_mean"] > 1e-6
     assert got["top1_agreement"] == pytest.approx((ref.argmax(-1) == spd.argmax(-1)).mean())
-    same = divergence_from_reference(eng, params, params, (False,) * 3, tokens, batch_size=2)
+    same = divergence_from_reference(eng, params, params, SyncPlan.sync(3), tokens, batch_size=2)
     assert same["top1_agreement"] == 1.0 and abs(same["kl_mean"]) < 1e-6

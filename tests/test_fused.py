@@ -10,6 +10,7 @@ from test_model_reference import _ref_logits
 from spd_jax.config import GenerationConfig
 from spd_jax.generate import Generator
 from spd_jax.loading import load_params, open_model
+from spd_jax.plan import SyncPlan
 from spd_jax.runtime import Engine, build_model_def, fuse_projections
 
 
@@ -57,5 +58,5 @@ def test_fused_generation_equals_unfused_with_spd(tiny_models):
         params = load_params(eng, lm.source)
         if fused:
             eng, params = fuse_projections(eng, params)
-        out.append(Generator(eng, params, modes).generate([[4, 9, 12, 3]], gen).tokens)
+        out.append(Generator(eng, params, SyncPlan.from_flags(modes)).generate([[4, 9, 12, 3]], gen).tokens)
     assert out[0] == out[1]

@@ -9,6 +9,7 @@ import pytest
 from spd_jax.config import GenerationConfig
 from spd_jax.generate import ContextLengthError, Generator
 from spd_jax.loading import load_params, open_model
+from spd_jax.plan import SyncPlan
 from spd_jax.runtime import Engine, build_model_def
 
 
@@ -22,7 +23,7 @@ def tiny(tiny_models):
 def _recompute_greedy(eng, params, prompt, n, modes):
     seq = list(prompt)
     for _ in range(n):
-        logits = np.asarray(eng.logits(params, np.array([seq]), spd_modes=modes))
+        logits = np.asarray(eng.logits(params, np.array([seq]), plan=SyncPlan.from_flags(modes)))
         seq.append(int(logits[0, -1].argmax()))
     return seq[len(prompt):]
 
@@ -32,14 +33,14 @@ def test_kv_cache_decode_equals_full_recompute(tiny, modes):
     lm, eng, params = tiny
     gen = GenerationConfig(max_new_tokens=8, stop_at_eos=False)
     prompt = [5, 17, 33, 8, 61]
-    out = Generator(eng, params, modes).generate([prompt], gen)
+    out = Generator(eng, params, SyncPlan.from_flags(modes)).generate([prompt], gen)
     assert out.tokens[0] == _recompute_greedy(eng, params, prompt, 8, modes)
     assert out.decode_tokens == 7 and out.ttft_s > 0 and out.decode_s > 0
 
 
 def test_greedy_is_deterministic_and_padding_does_not_change_tokens(tiny):
     lm, eng, params = tiny
-    g = Generator(eng, params, (True, True, False))
+    g = Generator(eng, params, SyncPlan.from_flags((True, True, False)))
     gen = GenerationConfig(max_new_tokens=6, stop_at_eos=False)
     prompts = [[5, 17, 33], [9, 8, 7, 6, 5, 4, 3, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31], [44]]
     batch = g.generate(prompts, gen)
@@ -50,7 +51,7 @@ def test_greedy_is_deterministic_and_padding_does_not_change_tokens(tiny):
 
 def test_sampling_reproducible_by_seed(tiny):
     lm, eng, params = tiny
-    g = Generator(eng, params, (False,) * 3)
+    g = Generator(eng, params, SyncPlan.from_flags((False,) * 3))
     gen = GenerationConfig(max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.95, seed=7, stop_at_eos=False)
     a = g.generate([[5, 6, 7]], gen).tokens
     assert a == g.generate([[5, 6, 7]], gen).tokens
@@ -60,7 +61,7 @@ def test_sampling_reproducible_by_seed(tiny):
 @pytest.mark.parametrize("kw", [dict(top_k=1), dict(top_p=1e-6)])
 def test_top_k_1_and_tiny_top_p_reduce_to_greedy(tiny, kw):
     lm, eng, params = tiny
-    g = Generator(eng, params, (False,) * 3)
+    g = Generator(eng, params, SyncPlan.from_flags((False,) * 3))
     greedy = g.generate([[5, 6, 7]], GenerationConfig(max_new_tokens=6, stop_at_eos=False)).tokens
     sampled = g.generate([[5, 6, 7]], GenerationConfig(max_new_tokens=6, temperature=1.5, seed=3,
                                                        stop_at_eos=False, **kw)).tokens
@@ -80,7 +81,7 @@ def test_sample_tokens_top_p_keeps_the_nucleus():
 
 def test_stops_at_eos(tiny):
     lm, eng, params = tiny
-    g = Generator(eng, params, (False,) * 3)
+    g = Generator(eng, params, SyncPlan.from_flags((False,) * 3))
     free = g.generate([[5, 17, 33]], GenerationConfig(max_new_tokens=8, stop_at_eos=False)).tokens[0]
     eos = free[3]
     g.cfg = dataclasses.replace(lm.cfg, eos_token_ids=(eos,))
@@ -90,7 +91,7 @@ def test_stops_at_eos(tiny):
 
 def test_prompt_longer_than_context_is_a_clear_error(tiny):
     lm, eng, params = tiny
-    g = Generator(eng, params, (False,) * 3)
+    g = Generator(eng, params, SyncPlan.from_flags((False,) * 3))
     with pytest.raises(ContextLengthError, match="exceeds the model's context of 128 tokens"):
         g.generate([[5] * 120], GenerationConfig(max_new_tokens=20))
 
@@ -101,7 +102,7 @@ def test_emulated_generation_matches_real_tp(tiny_models):
     out = []
     for emulate in (False, True):
         eng = Engine.create(build_model_def(lm.cfg, 4), emulate=emulate)
-        out.append(Generator(eng, load_params(eng, lm.source), (True, False, True)).generate([[4, 9, 12]], gen).tokens)
+        out.append(Generator(eng, load_params(eng, lm.source), SyncPlan.from_flags((True, False, True))).generate([[4, 9, 12]], gen).tokens)
     chex.assert_equal(out[0], out[1])
 
 
@@ -110,7 +111,7 @@ def test_decode_chunk_gives_the_same_tokens_and_counts(tiny, chunk):
     """Chunked decode (stop condition checked every `chunk` steps) == the full-recompute reference, with and
     without an EOS inside a chunk, including a remainder chunk (10 new tokens = 9 decode steps)."""
     lm, eng, params = tiny
-    g = Generator(eng, params, (True, False, False))
+    g = Generator(eng, params, SyncPlan.from_flags((True, False, False)))
     prompt = [5, 17, 33, 2]
     ref = _recompute_greedy(eng, params, prompt, 10, (True, False, False))
     out = g.generate([prompt], GenerationConfig(max_new_tokens=10, stop_at_eos=False, decode_chunk=chunk))
@@ -130,7 +131,7 @@ def test_decode_chunk_must_be_positive(tiny):
 
     lm, eng, params = tiny
     with pytest.raises(ConfigError, match="decode_chunk must be >= 1"):
-        Generator(eng, params, (False,) * 3).generate([[5]], GenerationConfig(decode_chunk=0))
+        Generator(eng, params, SyncPlan.from_flags((False,) * 3)).generate([[5]], GenerationConfig(decode_chunk=0))
 
 
 @pytest.mark.parametrize("emulate", [False, True])
@@ -145,8 +146,8 @@ def test_precompile_in_threads_then_generate_uses_it_and_matches(tiny_models, em
     gen = GenerationConfig(max_new_tokens=9, stop_at_eos=False, decode_chunk=4)
     prompt = [[5, 17, 33, 8, 61, 2, 9]]
     modes = [(False,) * 3, (True, True, True), (True, False, True)]
-    ref = [Generator(eng, params, m).generate(prompt, gen).tokens for m in modes]
-    gens = [Generator(eng, params, m) for m in modes]
+    ref = [Generator(eng, params, SyncPlan.from_flags(m)).generate(prompt, gen).tokens for m in modes]
+    gens = [Generator(eng, params, SyncPlan.from_flags(m)) for m in modes]
     with ThreadPoolExecutor(3) as ex:
         list(ex.map(lambda g: g.precompile(gen, len(prompt[0])), gens))
 

@@ -8,7 +8,7 @@ import torch
 from spd_jax.loading import load_params, open_model
 from spd_jax.runtime import Engine, build_model_def
 
-KINDS = ("llama", "llama3", "qwen2", "opt")
+KINDS = ("llama", "llama3", "qwen2", "opt", "qwen3", "mistral")
 
 
 def _ref_logits(model, tokens, pad):

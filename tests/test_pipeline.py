@@ -21,6 +21,7 @@ from spd_jax.pipeline.distill import BlockDistiller, DistillConfig
 from spd_jax.pipeline.grouping import head_group_block, match, permute_block, scatter
 from spd_jax.pipeline.ops import ModelOps
 from spd_jax.pipeline.run import load_pipeline_config
+from spd_jax.plan import SyncPlan
 from spd_jax.runtime import Engine, build_model_def
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ def test_sensitivity_at_tp2_is_not_zero_and_curve_consistent(tiny_models):
     # the cumulative curve telescopes: sum of s_i = PPL(all SPD) - PPL(no SPD)
     np.testing.assert_allclose(sum(sens.s), sens.ppl_curve[0] - sens.base_ppl, rtol=1e-6)
     # ... and PPL(all SPD) agrees with a full forward pass of the all-SPD model
-    logits = np.asarray(eng.logits(params, tokens, spd_modes=(True,) * 3), np.float64)
+    logits = np.asarray(eng.logits(params, tokens, plan=SyncPlan.from_flags((True,) * 3)), np.float64)
     lp = logits - logits.max(-1, keepdims=True)
     lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
     nll = -np.take_along_axis(lp[:, :-1], tokens[:, 1:, None], -1).mean()
@@ -122,7 +123,7 @@ def test_head_permutation_is_invisible_in_sync_mode(tiny_models, kind):
     # units 0 and 2 now share device 0 (with MLP shard 1): a pairing that changes the SPD block
     kv_order = [0, 2, 1, 3] + list(range(4, lay.kv_heads))
     q_order = [u * per + i for u in kv_order for i in range(per)]
-    permuted = permute_block(bp, cfg, q_order, kv_order, [1, 0], 2)
+    permuted = permute_block(bp, ops.block_infos, cfg, q_order, kv_order, [1, 0], 2)
     spec = eng.mdef.specs()["layers"][1]
     permuted = eng.from_global(permuted, spec)
     sync = jax.jit(ops.block_fn(spd=False))
@@ -130,17 +131,61 @@ def test_head_permutation_is_invisible_in_sync_mode(tiny_models, kind):
     spd = jax.jit(ops.block_fn(spd=True))
     assert np.abs(np.asarray(spd(permuted, x)) - np.asarray(spd(bp, x))).max() > 1e-4  # regrouping matters in SPD
     # the full HG procedure also leaves the sync block unchanged
-    new, info = head_group_block(ops.block_graphdef, bp, x, cfg, lay)
+    new, info = head_group_block(ops.block_graphdef, ops.block_infos, bp, x, cfg, lay)
     assert info["applied"]
     chex.assert_trees_all_close(np.asarray(sync(eng.from_global(new, spec), x)), np.asarray(sync(bp, x)),
                                 atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt", "qwen3"])
+def test_head_grouping_follows_the_block(tiny_models, monkeypatch, kind):
+    """Grouping's MLP-output norms for the unchanged head layout equal the norms of the Z_i that the
+    sharded SPD block itself computes; after a change to a block detail (the MLP activation) they still do,
+    and differ from before: head grouping runs the model's own pieces, not a copy of them."""
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import PartitionSpec as P
+
+    from spd_jax import model as model_mod
+    from spd_jax.pipeline.grouping import mlp_norms
+
+    tp = 2
+    lm, eng, params = _setup(tiny_models[kind][0], tp)
+    ops, cfg = ModelOps(eng), lm.cfg
+    x = np.random.RandomState(4).randn(3, 10, cfg.hidden).astype(np.float32)
+    i = 1
+    bp_global = eng.to_global(params["layers"][i], eng.mdef.specs()["layers"][i])
+    per_shard = cfg.n_heads // tp
+    contiguous = [list(range(j * per_shard, (j + 1) * per_shard)) for j in range(tp)]
+
+    def sharded_norms():
+        def shard(bp, xs):
+            blk = nnx.merge(ops.block_graphdef, bp)
+            rope, mask = model_mod.fresh_inputs(cfg, xs.shape[1], jnp.zeros((xs.shape[0],), jnp.int32))
+            y, _ = blk.attn(blk.attn_norm(xs), rope, mask, None, 0, False)
+            z = blk.spd_mlp(xs, y, "full")
+            return jnp.sqrt(jnp.sum(jnp.square(z), axis=(1, 2))).sum()[None]
+
+        f = jax.jit(eng.sharded(shard, (ops.block_specs, P()), P("tp")))
+        return np.asarray(f(params["layers"][i], eng.replicate(x)))
+
+    def grouping_norms():
+        return np.diag(mlp_norms(ops.block_graphdef, bp_global, x, cfg, contiguous, tp, "full"))
+
+    before = grouping_norms()
+    chex.assert_trees_all_close(before, sharded_norms(), rtol=1e-5)
+    act = cfg.family.mlp
+    monkeypatch.setitem(model_mod.ACTIVATIONS, act, lambda a: jnp.tanh(a) * 3.0)
+    after = grouping_norms()
+    chex.assert_trees_all_close(after, sharded_norms(), rtol=1e-5)
+    assert np.abs(after - before).max() > 1e-3 * np.abs(before).max()
 
 
 def test_hg_skipped_when_kv_heads_are_replicated(tiny_models):
     lm, eng, params = _setup(tiny_models["qwen2"][0], 4)  # 2 kv heads < tp 4
     ops = ModelOps(eng)
     x = np.zeros((1, 4, lm.cfg.hidden), np.float32)
-    _, info = head_group_block(ops.block_graphdef, params["layers"][0], x, lm.cfg, eng.mdef.layout)
+    _, info = head_group_block(ops.block_graphdef, ops.block_infos, params["layers"][0], x, lm.cfg, eng.mdef.layout)
     assert not info["applied"] and "replicated" in info["reason"]
 
 
@@ -297,7 +342,7 @@ def test_b2b_on_student_inputs_trains_each_block_on_the_treated_models_states(to
     tok = lm.tokenizer()
     calib = calibration_tokens(DataSpec(str(corpus), 4, 16, 0), tok, lm.cfg.eos_token_ids[0])
     modes = (True, True, True)
-    fwd = jax.jit(eng.forward(modes, return_hidden=True))
+    fwd = jax.jit(eng.forward(SyncPlan.from_flags(modes), return_hidden=True))
     h_student = [np.asarray(h) for h in fwd(final, calib, np.zeros((4,), np.int32), None, 0)[2]]
     ops = ModelOps(eng, batch_size=2)
     h_teacher = ops.hidden_states(orig, calib)

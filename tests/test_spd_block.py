@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from spd_jax.loading import load_params, open_model
+from spd_jax.plan import SyncPlan
 from spd_jax.runtime import Engine, build_model_def
 
 MODES = {
@@ -30,8 +31,8 @@ def test_shard_map_equals_emulation(tiny_models, kind, tp):
     _, emu, p_emu = _engine(path, tp, emulate=True)
     tokens = np.random.RandomState(1).randint(3, 90, size=(2, 9))
     for name, modes in MODES.items():
-        a = np.asarray(real.logits(p_real, tokens, spd_modes=modes))
-        b = np.asarray(emu.logits(p_emu, tokens, spd_modes=modes))
+        a = np.asarray(real.logits(p_real, tokens, plan=SyncPlan.from_flags(modes)))
+        b = np.asarray(emu.logits(p_emu, tokens, plan=SyncPlan.from_flags(modes)))
         chex.assert_trees_all_close(a, b, atol=1e-5, rtol=1e-5, custom_message=f"{kind} tp={tp} {name}")
 
 
@@ -52,8 +53,8 @@ def test_emulation_param_roundtrip():
 def test_spd_at_tp1_equals_sync(tiny_models, kind):
     _, eng, params = _engine(tiny_models[kind][0], 1, emulate=False)
     tokens = np.random.RandomState(2).randint(3, 90, size=(2, 10))
-    sync = np.asarray(eng.logits(params, tokens, spd_modes=MODES["sync"]))
-    spd = np.asarray(eng.logits(params, tokens, spd_modes=MODES["spd"]))
+    sync = np.asarray(eng.logits(params, tokens, plan=SyncPlan.from_flags(MODES["sync"])))
+    spd = np.asarray(eng.logits(params, tokens, plan=SyncPlan.from_flags(MODES["spd"])))
     chex.assert_trees_all_close(spd, sync, atol=1e-5, rtol=1e-5)
 
 
@@ -61,8 +62,8 @@ def test_spd_at_tp1_equals_sync(tiny_models, kind):
 def test_spd_at_tp2_really_drops_the_sync(tiny_models, kind):
     _, eng, params = _engine(tiny_models[kind][0], 2, emulate=False)
     tokens = np.random.RandomState(2).randint(3, 90, size=(2, 10))
-    sync = np.asarray(eng.logits(params, tokens, spd_modes=MODES["sync"]))
-    spd = np.asarray(eng.logits(params, tokens, spd_modes=MODES["spd"]))
+    sync = np.asarray(eng.logits(params, tokens, plan=SyncPlan.from_flags(MODES["sync"])))
+    spd = np.asarray(eng.logits(params, tokens, plan=SyncPlan.from_flags(MODES["spd"])))
     assert np.abs(spd - sync).max() > 1e-3
 
 
@@ -102,7 +103,7 @@ def _attn_heads(q_thd, k_thd, v_thd):
 
 
 def _numpy_spd_block(sd, cfg, x_td, tp, pre, opt):
-    """SPD_METHOD.md section 2, evaluated shard by shard on the HF weights."""
+    """The SPD block equations (docs/design.md), evaluated shard by shard on the HF weights."""
     h_n, kv_n = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
     hd = cfg.hidden_size // h_n
     w = lambda n: sd[f"{pre}.{n}"]  # noqa: E731
@@ -152,7 +153,7 @@ def test_spd_block_matches_numpy_equations(tiny_models, kind, tp):
     path, ref = tiny_models[kind]
     _, eng, params = _engine(path, tp, emulate=False)
     tokens = np.random.RandomState(3).randint(3, 90, size=(1, 8)).astype(np.int32)
-    fwd = jax.jit(eng.forward((True, False, False), return_hidden=True))
+    fwd = jax.jit(eng.forward(SyncPlan.from_flags((True, False, False)), return_hidden=True))
     _, _, hidden = fwd(params, eng.replicate(tokens), eng.replicate(np.zeros(1, np.int32)), None, jnp.int32(0))
     x0, x1 = np.asarray(hidden[0][0], np.float64), np.asarray(hidden[1][0], np.float64)
     sd = _sd(ref)

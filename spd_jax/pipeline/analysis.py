@@ -38,12 +38,12 @@ class Sensitivity:
 def sensitivity(ops, params, hidden: np.ndarray, tokens: np.ndarray,
                 method: Literal["cumulative", "isolated"] = "cumulative", progress: bool = True) -> Sensitivity:
     L = ops.n_layers
-    base = float(np.exp(ops.suffix_nll(params, hidden[L], tokens, L, (False,) * L)))
+    base = float(np.exp(ops.suffix_nll(params, hidden[L], tokens, L, ops.plan([]))))
     curve = [0.0] * L
     bar = tqdm(range(L - 1, -1, -1), desc=f"sensitivity ({method})", disable=not progress, unit="block")
     for i in bar:
-        modes = tuple(j >= i for j in range(L)) if method == "cumulative" else tuple(j == i for j in range(L))
-        curve[i] = float(np.exp(ops.suffix_nll(params, hidden[i], tokens, i, modes)))
+        plan = ops.plan(range(i, L) if method == "cumulative" else [i])
+        curve[i] = float(np.exp(ops.suffix_nll(params, hidden[i], tokens, i, plan)))
         bar.set_postfix(ppl=f"{curve[i]:.2f}")
     if method == "cumulative":
         s = [curve[i] - (curve[i + 1] if i + 1 < L else base) for i in range(L)]

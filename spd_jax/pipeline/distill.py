@@ -1,4 +1,4 @@
-"""Block-to-block distillation (B2B), SPD_METHOD.md section 4.
+"""Block-to-block distillation (B2B) (docs/design.md, "The SPD pipeline").
 
 Teacher: the original TP block (frozen) — its output on the teacher hidden state h_i is exactly the
 all-sync model's h_{i+1}, so targets are the cached hidden states. Student: the SPD block, initialised
@@ -18,9 +18,7 @@ Guards (docs/spd_pipeline.md, "Distillation guards"):
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
-
-from typing import Literal
+from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +32,7 @@ from spd_jax.distributed import to_host
 
 @dataclasses.dataclass
 class DistillConfig:
-    lr: float | None = None  # None: 5e-5 for LLaMA-family, 1e-6 for OPT (the paper's values)
+    lr: float | None = None  # None: the family's (arch.Family.distill_lr: 5e-5 LLaMA-like, 1e-6 OPT; the paper's)
     epochs: int = 10
     batch_size: int = 4
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
@@ -62,8 +60,9 @@ class DistillConfig:
         if not self.diverge_factor > 1:
             raise ConfigError(f"{where}.diverge_factor must be > 1, got {self.diverge_factor}")
 
-    def lr_for(self, arch: str) -> float:
-        return self.lr if self.lr is not None else (1e-6 if arch == "opt" else 5e-5)
+    def lr_for(self, family) -> float:
+        """The learning rate: `lr`, or the family's default (spd_jax.arch.Family.distill_lr)."""
+        return self.lr if self.lr is not None else family.distill_lr
 
 
 def make_optimizer(dc: DistillConfig, lr: float, total_steps: int):
@@ -147,7 +146,7 @@ class BlockDistiller:
         n = len(x_ntd)
         steps_per_epoch = -(-n // dc.batch_size)
         total = dc.epochs * steps_per_epoch
-        lr = dc.lr_for(self.ops.cfg.arch)
+        lr = dc.lr_for(self.ops.cfg.family)
         opt = make_optimizer(dc, lr, total)
         step_fn = self._step(opt, lr, total)
         original = bp  # never donated: the step functions work on a copy

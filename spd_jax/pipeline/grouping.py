@@ -1,4 +1,4 @@
-"""Head grouping (HG) for extremely sensitive blocks, SPD_METHOD.md section 5.
+"""Head grouping (HG) for extremely sensitive blocks (docs/design.md, "The SPD pipeline").
 
 1. Attention-score maps: for each head, the softmax attention map averaged over calibration samples.
 2. Scatter: split the heads into `tp` equal groups so that heads on the same device are as different
@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spd_jax.arch import ParamInfo
 from spd_jax.distributed import to_host
-from spd_jax.model import apply_rope, attention_core, attention_mask, positions_for, rope_tables
+from spd_jax.model import attention_core, attention_probs, fresh_inputs
 
 EXHAUSTIVE_LIMIT = 20000
 SCATTER_RESTARTS = 32
@@ -44,19 +45,14 @@ def grouping_units(layout) -> tuple[int, int] | None:
     return u, layout.cfg.n_heads // u
 
 
-def _qkv(blk, x, cfg):
-    b, t, _ = x.shape
-    hd = cfg.head_dim
-    h = blk.attn_norm(x)
-    q = blk.attn.q(h).reshape(b, t, -1, hd)
-    k = blk.attn.k(h).reshape(b, t, -1, hd)
-    v = blk.attn.v(h).reshape(b, t, -1, hd)
-    slots = jnp.arange(t, dtype=jnp.int32)
-    pad = jnp.zeros((b,), jnp.int32)
-    rope = rope_tables(cfg, positions_for(slots, pad))
-    if rope is not None:
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    return q, k, v, attention_mask(slots, slots, pad)
+# Head grouping runs the block's own pieces (Attention.heads / output, Block.spd_mlp, MLP(part=...)) on
+# the block's *global* parameters outside shard_map, so whatever the block computes, grouping optimises.
+
+
+def _heads(blk, x, cfg):
+    rope, mask = fresh_inputs(cfg, x.shape[1], jnp.zeros((x.shape[0],), jnp.int32))
+    q, k, v = blk.attn.heads(blk.attn_norm(x), rope)
+    return q, k, v, mask
 
 
 def attention_maps(block_graphdef, bp_global, x_ntd, cfg) -> np.ndarray:
@@ -65,12 +61,9 @@ def attention_maps(block_graphdef, bp_global, x_ntd, cfg) -> np.ndarray:
     @jax.jit
     def f(bp, x):
         blk = nnx.merge(block_graphdef, bp)
-        q, k, _, mask = _qkv(blk, x, cfg)
-        hq, hk = q.shape[2], k.shape[2]
-        kk = jnp.repeat(k, hq // hk, axis=2)
-        s = jnp.einsum("bthd,bshd->bhts", q, kk, preferred_element_type=jnp.float32) / math.sqrt(cfg.head_dim)
-        s = jnp.where(mask[:, None], s, -jnp.inf)
-        return jnp.mean(jax.nn.softmax(s, axis=-1), axis=0)
+        q, k, _, mask = _heads(blk, x, cfg)
+        p = attention_probs(q, k, mask)  # [B, K, G, T, S]; head h = k * G + g
+        return jnp.mean(p.reshape(p.shape[0], -1, *p.shape[3:]), axis=0)
 
     return to_host(f(bp_global, jnp.asarray(x_ntd)))
 
@@ -153,36 +146,23 @@ def match(norms: np.ndarray) -> tuple[list[int], str]:
 
 
 def mlp_norms(block_graphdef, bp_global, x_ntd, cfg, groups_q: list[list[int]], tp: int, bias_mode: str) -> np.ndarray:
-    """norms[g, j] = sum over samples of ||MLP shard j (LN2(X + Y_g))||_F, Y_g = group g's attention partial."""
+    """norms[g, j] = sum over samples of ||Z_j||_F, the SPD MLP output of shard j when its attention
+    partial is group g's: Block.spd_mlp(X, Y_g, part=shard j's ffn slice)."""
 
     @jax.jit
     def f(bp, x):
         blk = nnx.merge(block_graphdef, bp)
-        q, k, v, mask = _qkv(blk, x, cfg)
-        hd = cfg.head_dim
-        hq, hk = q.shape[2], k.shape[2]
-        per = hq // hk
-        wo = blk.attn.o.w[...]
-        f_total = (blk.mlp.fc1.w if cfg.is_opt else blk.mlp.gate.w)[...].shape[1]
-        fs = f_total // tp
+        q, k, v, mask = _heads(blk, x, cfg)
+        per = q.shape[2] // k.shape[2]
+        fs = blk.mlp.width() // tp
         out = []
         for heads_list in groups_q:
             heads = np.asarray(heads_list)
             kv = np.asarray(sorted({int(h) // per for h in heads_list}))
-            o = attention_core(q[:, :, heads], k[:, :, kv], v[:, :, kv], mask)
-            rows = (heads[:, None] * hd + np.arange(hd)[None, :]).reshape(-1)
-            y = o @ wo[rows]
-            m = x + y
-            if bias_mode == "full" and blk.attn.o.b is not None:
-                m = m + blk.attn.o.b[...]
-            hn = blk.mlp_norm(m)
+            y = blk.attn.output(attention_core(q[:, :, heads], k[:, :, kv], v[:, :, kv], mask), heads=heads)
             row = []
             for j in range(tp):
-                c = slice(j * fs, (j + 1) * fs)
-                if cfg.is_opt:
-                    z = jax.nn.relu(hn @ blk.mlp.fc1.w[...][:, c] + blk.mlp.fc1.b[...][c]) @ blk.mlp.fc2.w[...][c]
-                else:
-                    z = (jax.nn.silu(hn @ blk.mlp.gate.w[...][:, c]) * (hn @ blk.mlp.up.w[...][:, c])) @ blk.mlp.down.w[...][c]
+                z = blk.spd_mlp(x, y, bias_mode, part=slice(j * fs, (j + 1) * fs))
                 row.append(jnp.sqrt(jnp.sum(jnp.square(z.astype(jnp.float32)), axis=(1, 2))).sum())
             out.append(jnp.stack(row))
         return jnp.stack(out)
@@ -190,47 +170,35 @@ def mlp_norms(block_graphdef, bp_global, x_ntd, cfg, groups_q: list[list[int]], 
     return to_host(f(bp_global, jnp.asarray(x_ntd)))
 
 
-def permute_block(bp: dict, cfg, q_order: list[int], kv_order: list[int], mlp_shard_order: list[int] | None,
-                  tp: int) -> dict:
-    """Reorder heads (q heads by q_order, kv heads by kv_order) and optionally MLP shards, in global layout."""
+def permute_block(bp: dict, infos: dict, cfg, q_order: list[int], kv_order: list[int],
+                  mlp_shard_order: list[int] | None, tp: int) -> dict:
+    """Reorder heads (every q_heads axis by q_order, every kv_heads axis by kv_order) and optionally MLP
+    shards (every ffn axis), in global layout. Which dimension is which comes from each parameter's
+    declared axes (`infos`, arch.ParamInfo)."""
     hd = cfg.head_dim
-    bp = jax.tree.map(lambda a: a, bp)  # shallow copy of the dict structure
 
-    def cols(a, order, width):
-        idx = (np.asarray(order)[:, None] * width + np.arange(width)[None, :]).reshape(-1)
-        return jnp.take(a, jnp.asarray(idx), axis=-1)
+    def index(order, width):
+        return jnp.asarray((np.asarray(order)[:, None] * width + np.arange(width)[None, :]).reshape(-1))
 
-    def rows(a, order, width):
-        idx = (np.asarray(order)[:, None] * width + np.arange(width)[None, :]).reshape(-1)
-        return jnp.take(a, jnp.asarray(idx), axis=0)
+    def one(info: ParamInfo, a):
+        if a is None:
+            return a
+        for d, ax in enumerate(info.axes):
+            if ax == "fused":
+                raise ValueError("head grouping needs the unfused layout")
+            if ax == "q_heads":
+                a = jnp.take(a, index(q_order, hd), axis=d)
+            elif ax == "kv_heads":
+                a = jnp.take(a, index(kv_order, hd), axis=d)
+            elif ax == "ffn" and mlp_shard_order is not None:
+                a = jnp.take(a, index(mlp_shard_order, a.shape[d] // tp), axis=d)
+        return a
 
-    attn = dict(bp["attn"])
-    for name, order in (("q", q_order), ("k", kv_order), ("v", kv_order)):
-        lin = dict(attn[name])
-        lin["w"] = cols(lin["w"], order, hd)
-        if lin.get("b") is not None:
-            lin["b"] = cols(lin["b"], order, hd)
-        attn[name] = lin
-    o = dict(attn["o"])
-    o["w"] = rows(o["w"], q_order, hd)
-    attn["o"] = o
-    bp["attn"] = attn
-    if mlp_shard_order is not None:
-        mlp = {k: dict(v) for k, v in bp["mlp"].items()}
-        up_names = ("fc1",) if cfg.is_opt else ("gate", "up")
-        down = "fc2" if cfg.is_opt else "down"
-        f_total = mlp[up_names[0]]["w"].shape[1]
-        fs = f_total // tp
-        for n in up_names:
-            mlp[n]["w"] = cols(mlp[n]["w"], mlp_shard_order, fs)
-            if mlp[n].get("b") is not None:
-                mlp[n]["b"] = cols(mlp[n]["b"], mlp_shard_order, fs)
-        mlp[down]["w"] = rows(mlp[down]["w"], mlp_shard_order, fs)
-        bp["mlp"] = mlp
-    return bp
+    return jax.tree.map(one, infos, bp, is_leaf=lambda x: isinstance(x, ParamInfo))
 
 
-def head_group_block(block_graphdef, bp_global: dict, x_ntd: np.ndarray, cfg, layout, bias_mode: str = "full"):
+def head_group_block(block_graphdef, block_infos: dict, bp_global: dict, x_ntd: np.ndarray, cfg, layout,
+                     bias_mode: str = "full"):
     """Full HG for one block (global-layout params). Returns (new params, info dict) or (params, skip info)."""
     tp = layout.tp
     units = grouping_units(layout)
@@ -251,7 +219,7 @@ def head_group_block(block_graphdef, bp_global: dict, x_ntd: np.ndarray, cfg, la
     k = n_units // tp
     orig_q = [[u * per + i for u in range(j * k, (j + 1) * k) for i in range(per)] for j in range(tp)]
     orig = mlp_norms(block_graphdef, bp_global, x_ntd, cfg, orig_q, tp, bias_mode)
-    new = permute_block(bp_global, cfg, q_order, kv_order, None, tp)
+    new = permute_block(bp_global, block_infos, cfg, q_order, kv_order, None, tp)
     return new, {"applied": True, "unit": "kv group" if per > 1 else "head", "groups": groups,
                  "device_of_group": device_of_group, "kv_order": kv_order, "scatter": scatter_method,
                  "match": match_method,

@@ -17,7 +17,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from spd_jax.distributed import to_host
-from spd_jax.model import Block, attention_mask, positions_for, rope_tables, vocab_parallel_nll
+from spd_jax.model import Block, fresh_inputs, vocab_parallel_nll
+from spd_jax.plan import SyncPlan
 from spd_jax.runtime import Engine, Params
 
 
@@ -27,8 +28,10 @@ def batches(n: int, batch_size: int):
 
 
 class ModelOps:
-    def __init__(self, engine: Engine, batch_size: int = 8):
+    def __init__(self, engine: Engine, batch_size: int = 8, bias: str = "full"):
+        """bias: the SPD bias policy of every plan these operations run (SyncPlan.bias)."""
         self.engine = engine
+        self.bias = bias
         self.mdef = engine.mdef
         self.cfg = engine.mdef.cfg
         self.batch_size = batch_size
@@ -36,6 +39,7 @@ class ModelOps:
         self.block_specs = self.specs["layers"][0]
         cfg, layout, dtype = self.cfg, self.mdef.layout, self.mdef.dtype
         self.block_graphdef = nnx.split(nnx.eval_shape(lambda: Block(cfg, layout, dtype)))[0]
+        self.block_infos = self.mdef.infos["layers"][0]
         self._suffix = {}
         self._block = {}
 
@@ -43,10 +47,14 @@ class ModelOps:
     def n_layers(self) -> int:
         return self.cfg.n_layers
 
+    def plan(self, spd_blocks) -> SyncPlan:
+        """The plan with SPD on `spd_blocks` (an iterable of indices) and this pipeline's bias policy."""
+        return SyncPlan.from_blocks(spd_blocks, self.n_layers, self.bias)
+
     # ---- teacher hidden states
     @functools.cached_property
     def _hidden_fn(self):
-        fwd = self.engine.forward((False,) * self.n_layers, return_hidden=True)
+        fwd = self.engine.forward(SyncPlan.sync(self.n_layers, self.bias), return_hidden=True)
         return jax.jit(lambda p, t, pad: jnp.stack(fwd(p, t, pad, None, jnp.int32(0))[2]))
 
     def hidden_states(self, params: Params, tokens_nt: np.ndarray, progress: bool = False,
@@ -63,14 +71,14 @@ class ModelOps:
         return np.concatenate(outs, axis=1)
 
     # ---- NLL of the suffix of the network
-    def _suffix_fn(self, start: int, modes: tuple[bool, ...]):
-        key = (start, modes)
+    def _suffix_fn(self, start: int, plan: SyncPlan):
+        key = (start, plan)
         if key not in self._suffix:
-            graphdef, bias, vocab = self.mdef.graphdef, self.engine.spd_attn_bias, self.cfg.vocab_size
+            graphdef, vocab = self.mdef.graphdef, self.cfg.vocab_size
 
             def shard(params, x, targets, pad):
                 model = nnx.merge(graphdef, params)
-                h = model.run_blocks(x, pad, start, modes, bias)
+                h = model.run_blocks(x, pad, start, plan)
                 return vocab_parallel_nll(model.logits_local(model.final_norm(h))[:, :-1], targets, vocab)
 
             f = self.engine.sharded(shard, (self.specs, P(), P(), P()), P())
@@ -78,9 +86,9 @@ class ModelOps:
         return self._suffix[key]
 
     def suffix_nll(self, params: Params, h_start: np.ndarray, tokens_nt: np.ndarray, start: int,
-                   modes: tuple[bool, ...]) -> float:
-        """Mean next-token NLL when blocks start..L-1 run with `modes`, from block input h_start [N,T,D]."""
-        f = self._suffix_fn(start, tuple(bool(m) for m in modes))
+                   plan: SyncPlan) -> float:
+        """Mean next-token NLL when blocks start..L-1 run with `plan`, from block input h_start [N,T,D]."""
+        f = self._suffix_fn(start, plan.check(self.n_layers))
         total = 0.0
         for sl in batches(len(tokens_nt), self.batch_size):
             t = tokens_nt[sl]
@@ -89,25 +97,22 @@ class ModelOps:
                              self.engine.replicate(pad))))
         return total / (tokens_nt.shape[0] * (tokens_nt.shape[1] - 1))
 
-    def ppl(self, params, hidden, tokens_nt, modes) -> float:
-        """Perplexity for a full SPD configuration, starting from the first block that differs from sync."""
-        modes = tuple(bool(m) for m in modes)
-        start = modes.index(True) if any(modes) else self.n_layers
-        return float(np.exp(self.suffix_nll(params, hidden[start], tokens_nt, start, modes)))
+    def ppl(self, params, hidden, tokens_nt, plan: SyncPlan) -> float:
+        """Perplexity for a full sync plan, starting from the first block that differs from sync."""
+        start = plan.first_spd()
+        return float(np.exp(self.suffix_nll(params, hidden[start], tokens_nt, start, plan)))
 
     # ---- one block
     def block_fn(self, spd: bool):
         """(block_params, x[B,T,D]) -> block output [B,T,D] (unjitted, differentiable)."""
         if spd not in self._block:
-            graphdef, bias, cfg = self.block_graphdef, self.engine.spd_attn_bias, self.cfg
+            graphdef, bias, cfg = self.block_graphdef, self.bias, self.cfg
+            mode = "spd" if spd else "sync"
 
             def shard(bp, x):
                 blk = nnx.merge(graphdef, bp)
-                slots = jnp.arange(x.shape[1], dtype=jnp.int32)
-                pad = jnp.zeros((x.shape[0],), jnp.int32)
-                rope = rope_tables(cfg, positions_for(slots, pad))
-                out, _ = blk(x, rope, attention_mask(slots, slots, pad), None, 0, spd=spd, attend_cache=False,
-                             spd_attn_bias=bias)
+                rope, mask = fresh_inputs(cfg, x.shape[1], jnp.zeros((x.shape[0],), jnp.int32))
+                out, _ = blk(x, rope, mask, None, 0, mode=mode, bias=bias)
                 return out
 
             self._block[spd] = self.engine.sharded(shard, (self.block_specs, P()), P())

@@ -22,17 +22,25 @@ from typing import Any, Literal
 
 import jax
 import numpy as np
+
 from spd_jax.checkpoint import Checkpointer
 from spd_jax.config import ConfigError, apply_overrides, check_types, from_dict, read_yaml
 from spd_jax.data import DataSpec, calibration_tokens, contiguous_sequences, eval_stream
 from spd_jax.distributed import is_main_process
 from spd_jax.loading import load_params, open_model
-from spd_jax.pipeline.analysis import (TREATMENT, classify, order_by_sensitivity, select_by_budget, select_by_ratio,
-                                       sensitivity, thresholds)
+from spd_jax.pipeline.analysis import (
+    TREATMENT,
+    classify,
+    order_by_sensitivity,
+    select_by_budget,
+    select_by_ratio,
+    sensitivity,
+    thresholds,
+)
 from spd_jax.pipeline.distill import BlockDistiller, DistillConfig, make_optimizer
 from spd_jax.pipeline.grouping import head_group_block
 from spd_jax.pipeline.ops import ModelOps
-from spd_jax.plan import PLAN_VERSION, save_plan
+from spd_jax.plan import PLAN_VERSION, SyncPlan, save_plan
 from spd_jax.runlock import RunLock
 from spd_jax.runtime import Engine, build_model_def
 
@@ -178,7 +186,7 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
     cfg = lm.cfg
     tok = lm.tokenizer()
     mdef = build_model_def(cfg, pc.tp, pc.dtype)
-    engine = Engine.create(mdef, emulate=pc.emulate, spd_attn_bias=pc.spd_attn_bias)
+    engine = Engine.create(mdef, emulate=pc.emulate)
     L = cfg.n_layers
     eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
 
@@ -191,7 +199,7 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
 
     # Teacher hidden states always come from the original weights (also when resuming).
     orig = load_params(engine, lm.source)
-    ops = ModelOps(engine, pc.batch_size)
+    ops = ModelOps(engine, pc.batch_size, pc.spd_attn_bias)
     t0 = time.time()
     h_cal = ops.hidden_states(orig, calib, progress, "teacher hidden states (calibration)")
     h_ev = ops.hidden_states(orig, ev, progress, "teacher hidden states (evaluation)")
@@ -210,7 +218,7 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
             i = st["b2b_current"]["block"]
             bp = _block_of(orig, i)
             steps = dc.epochs * -(-pc.calib_samples // dc.batch_size)
-            opt_target = make_optimizer(dc, dc.lr_for(cfg.arch), steps).init(bp)
+            opt_target = make_optimizer(dc, dc.lr_for(cfg.family), steps).init(bp)
         params, state, opt_state = ckpt.restore(engine, opt_target=opt_target)
         state["config"] = dataclasses.asdict(pc)  # equal up to RESUME_SAFE_FIELDS (checked by run_pipeline)
         _log(f"[resume] from checkpoint {ckpt.latest()} at stage {state['stage']!r}"
@@ -221,8 +229,8 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
         state["save"] += 1
         ckpt.save(state["save"], engine, params, state, opt)
 
-    def ppls(modes, p):
-        return {"calib": ops.ppl(p, h_cal, calib, modes), "eval": ops.ppl(p, h_ev, ev, modes)}
+    def ppls(plan, p):
+        return {"calib": ops.ppl(p, h_cal, calib, plan), "eval": ops.ppl(p, h_ev, ev, plan)}
 
     # ---- sensitivity, classes, plan
     if "plan" not in state:
@@ -235,10 +243,10 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
         if pc.max_ppl_increase is not None:
             chosen, budget_trials = select_by_budget(
                 sens.s, sens.base_ppl, pc.max_ppl_increase,
-                lambda blocks: ops.ppl(orig, h_cal, calib, tuple(j in blocks for j in range(L))))
+                lambda blocks: ops.ppl(orig, h_cal, calib, ops.plan(blocks)))
         else:
             chosen = select_by_ratio(sens.s, pc.ratio)
-        modes = tuple(j in chosen for j in range(L))
+        zs_plan = ops.plan(chosen)
         state["plan"] = {
             "version": PLAN_VERSION, "model": str(lm.path), "arch": cfg.arch, "tp": pc.tp, "n_layers": L,
             "ratio": len(chosen) / L, "requested_ratio": pc.ratio, "max_ppl_increase": pc.max_ppl_increase,
@@ -246,19 +254,19 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
             "data": {"source": pc.data, "calib_samples": pc.calib_samples, "calib_len": pc.calib_len, "seed": pc.seed},
             "sensitivity_method": sens.method, "base_ppl": sens.base_ppl, "tau1": t1, "tau2": t2,
             "order": order_by_sensitivity(sens.s), "ppl_curve": sens.ppl_curve,
-            "blocks": [{"index": i, "mode": "spd" if modes[i] else "sync", "sensitivity": sens.s[i],
-                        "class": classes[i], "treatment": TREATMENT[classes[i]] if modes[i] else None}
+            "blocks": [{"index": i, "mode": zs_plan.modes[i], "sensitivity": sens.s[i],
+                        "class": classes[i], "treatment": TREATMENT[classes[i]] if zs_plan.is_spd(i) else None}
                        for i in range(L)],
         }
-        state["ppl"]["no_spd"] = ppls((False,) * L, orig)
-        state["ppl"]["zs"] = ppls(modes, orig)
+        state["ppl"]["no_spd"] = ppls(ops.plan([]), orig)
+        state["ppl"]["zs"] = ppls(zs_plan, orig)
         state["stage"] = "planned"
         save()
         _log(f"[plan] {len(chosen)}/{L} blocks dropped: {chosen}; classes ISB/SB/ESB = "
              f"{classes.count('ISB')}/{classes.count('SB')}/{classes.count('ESB')} (tau1={t1:.4g}, tau2={t2:.4g})")
         _log(f"[ppl] no SPD {state['ppl']['no_spd']}; zero-shot {state['ppl']['zs']}")
     plan = state["plan"]
-    modes = tuple(b["mode"] == "spd" for b in plan["blocks"])
+    sync_plan = SyncPlan.from_plan(plan, L, pc.spd_attn_bias, where="pipeline state")
     if is_main_process():
         save_plan(plan, out / "plan.json")
 
@@ -271,8 +279,8 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
                 continue
             spec_i = mdef.specs()["layers"][i]
             bp_g = engine.to_global(_block_of(params, i), spec_i)
-            bp_new, info = head_group_block(ops.block_graphdef, bp_g, h_cal[i][: pc.hg_samples], cfg, mdef.layout,
-                                            pc.spd_attn_bias)
+            bp_new, info = head_group_block(ops.block_graphdef, ops.block_infos, bp_g, h_cal[i][: pc.hg_samples],
+                                            cfg, mdef.layout, pc.spd_attn_bias)
             if info["applied"]:
                 new_local = engine.from_global(bp_new, spec_i)
                 before = distiller.mse(_block_of(params, i), h_cal[i], h_cal[i + 1])
@@ -291,7 +299,7 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
                                         if info["applied"] else info["reason"]))
             save()
         if hg_blocks and "zs_hg" not in state["ppl"]:
-            state["ppl"]["zs_hg"] = ppls(modes, params)
+            state["ppl"]["zs_hg"] = ppls(sync_plan, params)
             _log(f"[ppl] zero-shot + HG {state['ppl']['zs_hg']}")
     timings["head_grouping_s"] = time.time() - t0
 
@@ -328,16 +336,16 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
                 params = _with_block(params, i, res.params)
                 state["b2b"][str(i)] = {"status": res.status, "initial_mse": res.initial_mse,
                                         "final_mse": res.final_mse, "steps": len(res.losses), "losses": res.losses,
-                                        "message": res.message, "lr": dc.lr_for(cfg.arch), "inputs": dc.inputs}
+                                        "message": res.message, "lr": dc.lr_for(cfg.family), "inputs": dc.inputs}
                 state["b2b_current"] = None
                 save()
                 _log(f"[B2B] block {i}: MSE {res.initial_mse:.4g} -> {res.final_mse:.4g} ({res.status})"
                      + (f" {res.message}" if res.message else ""))
             if x_student is not None and i < max(b2b_blocks):  # the treated model's input to block i + 1
-                x_student = ops.apply_block(_block_of(params, i), x_student, modes[i])
+                x_student = ops.apply_block(_block_of(params, i), x_student, sync_plan.is_spd(i))
     timings["distill_s"] = time.time() - t0
 
-    state["ppl"]["final"] = ppls(modes, params)
+    state["ppl"]["final"] = ppls(sync_plan, params)
     state["stage"] = "done"
     save()
     _log(f"[ppl] final (SPD plan + treatments) {state['ppl']['final']}")

@@ -1,0 +1,257 @@
+"""Latency benchmark of SPD vs sync, side by side in one process. Weights are RANDOM (speed only).
+
+Examples:
+  python launch/bench.py --shape tiny --tp 4                       # CPU smoke run (simulated devices)
+  python launch/bench.py --shape llama2-7b --tp 2 --floor --json   # 2 GPUs, NVLink
+  python launch/bench.py --shape llama2-7b --tp 2 --interconnect lbw   # NCCL without P2P/SHM (sockets)
+  python launch/bench.py --shape llama2-7b --tp 2 --interconnect pcie  # NCCL without P2P (through host memory)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="tiny")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--spd-ratios", default="0,0.25,0.5,0.75,1")
+    p.add_argument("--spd-plan", help="plan.json: benchmark its blocks instead of the ratios' last blocks")
+    p.add_argument("--floor", action="store_true", help="also run with every all-reduce removed")
+    p.add_argument("--interconnect", choices=["nvlink", "pcie", "net", "hbw", "lbw"], default="nvlink",
+                   help="nvlink: NCCL's choice; pcie: no P2P, through host memory; net: NCCL sockets over "
+                        "loopback TCP (hbw/lbw: old names of nvlink/net). See spd_jax.bench.INTERCONNECT_ENV")
+    p.add_argument("--link-reference", metavar="JSON",
+                   help="a bench JSON of the same shape/TP under nvlink: checks that this mode's small all-reduces "
+                        "really are slower, and says so in the output")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--fused-projections", action="store_true",
+                   help="q/k/v and gate/up as single GEMMs (runtime.fuse_projections)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--decode-chunk", type=int, default=8, help="decode steps between stop-condition checks")
+    p.add_argument("--compile-threads", type=int, default=4,
+                   help="compile the SPD configurations in this many threads (after the first, alone)")
+    p.add_argument("--compile-cache", metavar="DIR",
+                   help="persistent XLA compilation cache: a second run of the same shapes (e.g. --interconnect "
+                        "lbw after hbw) reuses the compiled programs instead of compiling again")
+    p.add_argument("--peer-json", action="append", default=[],
+                   help="a launch/bench_peer.py result from the same machine: report ratios to it (repeatable: "
+                        "e.g. the eager and the compiled peer)")
+    p.add_argument("--allreduce-methods", default="psum",
+                   help="comma list of all-reduce implementations to run every configuration with (psum, gather, "
+                        "a2a; collectives.py); each is timed against its own sync row, and the microbenchmark "
+                        "measures each at every size: the choice table")
+    p.add_argument("--allreduce-max-bytes", type=int, default=1 << 20,
+                   help="messages above this size use psum whatever the method (prefill); default 1 MiB")
+    p.add_argument("--allreduce-sizes", default="8192,1048576,67108864",
+                   help="message sizes (bytes) of the all-reduce microbenchmark, comma-separated")
+    p.add_argument("--json", help="write the results as JSON to this file ('-' for stdout)")
+    p.add_argument("--plot", help="write a PNG of latency vs SPD ratio")
+    from spd_jax.distributed import add_distributed_args
+
+    add_distributed_args(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from spd_jax.distributed import maybe_spawn
+
+    spawned = maybe_spawn(args, __file__, argv)
+    if spawned is not None:
+        return spawned
+    import time
+
+    phases, marks = {}, [time.perf_counter()]
+
+    def phase(name):  # progress on stderr, and where the wall time went (the JSON's "phases_s")
+        marks.append(time.perf_counter())
+        phases[name] = round(marks[-1] - marks[-2], 2)
+        print(f"[bench +{marks[-1] - marks[0]:7.1f} s] {name} ({phases[name]:.1f} s)", file=sys.stderr, flush=True)
+
+    # Before JAX's backend (and NCCL) start: the interconnect's NCCL variables, and 95% of GPU memory for
+    # JAX only for shapes that need it (an explicit XLA_PYTHON_CLIENT_MEM_FRACTION always wins).
+    from spd_jax.bench import (
+        SHAPES,
+        canonical_interconnect,
+        gpu_memory_gib,
+        memory_fraction,
+        param_count,
+        set_interconnect,
+    )
+
+    args.interconnect = canonical_interconnect(args.interconnect)
+    set_interconnect(args.interconnect)
+    if args.shape in SHAPES:
+        frac = memory_fraction(param_count(args.shape) * 2 / args.tp / 2**30, gpu_memory_gib())
+        if frac is not None:
+            os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(frac))
+    from spd_jax.cli import ensure_devices
+
+    ensure_devices(args)
+    import jax
+
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+    from spd_jax.bench import (
+        NCCL_KEYS,
+        allreduce_microbench,
+        bench_generation_config,
+        compile_generators,
+        link_check,
+        random_params,
+        shape_config,
+        time_generation,
+        weight_bytes_per_device,
+    )
+    from spd_jax.distributed import is_main_process, maybe_initialize
+    from spd_jax.generate import Generator
+    from spd_jax.plan import SyncPlan, load_plan
+    from spd_jax.runtime import Engine, build_model_def
+
+    maybe_initialize(args)
+    cfg = shape_config(args.shape)
+    mdef = build_model_def(cfg, args.tp, args.dtype)
+    engine = Engine.create(mdef)
+    phase("start-up (imports, devices)")
+    params = random_params(engine)
+    jax.block_until_ready(params)
+    phase("random weights in their shards")
+    if args.fused_projections:
+        from spd_jax.runtime import fuse_projections
+
+        engine, params = fuse_projections(engine, params)
+    from spd_jax.collectives import METHODS, AllReduce
+    from spd_jax.config import ConfigError
+
+    L = cfg.n_layers
+    methods = [m.strip() for m in args.allreduce_methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ConfigError(f"--allreduce-methods: unknown {bad}; known: {', '.join(METHODS)}")
+    base = []
+    if args.spd_plan:
+        base = [("r=0.00", SyncPlan.sync(L)), ("plan", SyncPlan.from_plan(load_plan(args.spd_plan), L,
+                                                                           where=args.spd_plan))]
+    else:
+        base = [(f"r={r:.2f}", SyncPlan.from_ratio(L, r)) for r in (float(x) for x in args.spd_ratios.split(","))]
+    configs = []  # (label, plan, method)
+    for m in methods:
+        suffix = "" if m == "psum" else f"/{m}"
+        configs += [(label + suffix, plan.using(AllReduce(m, args.allreduce_max_bytes)), m) for label, plan in base]
+    if args.floor:
+        configs.append(("floor", SyncPlan.floor(L), "none"))
+    gens = [Generator(engine, params, plan) for _, plan, _ in configs]
+    compile_s = compile_generators(gens, bench_generation_config(args.new_tokens, args.decode_chunk),
+                                   args.prompt_len, args.batch, args.compile_threads)
+    phase(f"compile {len(gens)} configurations")
+    rows = []
+    for (label, _, _), g in zip(configs, gens):
+        rows.append(time_generation(g, args.batch, args.prompt_len, args.new_tokens, args.repeats, label,
+                                    args.decode_chunk))
+        phase(f"time {label}")
+    ar = (allreduce_microbench(engine.mesh, tuple(int(b) for b in args.allreduce_sizes.split(",")),
+                               methods=tuple(methods) if methods != ["psum"] else ())
+          if args.tp > 1 else [])
+    phase("all-reduce microbenchmark")
+    method_of = {label: m for label, _, m in configs}
+    sync_of = {m: next((r for r in rows if method_of[r.label] == m and r.n_spd == 0), rows[0]) for m in methods}
+    sync = rows[0]
+    floor = next((r for r in rows if r.label == "floor"), None)
+    ref = json.loads(Path(args.link_reference).read_text()) if args.link_reference else None
+    link = link_check(args.interconnect, ar, ref) if args.tp > 1 else {"status": "n/a", "message": "TP 1"}
+    result = {
+        "shape": args.shape, "tp": args.tp, "batch": args.batch, "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens, "dtype": args.dtype, "decode_chunk": args.decode_chunk,
+        "fused_projections": args.fused_projections, "compile_s": compile_s, "interconnect": args.interconnect,
+        "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
+        "nccl_env": {k: os.environ.get(k) for k in NCCL_KEYS}, "random_weights": True,
+        "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(), "jax": jax.__version__,
+        "n_processes": jax.process_count(), "link_check": link,
+        "weight_bytes_per_device": weight_bytes_per_device(mdef), "allreduce": ar, "phases_s": phases,
+        "allreduce_methods": methods, "allreduce_max_bytes": args.allreduce_max_bytes,
+        "rows": [{**r.__dict__, "allreduce_method": method_of[r.label],
+                  "speedup_e2e_vs_sync": (s := sync_of.get(method_of[r.label], sync)).e2e_ms / r.e2e_ms,
+                  "speedup_tpot_vs_sync": s.tpot_ms / r.tpot_ms,
+                  "vs_psum_sync_e2e": sync.e2e_ms / r.e2e_ms,
+                  "allreduce_time_removed": ((s.tpot_ms - r.tpot_ms) / (s.tpot_ms - floor.tpot_ms)
+                                             if floor and s.tpot_ms > floor.tpot_ms else None)}
+                 for r in rows],
+    }
+    if not is_main_process():
+        return 0
+    procs = jax.process_count()
+    print(f"# {args.shape} tp={args.tp} batch={args.batch} {args.prompt_len}in/{args.new_tokens}out {args.dtype} "
+          f"{args.interconnect} on {jax.device_count()}x{jax.devices()[0].device_kind}, "
+          f"{'one process per device' if procs == jax.device_count() and procs > 1 else f'{procs} process(es)'} "
+          f"(RANDOM weights)")
+    print(f"# link: {link['message']}")
+    print("# e2e x / tpot x: against the sync row of the same all-reduce method; vs psum: against NCCL's sync row")
+    print(f"{'config':12s} {'spd':>4s} {'ttft ms':>9s} {'tpot ms':>9s} {'e2e ms':>9s} {'tok/s':>8s} "
+          f"{'e2e x':>6s} {'tpot x':>6s} {'vs psum':>7s} {'AR removed':>10s}")
+    for r in result["rows"]:
+        rem = r["allreduce_time_removed"]
+        print(f"{r['label']:12s} {r['n_spd']:4d} {r['ttft_ms']:9.2f} {r['tpot_ms']:9.3f} {r['e2e_ms']:9.1f} "
+              f"{r['tokens_per_s']:8.1f} {r['speedup_e2e_vs_sync']:6.3f} {r['speedup_tpot_vs_sync']:6.3f} "
+              f"{r['vs_psum_sync_e2e']:7.3f} {'' if rem is None else f'{100 * rem:.0f}%':>10s}")
+    print(f"compiled {len(gens)} configurations in {compile_s:.1f} s ({args.compile_threads} threads)")
+    for a in ar:
+        print(f"all-reduce {a['bytes']:>10d} B: in loop {a['in_loop_us']:9.1f} us (bus {a['bus_GBps']:.2f} GB/s), "
+              f"one call from the host {a['median_us']:9.1f} us")
+        if "in_loop_us_by_method" in a:
+            print("    in loop by method: " + ", ".join(f"{m} {us:.1f} us" for m, us in a["in_loop_us_by_method"].items())
+                  + f" -> fastest: {a['fastest']}")
+    if args.peer_json:
+        result["peers"] = [json.loads(Path(f).read_text()) for f in args.peer_json]
+        for peer in result["peers"]:
+            name = f"TP {peer['tp']} {peer.get('config', 'eager, dynamic cache')}"
+            print(f"peer: transformers {peer.get('transformers')} {name} on {peer['device']}: ttft "
+                  f"{peer['ttft_ms']:.2f} ms, tpot {peer['tpot_ms']:.3f} ms, e2e {peer['e2e_ms']:.1f} ms")
+            for r in result["rows"]:
+                r.setdefault("vs_peers", {})[name] = {"tpot_x": peer["tpot_ms"] / r["tpot_ms"],
+                                                      "e2e_x": peer["e2e_ms"] / r["e2e_ms"]}
+                print(f"  {r['label']:8s} vs that peer: decode {peer['tpot_ms'] / r['tpot_ms']:.2f}x faster, "
+                      f"e2e {peer['e2e_ms'] / r['e2e_ms']:.2f}x faster")
+    if args.json:
+        text = json.dumps(result, indent=2)
+        print(text) if args.json == "-" else Path(args.json).write_text(text)
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for m in methods:
+            pts = [r for r in result["rows"] if r["label"].startswith("r=") and r["allreduce_method"] == m]
+            ax.plot([float(r["label"][2:].split("/")[0]) * 100 for r in pts], [r["e2e_ms"] for r in pts],
+                    marker="o", label=f"e2e ({m})")
+        if floor:
+            ax.axhline(floor.e2e_ms, ls="--", c="gray", label="no all-reduce (floor)")
+        ax.set(xlabel="SPD ratio (%)", ylabel="request latency (ms)",
+               title=f"{args.shape} TP{args.tp} {args.interconnect} ({jax.devices()[0].device_kind})")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+    return 0
+
+
+def entry() -> None:
+    from spd_jax.cli import run
+
+    run(main)
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,146 @@
+"""Perplexity and zero-shot multiple-choice accuracy for any model / TP degree / SPD plan / checkpoint.
+
+Examples:
+  python launch/evaluate.py --download-bigbench            # once: BIG-bench task files from PyPI
+  python launch/evaluate.py --tp 3 --emulate --limit 200 --json
+  python launch/evaluate.py --tp 3 --emulate --checkpoint runs/smollm2 --tasks social_iqa
+  python launch/evaluate.py --model /models/Llama-2-7b-hf --tp 8 --task-file arc_easy.jsonl --task-file piqa.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from spd_jax.cli import common_model_args, ensure_devices, run_config_from_args
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_model_args(p)
+    p.add_argument("--tasks", help="comma-separated BIG-bench task names (default: the five offline tasks when no "
+                                   "--task-file is given); 'none' for perplexity only")
+    p.add_argument("--task-file", action="append", default=[],
+                   help="a BIG-bench task.json or an lm-eval-style .jsonl (ARC, HellaSwag, PIQA, WinoGrande, SciQ, "
+                        "LAMBADA); repeatable")
+    p.add_argument("--task-dir", action="append", default=[], help="extra directory holding BIG-bench tasks")
+    p.add_argument("--limit", type=int, help="at most N examples per task")
+    p.add_argument("--ppl-source", default="wiki",
+                   help="perplexity text: 'wiki' (its held-out split) or a file (whole, unless --ppl-split eval)")
+    p.add_argument("--ppl-file", help="a local .txt/.jsonl file to score (whole, by default)")
+    p.add_argument("--ppl-split", choices=["all", "eval"],
+                   help="which documents to score: 'all' (default for a file given here) or 'eval' (the held-out "
+                        "split of the calibration rule: every 10th document; default for 'wiki')")
+    p.add_argument("--ppl-tokens", type=int, default=16384, help="tokens of held-out text for perplexity (0: skip)")
+    p.add_argument("--ppl-len", type=int, default=256, help="window length for perplexity")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-agreement", action="store_true",
+                   help="skip the comparison with the unmodified model (top-1 agreement, KL) that runs on the "
+                        "perplexity text whenever SPD blocks or a checkpoint are in use")
+    p.add_argument("--download-bigbench", action="store_true",
+                   help="download bigbench==1.0.0 (sdist) with pip and extract the task files, then exit")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from spd_jax.distributed import maybe_spawn
+
+    spawned = maybe_spawn(args, __file__, argv)
+    if spawned is not None:
+        return spawned
+    from pathlib import Path
+
+    if args.download_bigbench:
+        from spd_jax.tasks import download_bigbench
+
+        for path in download_bigbench():
+            print(path)
+        return 0
+    ensure_devices(args)
+    from spd_jax.config import ConfigError
+    from spd_jax.tasks import DEFAULT_TASKS, load_task
+
+    for name in ("limit", "batch_size", "ppl_len"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.ppl_tokens < 0:
+        raise ConfigError(f"--ppl-tokens must be >= 0 (0 skips perplexity), got {args.ppl_tokens}")
+    # Tasks are read and checked before the model loads: a bad file fails in seconds, not after perplexity.
+    if args.tasks is None:
+        names = [] if args.task_file else list(DEFAULT_TASKS)
+    else:
+        names = [t for t in args.tasks.split(",") if t and t != "none"]
+    tasks = [load_task(spec, args.limit, [Path(d) for d in args.task_dir]) for spec in names + args.task_file]
+    src = args.ppl_file or args.ppl_source
+    split = args.ppl_split or ("eval" if src == "wiki" else "all")
+    if args.ppl_tokens and src != "wiki" and not Path(src).expanduser().exists():
+        raise ConfigError(f"perplexity file not found: {src}")
+    import jax
+
+    from spd_jax.data import contiguous_sequences, eval_stream
+    from spd_jax.distributed import is_main_process, maybe_initialize
+    from spd_jax.evaluation import Scorer, evaluate_loaded, mean_accuracy, perplexity
+    from spd_jax.inference import open_session
+
+    maybe_initialize(args)
+    run = run_config_from_args(args)
+    sess = open_session(run)
+    tok, cfg = sess.tokenizer, sess.cfg
+    scorer = Scorer(sess.engine, sess.params, sess.plan, batch_size=args.batch_size)
+    out = {"model": str(sess.loaded.path), "tp": run.tp, "emulate": run.emulate,
+           "spd_blocks": sess.plan.spd_blocks, "checkpoint": run.checkpoint,
+           "devices": f"{jax.device_count()}x{jax.devices()[0].device_kind}"}
+    t0 = time.time()
+    if args.ppl_tokens:
+        eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
+        windows = contiguous_sequences(eval_stream(src, tok, eos, split), args.ppl_len, args.ppl_tokens)
+        out["perplexity"] = {"source": src, "split": split, "tokens": int(windows.size), "window": args.ppl_len,
+                             "value": perplexity(scorer, windows)}
+        if (sess.plan.any_spd or run.checkpoint) and not args.no_agreement and not run.fused_projections:
+            from spd_jax.evaluation import divergence_from_reference
+            from spd_jax.loading import load_params
+
+            ref = load_params(sess.engine, sess.loaded.source) if run.checkpoint else sess.params
+            out["vs_unmodified"] = divergence_from_reference(sess.engine, ref, sess.params, sess.plan, windows,
+                                                             batch_size=min(args.batch_size, len(windows)))
+    results = []
+    for name, fmt, items in tasks:
+        results.append(evaluate_loaded(scorer, tok, name, fmt, items, cfg.max_position,
+                                       progress=not (args.no_progress or args.json)))
+    out["tasks"] = {r.name: {"n": r.n, "acc": r.acc, "acc_norm": r.acc_norm} for r in results}
+    if results:
+        out["mean_acc"] = mean_accuracy(results)
+    out["seconds"] = time.time() - t0
+    if not is_main_process():
+        return 0
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        if "perplexity" in out:
+            p = out["perplexity"]
+            which = "held-out split" if p["split"] == "eval" else "all documents"
+            print(f"perplexity ({p['source']}, {which}, {p['tokens']} tokens): {p['value']:.3f}")
+        if "vs_unmodified" in out:
+            v = out["vs_unmodified"]
+            print(f"vs the unmodified model on the same text: top-1 agreement {100 * v['top1_agreement']:.2f}%, "
+                  f"mean KL {v['kl_mean']:.4f} nats ({v['positions']} positions)")
+        for r in results:
+            print(f"{r.name:40s} n={r.n:5d}  acc={r.acc:.4f}  acc_norm={r.acc_norm:.4f}")
+        if results:
+            print(f"{'mean acc':40s} {out['mean_acc']:.4f}")
+    return 0
+
+
+def entry() -> None:
+    from spd_jax.cli import run
+
+    run(main)
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,49 @@
+"""Regenerate docs/results.md: SPD ratio sweep x methods (ZS, ZS+B2B, ZS+B2B+HG) on the embedded model.
+
+  python launch/evaluate.py --download-bigbench     # once (or pass --task-dir with the task files)
+  python launch/study.py --limit 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from spd_jax.cli import ensure_devices
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository (configs/, docs/)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "configs/spd_smollm2_tp3.yaml"), help="pipeline config")
+    p.add_argument("--ratios", default="0,0.25,0.5,0.75,1")
+    p.add_argument("--limit", type=int, default=60, help="examples per task")
+    p.add_argument("--task-dir", action="append", default=[], help="directory holding BIG-bench tasks")
+    p.add_argument("--docs", default=str(ROOT / "docs"))
+    args = p.parse_args(argv)
+    ensure_devices(args)
+    from spd_jax.pipeline.run import load_pipeline_config
+    from spd_jax.study import run_study, write_results_md
+
+    pc = load_pipeline_config(args.config, {})
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    study = run_study(pc, ratios, args.limit, [Path(d) for d in args.task_dir], docs / "results.json",
+                      log=lambda m: print(m, flush=True))
+    cmd = "python launch/study.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
+    write_results_md(study, docs / "results.md", docs / "results.png", cmd.strip())
+    print(f"wrote {docs / 'results.md'}")
+    return 0
+
+
+def entry() -> None:
+    from spd_jax.cli import run
+
+    run(main)
+
+
+if __name__ == "__main__":
+    entry()

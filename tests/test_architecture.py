@@ -1,0 +1,110 @@
+"""Architecture as data: declared parameter layouts, the SyncPlan value, one config system."""
+
+import chex
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from spd_jax.arch import FAMILIES, ParamInfo
+from spd_jax.config import ConfigError
+from spd_jax.pipeline.run import load_pipeline_config
+from spd_jax.plan import SyncPlan, plan_from_modes
+from spd_jax.runtime import build_model_def, param_infos
+from spd_jax.sharding import spec_of
+
+# ----------------------------------------------------------------------------- parameter layouts
+
+
+def test_a_parameter_without_a_declared_layout_is_an_error():
+    class Bad(nnx.Module):
+        def __init__(self):
+            self.ok = nnx.Param(jnp.zeros((2, 3)), info=ParamInfo(("embed", "ffn")))
+            self.w = nnx.Param(jnp.zeros((2, 3)))  # no layout: must not be silently replicated
+
+    _, state = nnx.split(nnx.eval_shape(Bad))
+    with pytest.raises(ValueError, match="w declares no layout"):
+        param_infos(state)
+
+
+def test_an_unknown_logical_axis_is_an_error():
+    with pytest.raises(ValueError, match="unknown logical axis"):
+        ParamInfo(("embed", "heads"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_megatron_partition_specs_come_from_the_declared_axes(tiny_models, arch):
+    from spd_jax.loading import open_model
+
+    mdef = build_model_def(open_model(tiny_models[arch][0]).cfg, 4)
+    blk = mdef.specs()["layers"][0]
+    col, row = P(None, "tp"), P("tp", None)
+    up, down = ("fc1", "fc2") if arch == "opt" else ("gate", "down")
+    chex.assert_trees_all_equal(
+        (blk["attn"]["q"]["w"], blk["attn"]["k"]["w"], blk["attn"]["o"]["w"], blk["mlp"][up]["w"],
+         blk["mlp"][down]["w"], blk["attn_norm"]["scale"], mdef.specs()["embed"]["w"]),
+        (col, col, row, col, row, P(), row))
+    if arch == "opt":  # column biases are split, row-parallel biases replicated (added once after the sync)
+        assert (blk["attn"]["q"]["b"], blk["attn"]["o"]["b"], blk["mlp"]["fc2"]["b"]) == (P("tp"), P(), P())
+    names = mdef.infos["layers"][2]["attn"]["k"]["w"]
+    assert names.hf.endswith("layers.2.self_attn.k_proj.weight") and names.transpose
+    assert spec_of(mdef.infos["layers"][2]["attn"]["k"]["w"]) == col
+
+
+def test_every_family_names_every_role_its_modules_use():
+    for arch in FAMILIES:
+        from spd_jax.config import ModelConfig, RopeConfig
+
+        fam = FAMILIES[arch]
+        cfg = ModelConfig(arch=arch, vocab_size=16, hidden=8, n_layers=2, n_heads=2, n_kv_heads=2, head_dim=4,
+                          intermediate=8, max_position=32, rope=None if fam.positions == "learned" else RopeConfig(),
+                          qkv_bias=arch == "opt", o_bias=arch == "opt")
+        infos = build_model_def(cfg, 2).infos
+        import jax
+
+        for info in jax.tree.leaves(infos, is_leaf=lambda x: isinstance(x, ParamInfo)):
+            assert info.hf and "{i}" not in info.hf, (arch, info)
+            assert (info.gguf is None) == (fam.gguf is None), (arch, info)
+
+
+# ----------------------------------------------------------------------------- SyncPlan
+
+
+def test_sync_plan_constructors_agree():
+    L = 8
+    assert SyncPlan.from_spec("5-7", L) == SyncPlan.from_ratio(L, 0.375) == SyncPlan.from_blocks([5, 6, 7], L)
+    assert SyncPlan.from_order([7, 5, 6, 0, 1], 3, L) == SyncPlan.from_blocks([5, 6, 7], L)
+    plan_file = plan_from_modes(tuple(i >= 5 for i in range(L)))
+    assert SyncPlan.from_plan(plan_file, L) == SyncPlan.from_spec("5-7", L)
+    p = SyncPlan.from_spec("1,3", L, bias="none")
+    assert (p.spd_blocks, p.n_spd, p.first_spd(), p.block_allreduces, p.bias) == ([1, 3], 2, 1, 14, "none")
+    assert SyncPlan.sync(L).first_spd() == L and SyncPlan.floor(L).block_allreduces == 0
+    assert hash(SyncPlan.from_spec("all", L)) == hash(SyncPlan.all_spd(L))  # a static jit argument
+
+
+def test_sync_plan_refuses_bad_values():
+    with pytest.raises(ConfigError, match="unknown block mode"):
+        SyncPlan(("sync", "drop"))
+    with pytest.raises(ConfigError, match="all-or-nothing"):
+        SyncPlan(("none", "sync"))
+    with pytest.raises(ConfigError, match="bias"):
+        SyncPlan(("sync",), bias="half")
+    with pytest.raises(ConfigError, match="out of range"):
+        SyncPlan.from_blocks([9], 4)
+    with pytest.raises(ConfigError, match="ratio"):
+        SyncPlan.from_ratio(4, 1.5)
+    with pytest.raises(ConfigError, match="3 blocks, the model has 4"):
+        SyncPlan.sync(3).check(4)
+
+
+# ----------------------------------------------------------------------------- one config system
+
+
+def test_a_typo_in_a_distill_field_fails_at_load_before_any_work(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("tp: 2\ndistill:\n  optimizer: adamx\n")
+    with pytest.raises(ConfigError, match="optimizer must be 'adamw' or 'adam' or 'sgd'"):
+        load_pipeline_config(str(p), {})
+    p.write_text("tp: 2\ndistill:\n  optimiser: adam\n")
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_pipeline_config(str(p), {})

@@ -1,0 +1,99 @@
+"""One-shot all-reduces (collectives.py): equal on every device, equal to psum within rounding, and the
+model gives the same logits and tokens with any method, in sync and SPD modes, prefill and decode."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from spd_jax.collectives import AllReduce
+from spd_jax.config import GenerationConfig
+from spd_jax.generate import Generator
+from spd_jax.loading import load_params, open_model
+from spd_jax.plan import SyncPlan
+from spd_jax.runtime import Engine, build_model_def
+from spd_jax.sharding import make_mesh
+
+
+def _per_device(mesh, how, x_np):
+    """Each device's result of all-reducing its row of x, stacked [tp, ...] (replication not assumed)."""
+    f = jax.jit(jax.shard_map(lambda a: how(a[0], "tp")[None], mesh=mesh, in_specs=P("tp"), out_specs=P("tp"),
+                              check_vma=False))
+    return np.asarray(f(jax.device_put(x_np, NamedSharding(mesh, P("tp")))))
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+@pytest.mark.parametrize("method", ["gather", "a2a"])
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_one_shot_sum_is_replicated_and_equals_psum(tp, method, dtype):
+    mesh = make_mesh(tp)
+    x = (np.random.RandomState(tp).randn(tp, 3, 40) * 10).astype(dtype)
+    got = _per_device(mesh, AllReduce(method), x)
+    for d in range(1, tp):  # bit-identical on every device: what replication means
+        assert got[d].tobytes() == got[0].tobytes()
+    exact = x.astype(np.float64).sum(0)
+    ref = _per_device(mesh, AllReduce("psum"), x)[0].astype(np.float64)
+    tol = 1e-5 if dtype == np.float32 else 2 ** -7  # bf16: within its rounding (8 mantissa bits)
+    chex.assert_trees_all_close(got[0].astype(np.float64), exact, rtol=tol, atol=tol * np.abs(exact).max())
+    chex.assert_trees_all_close(got[0].astype(np.float64), ref, rtol=tol, atol=tol * np.abs(exact).max())
+
+
+def test_the_method_applies_up_to_max_bytes_then_psum():
+    how = AllReduce("a2a", max_bytes=1024)
+    assert how.choose(jnp.zeros((256,), jnp.float32)) == "a2a"  # 1024 bytes
+    assert how.choose(jnp.zeros((257,), jnp.float32)) == "psum"
+    assert not how.checkable and AllReduce("gather").checkable
+    with pytest.raises(ValueError, match="unknown all-reduce method"):
+        AllReduce("ring")
+
+
+def _setup(tiny_models, kind, tp, emulate=False):
+    lm = open_model(tiny_models[kind][0])
+    eng = Engine.create(build_model_def(lm.cfg, tp), emulate=emulate)
+    return lm, eng, load_params(eng, lm.source)
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_model_logits_and_tokens_equal_with_every_method(tiny_models, kind, tp):
+    lm, eng, params = _setup(tiny_models, kind, tp)
+    tokens = np.random.RandomState(1).randint(3, 90, size=(2, 11)).astype(np.int32)
+    prompt = [5, 17, 42, 8]
+    gen = GenerationConfig(max_new_tokens=6, stop_at_eos=False)
+    for base in (SyncPlan.sync(3), SyncPlan.from_spec("0,2", 3)):
+        ref = np.asarray(eng.logits(params, tokens, plan=base))
+        ref_tokens = Generator(eng, params, base).generate([prompt], gen).tokens
+        for method in ("gather", "a2a"):
+            plan = base.using(AllReduce(method))
+            chex.assert_trees_all_close(np.asarray(eng.logits(params, tokens, plan=plan)), ref, atol=2e-5, rtol=1e-5)
+            assert Generator(eng, params, plan).generate([prompt], gen).tokens == ref_tokens  # prefill + decode
+
+
+def test_emulated_tp_runs_one_shot_methods_too(tiny_models):
+    lm, eng, params = _setup(tiny_models, "llama", 4, emulate=True)
+    tokens = np.random.RandomState(2).randint(3, 90, size=(1, 9)).astype(np.int32)
+    plan = SyncPlan.from_spec("1", 3)
+    ref = np.asarray(eng.logits(params, tokens, plan=plan))
+    for method in ("gather", "a2a"):
+        got = np.asarray(eng.logits(params, tokens, plan=plan.using(AllReduce(method))))
+        chex.assert_trees_all_close(got, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_the_compiled_program_uses_the_chosen_collective(tiny_models):
+    """Small messages: no all-reduce left with a2a (the block and embedding sums become all-to-alls);
+    above max_bytes: psum again."""
+    lm, eng, params = _setup(tiny_models, "llama", 4)
+    tokens, pad = eng.replicate(np.zeros((1, 8), np.int32)), eng.replicate(np.zeros((1,), np.int32))
+
+    def hlo(plan):
+        fwd = eng.forward(plan)
+        return jax.jit(lambda p, t, d: fwd(p, t, d, None, jnp.int32(0))[0]).lower(params, tokens, pad).as_text()
+
+    count = lambda text, op: text.count(op.replace("-", "_")) + text.count(op)  # noqa: E731
+    small = hlo(SyncPlan.sync(3).using(AllReduce("a2a")))
+    assert count(small, "all-reduce") == 0 and count(small, "all-to-all") >= 7  # 2 per block + embedding
+    big = hlo(SyncPlan.sync(3).using(AllReduce("a2a", max_bytes=64)))
+    assert count(big, "all-to-all") == 0 and count(big, "all-reduce") >= 7
