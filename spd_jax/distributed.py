@@ -234,6 +234,29 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+def host_leader_index() -> int:
+    """The lowest process index on this process's host (the one that writes host-local files)."""
+    if jax.process_count() == 1:
+        return jax.process_index()
+    import socket
+    import zlib
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    me = zlib.crc32(socket.gethostname().encode())
+    hosts = np.asarray(multihost_utils.process_allgather(np.int64(me))).reshape(-1)
+    return int(np.nonzero(hosts == me)[0][0])
+
+
+def barrier(name: str) -> None:
+    """Wait for every process (no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def to_host(x):
     """A (possibly multi-process) jax.Array as a NumPy array on every process.
 

@@ -43,12 +43,14 @@ def hf_llama_config(shape: str):
                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
-def make_checkpoint(shape: str, out_dir: str, seed: int = 0, shard_bytes: int = 4 << 30) -> str:
+def make_checkpoint(shape: str, out_dir: str, seed: int = 0, shard_bytes: int = 4 << 30,
+                    tokenizer: str | None = None) -> str:
     """Write a random-weight bf16 checkpoint of `shape` (safetensors shards + index).
 
     The model is built on the meta device and the shards are planned from its shapes, then drawn (on
     the GPU when there is one) and written one shard at a time: a 70B checkpoint never needs more than
-    one shard of host memory."""
+    one shard of host memory. `tokenizer`: a Hugging Face tokenizer folder copied into the checkpoint
+    (the vocabulary size and special tokens then follow it), so that the SPD pipeline can run on it."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
@@ -58,6 +60,13 @@ def make_checkpoint(shape: str, out_dir: str, seed: int = 0, shard_bytes: int = 
     os.makedirs(out_dir, exist_ok=True)
     cfg = hf_llama_config(shape)
     cfg.dtype = "bfloat16"
+    tok = None
+    if tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+        cfg.vocab_size = len(tok)
+        cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -86,6 +95,8 @@ def make_checkpoint(shape: str, out_dir: str, seed: int = 0, shard_bytes: int = 
     total = sum(2 * int(np.prod(shp)) for shp in shapes.values())
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+    if tok is not None:
+        tok.save_pretrained(out_dir)
     cfg.save_pretrained(out_dir)  # last: its presence marks a complete checkpoint
     return out_dir
 

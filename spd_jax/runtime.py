@@ -269,7 +269,10 @@ class Engine:
         return run
 
     def replicate(self, x):
-        """Put a small host array where the forward expects replicated inputs."""
+        """Put a small host array where the forward expects replicated inputs. NumPy subclasses (a slice of
+        a memory-mapped file) are viewed as plain arrays: a multi-process device_put accepts only those."""
+        if isinstance(x, np.ndarray):
+            x = np.asarray(x)
         if self.emulate:
             return jnp.asarray(x)
         return jax.device_put(x, named(self.mesh, P()))

@@ -48,6 +48,8 @@ def test_unreachable_coordinator_fails_clearly_and_quickly(tiny_models):
 
 
 def test_spd_pipeline_across_two_processes(tokenized_tiny, tmp_path):
+    """Two processes (one device each) run the pipeline with the teacher states memory-mapped from one file
+    per host (written by process 0, read by both)."""
     model, corpus = tokenized_tiny
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, str(ROOT / "launch/local_cluster.py"), "--num-processes", "2",
@@ -55,12 +57,15 @@ def test_spd_pipeline_across_two_processes(tokenized_tiny, tmp_path):
                         "--model", str(model), "--tp", "2", "--no-emulate", "--data", str(corpus),
                         "--calib-samples", "4", "--calib-len", "32", "--eval-tokens", "128", "--ratio", "1.0",
                         "--tau1=-1e9", "--tau2=1e9", "--epochs", "2", "--lr", "1e-5", "--distill-batch-size", "2",
-                        "--save-every", "2", "--no-progress", "--out", str(out)],
+                        "--save-every", "2", "--teacher-states", "disk", "--no-progress", "--out", str(out)],
                        env=_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("done in") == 1  # only process 0 reports
     report = __import__("json").loads((out / "report.json").read_text())
     assert report["plan"]["tp"] == 2 and all(v["status"] == "ok" for v in report["distillation"].values())
+    assert not (out / "teacher_states").exists()  # the run's cache is removed at the end
+    assert set(report["memory_gib"]) >= {"hidden_states", "sensitivity", "distill"}
+    assert report["memory_gib"]["distill"]["host_peak_gib"] > 0
     from spd_jax.checkpoint import load_checkpoint_params
     from spd_jax.loading import open_model
     from spd_jax.runtime import Engine, build_model_def

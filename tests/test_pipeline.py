@@ -112,6 +112,17 @@ def test_b2b_nan_keeps_original_weights(tiny_models):
     chex.assert_trees_all_equal(res.params, params["layers"][1])
 
 
+def test_teacher_states_memory_mapped_equal_in_memory(tiny_models, tmp_path):
+    lm, eng, params = _setup(tiny_models["llama"][0], 2)
+    ops = ModelOps(eng, batch_size=3)
+    tokens = np.random.RandomState(0).randint(3, 100, size=(7, 10)).astype(np.int32)
+    mem = ops.hidden_states(params, tokens)
+    mapped = ops.hidden_states(params, tokens, store=str(tmp_path / "h"))
+    assert isinstance(mapped, np.memmap) and (tmp_path / "h.host0").is_file()
+    chex.assert_shape(mem, (4, 7, 10, lm.cfg.hidden))
+    chex.assert_trees_all_equal(np.asarray(mapped), mem)
+
+
 @pytest.mark.parametrize("kind", ["opt", "llama"])
 def test_head_permutation_is_invisible_in_sync_mode(tiny_models, kind):
     lm, eng, params = _setup(tiny_models[kind][0], 2)

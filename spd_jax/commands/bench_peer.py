@@ -18,6 +18,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--make-checkpoint", metavar="DIR", help="write a random-weight checkpoint of --shape and exit")
     p.add_argument("--shape", default="tiny")
+    p.add_argument("--tokenizer", help="with --make-checkpoint: a tokenizer folder to include (vocabulary follows it)")
     p.add_argument("--checkpoint", help="checkpoint directory to benchmark (under torchrun for TP > 1)")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
     from spd_jax.peer_hf import make_checkpoint, run_peer, write_result
 
     if args.make_checkpoint:
-        print(make_checkpoint(args.shape, args.make_checkpoint))
+        print(make_checkpoint(args.shape, args.make_checkpoint, tokenizer=args.tokenizer))
         return 0
     if not args.checkpoint:
         p.error("give --make-checkpoint DIR or --checkpoint DIR")

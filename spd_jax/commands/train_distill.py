@@ -37,6 +37,9 @@ def parse_args(argv=None):
                    help="B2B inputs: the unmodified model's hidden states (teacher, the paper) or, block by block "
                         "in order, the treated model's own (student)")
     p.add_argument("--save-every", type=int, help="B2B steps between checkpoints")
+    p.add_argument("--teacher-states", choices=["memory", "disk"],
+                   help="teacher hidden states in each process's memory, or memory-mapped from a file per host "
+                        "in --out (one copy per host; for large models and one process per GPU)")
     p.add_argument("--no-head-grouping", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--no-progress", action="store_true")
@@ -65,7 +68,8 @@ def main(argv=None) -> int:
         "sensitivity": args.sensitivity, "dtype": args.dtype, "emulate": args.emulate,
         "head_grouping": False if args.no_head_grouping else None,
         "distill.epochs": args.epochs, "distill.lr": args.lr,
-        "distill.batch_size": args.distill_batch_size, "distill.inputs": args.distill_inputs, "save_every": args.save_every})
+        "distill.batch_size": args.distill_batch_size, "distill.inputs": args.distill_inputs, "save_every": args.save_every,
+        "teacher_states": args.teacher_states})
     report = run_pipeline(pc, args.out, resume=args.resume, progress=not args.no_progress)
     from spd_jax.distributed import is_main_process
 

@@ -58,17 +58,44 @@ class ModelOps:
         return jax.jit(lambda p, t, pad: jnp.stack(fwd(p, t, pad, None, jnp.int32(0))[2]))
 
     def hidden_states(self, params: Params, tokens_nt: np.ndarray, progress: bool = False,
-                      desc: str = "teacher hidden states") -> np.ndarray:
-        """[L+1, N, T, D] on host, in the model dtype: inputs of blocks 0..L-1 and the last block's output."""
+                      desc: str = "teacher hidden states", store: str | None = None) -> np.ndarray:
+        """[L+1, N, T, D] on host, in the model dtype: inputs of blocks 0..L-1 and the last block's output.
+
+        Filled batch by batch into one preallocated array (never a second full copy). With `store` (a file
+        path), the array is a file-backed memory map instead of process memory: one process per host writes
+        it and every process on that host maps the same file, so N processes of one host hold one copy, in
+        the page cache (at LLaMA-2-7B with 128 x 2048 calibration tokens the array is 71 GB; a process per
+        GPU holding its own copy ran a 256 GB host out of memory at TP 2)."""
         from tqdm.auto import tqdm
 
-        outs = []
-        for sl in tqdm(list(batches(len(tokens_nt), self.batch_size)), desc=desc, disable=not progress,
-                       unit="batch"):
+        n, t_len = tokens_nt.shape
+        shape = (self.n_layers + 1, n, t_len, self.cfg.hidden)
+        dtype = np.dtype(self.mdef.dtype)
+        writer = True
+        if store is None:
+            out = np.empty(shape, dtype)
+        else:
+            from spd_jax.distributed import host_leader_index
+
+            leader = host_leader_index()
+            writer = jax.process_index() == leader
+            store = f"{store}.host{leader}"  # one file per host, written by that host's first process
+            out = np.memmap(store, dtype, "w+", shape=shape) if writer else None
+        for sl in tqdm(list(batches(n, self.batch_size)), desc=desc, disable=not progress, unit="batch"):
             t = tokens_nt[sl]
             pad = np.zeros((len(t),), np.int32)
-            outs.append(to_host(self._hidden_fn(params, self.engine.replicate(t), self.engine.replicate(pad))))
-        return np.concatenate(outs, axis=1)
+            h = to_host(self._hidden_fn(params, self.engine.replicate(t), self.engine.replicate(pad)))
+            if writer:
+                out[:, sl] = h
+        if store is not None:
+            from spd_jax.distributed import barrier
+
+            if writer:
+                out.flush()
+                del out
+            barrier(f"teacher hidden states {desc}")
+            out = np.memmap(store, dtype, "r", shape=shape)
+        return out
 
     # ---- NLL of the suffix of the network
     def _suffix_fn(self, start: int, plan: SyncPlan):

@@ -69,6 +69,10 @@ class PipelineConfig:
     hg_accept: Literal["always", "if_better"] = "if_better"  # always: the paper; if_better: keep if the block's SPD MSE drops
     hg_samples: int = 8
     save_every: int = 25  # distillation steps between checkpoints
+    # teacher hidden states ([L+1, N, T, D], 71 GB for LLaMA-2-7B at 128 x 2048): "memory" (each process's
+    # RAM) or "disk" (a file per host in OUT/teacher_states, memory-mapped: one copy per host, in the page
+    # cache; removed when the run ends)
+    teacher_states: Literal["memory", "disk"] = "memory"
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
 
     def validate(self) -> None:
@@ -121,6 +125,29 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
 def _log(msg: str) -> None:
     if is_main_process():
         print(msg, flush=True)
+
+
+def memory_peaks() -> dict:
+    """Peak memory so far: GPU bytes in use (the largest over this process's devices; None where the backend
+    keeps no statistics, e.g. CPU) and this process's peak host resident set, both in GiB."""
+    import resource
+
+    gpu = None
+    for d in jax.local_devices():
+        stats = d.memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            gpu = max(gpu or 0, stats["peak_bytes_in_use"])
+    host_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"gpu_peak_gib": None if gpu is None else gpu / 2**30, "host_peak_gib": host_kib / 2**20}
+
+
+def _stage_done(timings: dict, memory: dict, name: str, t0: float) -> None:
+    timings[f"{name}_s"] = time.time() - t0
+    memory[name] = memory_peaks()
+    m = memory[name]
+    gpu = "n/a" if m["gpu_peak_gib"] is None else f"{m['gpu_peak_gib']:.1f} GiB"
+    _log(f"[stage] {name}: {timings[f'{name}_s']:.1f} s; peak so far: GPU {gpu} per device, host RSS "
+         f"{m['host_peak_gib']:.1f} GiB (process 0)")
 
 
 def _block_of(params, i):
@@ -181,6 +208,7 @@ def run_pipeline(pc: PipelineConfig, out: str | Path, resume: bool = False, prog
 def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: bool, progress: bool) -> dict:
     t_start = time.time()
     timings: dict[str, float] = {}
+    memory: dict[str, dict] = {}  # peak GPU / host memory after each stage (memory_peaks)
 
     lm = open_model(pc.model)
     cfg = lm.cfg
@@ -193,7 +221,7 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
     t0 = time.time()
     calib = calibration_tokens(DataSpec(pc.data, pc.calib_samples, pc.calib_len, pc.seed), tok, eos)
     ev = contiguous_sequences(eval_stream(pc.data, tok, eos), pc.calib_len, pc.eval_tokens)
-    timings["data_s"] = time.time() - t0
+    _stage_done(timings, memory, "data", t0)
     _log(f"[data] calibration {calib.shape[0]}x{calib.shape[1]} tokens (train split), "
          f"evaluation {ev.shape[0]}x{ev.shape[1]} tokens (held-out split) from {pc.data!r}")
 
@@ -201,9 +229,15 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
     orig = load_params(engine, lm.source)
     ops = ModelOps(engine, pc.batch_size, pc.spd_attn_bias)
     t0 = time.time()
-    h_cal = ops.hidden_states(orig, calib, progress, "teacher hidden states (calibration)")
-    h_ev = ops.hidden_states(orig, ev, progress, "teacher hidden states (evaluation)")
-    timings["hidden_states_s"] = time.time() - t0
+    store = None
+    if pc.teacher_states == "disk":  # file-backed, one copy per host (ModelOps.hidden_states)
+        (out / "teacher_states").mkdir(parents=True, exist_ok=True)
+        store = str(out / "teacher_states" / "h")
+    h_cal = ops.hidden_states(orig, calib, progress, "teacher hidden states (calibration)",
+                              None if store is None else store + "_calib")
+    h_ev = ops.hidden_states(orig, ev, progress, "teacher hidden states (evaluation)",
+                             None if store is None else store + "_eval")
+    _stage_done(timings, memory, "hidden_states", t0)
 
     state: dict[str, Any] = {"tp": pc.tp, "config": dataclasses.asdict(pc), "stage": "start", "hg": {}, "b2b": {},
                              "b2b_current": None, "ppl": {}, "save": 0}
@@ -236,7 +270,7 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
     if "plan" not in state:
         t0 = time.time()
         sens = sensitivity(ops, orig, h_cal, calib, pc.sensitivity, progress=progress)
-        timings["sensitivity_s"] = time.time() - t0
+        _stage_done(timings, memory, "sensitivity", t0)
         t1, t2 = thresholds(sens.base_ppl, pc.tau1, pc.tau2, pc.tau1_rel, pc.tau2_rel)
         classes = classify(sens.s, t1, t2)
         budget_trials = None
@@ -301,7 +335,7 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
         if hg_blocks and "zs_hg" not in state["ppl"]:
             state["ppl"]["zs_hg"] = ppls(sync_plan, params)
             _log(f"[ppl] zero-shot + HG {state['ppl']['zs_hg']}")
-    timings["head_grouping_s"] = time.time() - t0
+    _stage_done(timings, memory, "head_grouping", t0)
 
     # ---- block-to-block distillation for chosen SB/ESB blocks
     t0 = time.time()
@@ -343,9 +377,11 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
                      + (f" {res.message}" if res.message else ""))
             if x_student is not None and i < max(b2b_blocks):  # the treated model's input to block i + 1
                 x_student = ops.apply_block(_block_of(params, i), x_student, sync_plan.is_spd(i))
-    timings["distill_s"] = time.time() - t0
+    _stage_done(timings, memory, "distill", t0)
 
+    t0 = time.time()
     state["ppl"]["final"] = ppls(sync_plan, params)
+    _stage_done(timings, memory, "final_ppl", t0)
     state["stage"] = "done"
     save()
     _log(f"[ppl] final (SPD plan + treatments) {state['ppl']['final']}")
@@ -361,11 +397,19 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
         "config": dataclasses.asdict(pc), "plan": plan, "ppl": state["ppl"], "head_grouping": state["hg"],
         "distillation": {k: {kk: vv for kk, vv in v.items() if kk != "losses"} for k, v in state["b2b"].items()},
         "distillation_status_counts": status_counts,
-        "timings_s": {**timings, "total_s": time.time() - t_start},
+        "timings_s": {**timings, "total_s": time.time() - t_start}, "memory_gib": memory,
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "jax": jax.__version__,
                     "devices": f"{jax.device_count()}x{jax.devices()[0].device_kind}"},
         "checkpoint": str(out / "checkpoint"),
     }
+    if store is not None:  # the teacher states are a cache of this run only
+        from spd_jax.distributed import barrier, host_leader_index
+
+        barrier("teacher states no longer read")
+        if jax.process_index() == host_leader_index():
+            import shutil
+
+            shutil.rmtree(out / "teacher_states", ignore_errors=True)
     if is_main_process():
         (out / "report.json").write_text(json.dumps(report, indent=2))
         (out / "b2b_losses.json").write_text(json.dumps({k: v["losses"] for k, v in state["b2b"].items()}))
