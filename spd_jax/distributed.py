@@ -55,6 +55,38 @@ def local_gpu_count() -> int:
     return sum(1 for ln in out.splitlines() if ln.startswith("GPU "))
 
 
+# Process 0 hosts the coordination service; when it stops at exit, process 0's own GPU client logs this
+# warning (with gRPC detail lines) although the run has finished: seen after every successful
+# one-process-per-GPU run on H200 (docs/benchmarks.md, session 6). The launcher drops exactly that block.
+BENIGN_EXIT_WARNING = b"WatchTasksAsync failed"
+
+
+def filter_exit_noise(src, dst) -> None:
+    """Copy a child's stderr (binary file) to `dst` (binary), dropping the BENIGN_EXIT_WARNING block: its
+    line and the detail lines after it up to a blank line or the source location (at most 8). Partial
+    lines (progress bars ending in a carriage return) pass through at once."""
+    buf, skip = b"", 0
+    for chunk in iter(lambda: src.read1(65536), b""):
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for ln in lines:
+            if BENIGN_EXIT_WARNING in ln:
+                skip = 8
+                continue
+            if skip:
+                skip = 0 if (not ln.strip() or b"grpc_util" in ln) else skip - 1
+                continue
+            dst.write(ln + b"\n")
+        if b"\r" in buf and not skip:
+            cut = buf.rindex(b"\r") + 1
+            dst.write(buf[:cut])
+            buf = buf[cut:]
+        dst.flush()
+    if buf and not skip:
+        dst.write(buf)
+        dst.flush()
+
+
 def launch_local(cmd: list[str], n: int, *, gpus_per_process: int | None = None, devices_per_process: int = 1,
                  port: int | None = None, timeout: float = 1800, quiet_others: bool = True) -> int:
     """Run `cmd` as n processes wired through jax.distributed (each gets --coordinator/--num-processes/
@@ -66,7 +98,7 @@ def launch_local(cmd: list[str], n: int, *, gpus_per_process: int | None = None,
     port = port or free_port()
     visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     logdir = tempfile.mkdtemp(prefix="spd-jax-procs-") if quiet_others else None
-    procs, logs = [], []
+    procs, logs, pump = [], [], None
     for pid in range(n):
         if gpus_per_process:
             k = gpus_per_process
@@ -74,6 +106,7 @@ def launch_local(cmd: list[str], n: int, *, gpus_per_process: int | None = None,
             env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(ids))
             # XLA's coordination-service client logs gRPC warnings when the processes leave at slightly
             # different times (seen on GPUs even after the shutdown barrier); show errors only, unless set.
+            # (Its absl-logged exit warning ignores this: filter_exit_noise drops that one.)
             env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         else:
             env = dict(os.environ, JAX_PLATFORMS="cpu",
@@ -83,7 +116,15 @@ def launch_local(cmd: list[str], n: int, *, gpus_per_process: int | None = None,
         if logdir and pid > 0:
             out = open(os.path.join(logdir, f"process-{pid}.log"), "w")
         logs.append(out)
-        procs.append(subprocess.Popen(full, env=env, stdout=out, stderr=subprocess.STDOUT if out else None))
+        raw = os.environ.get("SPD_JAX_RAW_STDERR") == "1"  # debugging: process 0's stderr unfiltered
+        err = subprocess.STDOUT if out else (subprocess.PIPE if pid == 0 and not raw else None)
+        procs.append(subprocess.Popen(full, env=env, stdout=out, stderr=err))
+        if err is subprocess.PIPE:
+            import threading
+
+            pump = threading.Thread(target=filter_exit_noise, args=(procs[-1].stderr, sys.stderr.buffer),
+                                    daemon=True)
+            pump.start()
 
     def stop_all(signum, _frame):  # a launcher stopped by `timeout` or Ctrl-C takes its processes with it
         for pr in procs:
@@ -117,6 +158,8 @@ def launch_local(cmd: list[str], n: int, *, gpus_per_process: int | None = None,
             print("error: local processes timed out", file=sys.stderr)
             return 124
         time.sleep(0.2)
+    if pump is not None:
+        pump.join(timeout=10)
     for f in logs:
         if f is not None:
             f.close()

@@ -100,3 +100,26 @@ def test_spawn_refuses_bad_combinations(tokenized_tiny):
     r = subprocess.run(base + ["--spawn", "2", "--process-id", "0"], env=_env(), capture_output=True, text=True,
                        timeout=120)
     assert r.returncode != 0 and "do not combine it" in r.stderr
+
+
+def test_launcher_drops_only_the_coordinator_exit_warning():
+    """Process 0's stderr goes through the launcher, which drops the coordination service's exit warning
+    block (seen on GPUs after every successful run) and passes everything else, progress bars included."""
+    import io
+
+    from spd_jax.distributed import filter_exit_noise
+
+    text = (b"loading 10%\rloading 100%\rdone\n"
+            b"W1127 20:11:03.639681    1037 pjrt_client.cc:1605] WatchTasksAsync failed for task 0: UNAVAILABLE\n"
+            b"Additional GRPC error information from remote target coordination_service while calling WatchTasks:\n"
+            b":UNAVAILABLE:failed to connect to all addresses\n=== Source Location Trace: === \n"
+            b"external/xla+/xla/tsl/distributed_runtime/rpc/grpc_util.h:89\n"
+            b"error: a real message\nlast line without newline")
+
+    class Chunked(io.BytesIO):  # a pipe delivers arbitrary chunks
+        def read1(self, n=-1):
+            return super().read(5)
+
+    out = io.BytesIO()
+    filter_exit_noise(Chunked(text), out)
+    assert out.getvalue() == b"loading 10%\rloading 100%\rdone\nerror: a real message\nlast line without newline"
