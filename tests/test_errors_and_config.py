@@ -140,7 +140,7 @@ def test_shipped_configs_load():
     for f in files:
         if f.name.startswith("spd_"):  # SPD pipeline configs
             pc = load_pipeline_config(str(f), {})
-            assert pc.tp in (3, 8)
+            assert pc.tp in (3, 4, 8)
         else:  # run (inference) configs
             load_run_config(f)
 
