@@ -200,6 +200,15 @@ def test_hg_skipped_when_kv_heads_are_replicated(tiny_models):
     assert not info["applied"] and "replicated" in info["reason"]
 
 
+def test_pairwise_distances_equal_the_direct_formula():
+    from spd_jax.pipeline.grouping import pairwise_distances
+
+    maps = np.random.RandomState(0).rand(12, 7, 7).astype(np.float32) / 7  # softmax-like rows
+    direct = np.sqrt(((maps.reshape(12, 1, -1).astype(np.float64) - maps.reshape(1, 12, -1)) ** 2).sum(-1))
+    chex.assert_trees_all_close(pairwise_distances(maps), direct, atol=1e-7)
+    assert (np.diag(pairwise_distances(maps)) == 0).all()
+
+
 def test_scatter_and_match_find_the_optimum():
     # units 0,1 are far apart from each other, as are 2,3: the best split pairs far units together
     dist = np.array([[0, 9, 1, 1], [9, 0, 1, 1], [1, 1, 0, 9], [1, 1, 9, 0]], float)
