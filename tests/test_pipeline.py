@@ -274,16 +274,27 @@ def test_scatter_beats_random_partitions_on_32_heads_over_8_devices():
 def test_checkpoint_roundtrip(tiny_models, tmp_path, emulate):
     lm, eng, params = _setup(tiny_models["opt"][0], 2, emulate=emulate)
     ck = Checkpointer(tmp_path / "ck")
-    ck.save(1, eng, params, {"tp": 2, "stage": "x"})
+    ck.save(1, eng, params, {"tp": 2, "stage": "done"})
     other = Engine.create(build_model_def(lm.cfg, 2), emulate=not emulate)  # readable by the other mode too
     for e in (eng, other):
         restored, state = load_checkpoint_params(tmp_path / "ck", e)
-        assert state["stage"] == "x"
+        assert state["stage"] == "done"
         chex.assert_trees_all_equal(jax.device_get(e.to_global(restored)), jax.device_get(eng.to_global(params)))
     with pytest.raises(ConfigError, match="written for tp=2, not tp=4"):
         load_checkpoint_params(tmp_path / "ck", Engine.create(build_model_def(lm.cfg, 4)))
     with pytest.raises(ConfigError, match="no complete checkpoint"):
         load_checkpoint_params(tmp_path, eng)
+    # a step of an unfinished run (state + one block) is not served as a model
+    ck.save(2, eng, None, {"tp": 2, "stage": "planned"}, block=(params["layers"][1], eng.mdef.specs()["layers"][1]))
+    with pytest.raises(ConfigError, match="has not finished.*--resume"):
+        load_checkpoint_params(tmp_path / "ck", eng)
+    # a finished block's own folder round-trips, into either mode
+    ck.save_block("b1", eng, 1, params["layers"][1])
+    for e in (eng, other):
+        chex.assert_trees_all_equal(jax.device_get(e.to_global(ck.restore_block("b1", e, 1), e.mdef.specs()["layers"][1])),
+                                    jax.device_get(eng.to_global(params["layers"][1], eng.mdef.specs()["layers"][1])))
+    with pytest.raises(ConfigError, match="could not be restored"):
+        ck.restore_block("missing", eng, 1)
 
 
 # ----------------------------------------------------------------------------- kill and resume
@@ -316,11 +327,17 @@ def test_resume_after_kill_gives_the_same_parameters(tokenized_tiny, tmp_path):
     p.wait(timeout=60)
     assert p.returncode == -signal.SIGKILL, "".join(seen)[-2000:]
     assert not (killed / "report.json").exists()
+    # while it runs, a step holds the state and the block in training; a finished block has its own folder
+    steps = [d for d in (killed / "checkpoint").iterdir() if d.name.isdigit()]
+    assert steps and all(not (d / "params").exists() for d in steps)
+    assert any((d / "block").exists() for d in steps)
+    assert (killed / "checkpoint" / "blocks" / "block000_b2b").is_dir()
 
     r = subprocess.run(_pipeline_cmd(model, corpus, killed, "--no-progress", "--resume"), capture_output=True,
                        text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "[resume] from checkpoint" in r.stdout and "block 1 step" in r.stdout
+    assert not (killed / "checkpoint" / "blocks").exists()  # removed once the full parameters are saved
 
     lm = open_model(model)
     eng = Engine.create(build_model_def(lm.cfg, 2), emulate=True)

@@ -226,7 +226,9 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
          f"evaluation {ev.shape[0]}x{ev.shape[1]} tokens (held-out split) from {pc.data!r}")
 
     # Teacher hidden states always come from the original weights (also when resuming).
+    t0 = time.time()
     orig = load_params(engine, lm.source)
+    _stage_done(timings, memory, "load", t0)
     ops = ModelOps(engine, pc.batch_size, pc.spd_attn_bias)
     t0 = time.time()
     store = None
@@ -240,31 +242,46 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
     _stage_done(timings, memory, "hidden_states", t0)
 
     state: dict[str, Any] = {"tp": pc.tp, "config": dataclasses.asdict(pc), "stage": "start", "hg": {}, "b2b": {},
-                             "b2b_current": None, "ppl": {}, "save": 0}
+                             "b2b_current": None, "ppl": {}, "save": 0, "block_files": {}}
     params = orig
     dc = pc.distill
     distiller = BlockDistiller(ops, dc)
     opt_state = None
     if resume and ckpt.latest() is not None:
         st = ckpt.restore_state()
-        opt_target = None
-        if st.get("b2b_current"):
-            i = st["b2b_current"]["block"]
-            bp = _block_of(orig, i)
-            steps = dc.epochs * -(-pc.calib_samples // dc.batch_size)
-            opt_target = make_optimizer(dc, dc.lr_for(cfg.family), steps).init(bp)
-        params, state, opt_state = ckpt.restore(engine, opt_target=opt_target)
+        if st["stage"] == "done":
+            params, state, _ = ckpt.restore(engine)
+        else:  # the original weights + every finished block + the block in training
+            state = st
+            for k, name in state.get("block_files", {}).items():
+                params = _with_block(params, int(k), ckpt.restore_block(name, engine, int(k)))
+            if state.get("b2b_current"):
+                i = state["b2b_current"]["block"]
+                steps = dc.epochs * -(-pc.calib_samples // dc.batch_size)
+                opt_target = make_optimizer(dc, dc.lr_for(cfg.family), steps).init(_block_of(orig, i))
+                bp, opt_state = ckpt.restore_block_in_training(engine, i, opt_target)
+                params = _with_block(params, i, bp)
         state["config"] = dataclasses.asdict(pc)  # equal up to RESUME_SAFE_FIELDS (checked by run_pipeline)
         _log(f"[resume] from checkpoint {ckpt.latest()} at stage {state['stage']!r}"
              + (f", block {state['b2b_current']['block']} step {state['b2b_current']['step']}"
                 if state.get("b2b_current") else ""))
 
-    def save(opt=None):
+    def save(opt=None, block: int | None = None, full: bool = False):
+        """A checkpoint step: the state, plus the block in training (with `opt`) or, at the end, everything."""
         state["save"] += 1
-        ckpt.save(state["save"], engine, params, state, opt)
+        ckpt.save(state["save"], engine, params if full else None, state, opt,
+                  None if block is None else (_block_of(params, block), mdef.specs()["layers"][block]))
 
-    def ppls(plan, p):
-        return {"calib": ops.ppl(p, h_cal, calib, plan), "eval": ops.ppl(p, h_ev, ev, plan)}
+    def finish_block(i: int, treatment: str):
+        """Block i's new weights are final for `treatment`: written once, then recorded in the state."""
+        name = f"block{i:03d}_{treatment}"
+        ckpt.save_block(name, engine, i, _block_of(params, i))
+        state["block_files"][str(i)] = name
+
+    def ppls(plan, p, what):
+        bar = (lambda split: f"perplexity {what} ({split})") if progress and is_main_process() else (lambda _: None)
+        return {"calib": ops.ppl(p, h_cal, calib, plan, bar("calibration")),
+                "eval": ops.ppl(p, h_ev, ev, plan, bar("evaluation"))}
 
     # ---- sensitivity, classes, plan
     if "plan" not in state:
@@ -292,8 +309,8 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
                         "class": classes[i], "treatment": TREATMENT[classes[i]] if zs_plan.is_spd(i) else None}
                        for i in range(L)],
         }
-        state["ppl"]["no_spd"] = ppls(ops.plan([]), orig)
-        state["ppl"]["zs"] = ppls(zs_plan, orig)
+        state["ppl"]["no_spd"] = ppls(ops.plan([]), orig, "no SPD")
+        state["ppl"]["zs"] = ppls(zs_plan, orig, "zero-shot")
         state["stage"] = "planned"
         save()
         _log(f"[plan] {len(chosen)}/{L} blocks dropped: {chosen}; classes ISB/SB/ESB = "
@@ -308,7 +325,9 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
     t0 = time.time()
     hg_blocks = [b["index"] for b in plan["blocks"] if b["mode"] == "spd" and b["class"] == "ESB"]
     if pc.head_grouping:
-        for i in hg_blocks:
+        from tqdm.auto import tqdm
+
+        for i in tqdm(hg_blocks, desc="head grouping", disable=not progress, unit="block"):
             if str(i) in state["hg"]:
                 continue
             spec_i = mdef.specs()["layers"][i]
@@ -324,6 +343,7 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
                 info["kept"] = keep
                 if keep:
                     params = _with_block(params, i, new_local)
+                    finish_block(i, "hg")
             state["hg"][str(i)] = info
             _log(f"[HG] block {i}: " + (f"groups {info['groups']} -> devices {info['device_of_group']} "
                                         f"({info['scatter']}/{info['match']}), MLP-output norm "
@@ -333,7 +353,7 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
                                         if info["applied"] else info["reason"]))
             save()
         if hg_blocks and "zs_hg" not in state["ppl"]:
-            state["ppl"]["zs_hg"] = ppls(sync_plan, params)
+            state["ppl"]["zs_hg"] = ppls(sync_plan, params, "zero-shot + HG")
             _log(f"[ppl] zero-shot + HG {state['ppl']['zs_hg']}")
     _stage_done(timings, memory, "head_grouping", t0)
 
@@ -346,6 +366,7 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
         # (SPD plan + distilled/regrouped blocks before it) produces, so it also learns to correct the
         # error accumulated upstream. Targets are the teacher's outputs either way.
         x_student = h_cal[0] if dc.inputs == "student" else None
+        done_now = 0  # blocks distilled by this process (the ETA's rate; a resumed run counts from its start)
         for i in range(max(b2b_blocks) + 1):
             if i in b2b_blocks and str(i) not in state["b2b"]:
                 x_in = h_cal[i] if x_student is None else x_student
@@ -359,7 +380,7 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
                         params = _with_block(params, i, bp)
                         state["b2b_current"] = {"block": i, "step": step, "losses": list(losses_),
                                                 "initial_mse": initial}
-                        save(ost)
+                        save(ost, block=i)
                         _log(f"[checkpoint] saved block {i} step {step}")
 
                 res = distiller.distill(i, _block_of(params, i), x_in, h_cal[i + 1], start_step=start_step,
@@ -368,22 +389,30 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
                                         on_step=on_step, progress=progress)
                 opt_state = None
                 params = _with_block(params, i, res.params)
+                if res.status == "ok":
+                    finish_block(i, "b2b")
                 state["b2b"][str(i)] = {"status": res.status, "initial_mse": res.initial_mse,
                                         "final_mse": res.final_mse, "steps": len(res.losses), "losses": res.losses,
                                         "message": res.message, "lr": dc.lr_for(cfg.family), "inputs": dc.inputs}
                 state["b2b_current"] = None
                 save()
+                done_now += 1
+                left = sum(str(b) not in state["b2b"] for b in b2b_blocks)
+                eta = (time.time() - t0) / done_now * left
                 _log(f"[B2B] block {i}: MSE {res.initial_mse:.4g} -> {res.final_mse:.4g} ({res.status})"
-                     + (f" {res.message}" if res.message else ""))
+                     + (f" {res.message}" if res.message else "")
+                     + f"; {len(b2b_blocks) - left}/{len(b2b_blocks)} blocks done"
+                     + (f", ETA {eta / 60:.1f} min" if left else ""))
             if x_student is not None and i < max(b2b_blocks):  # the treated model's input to block i + 1
                 x_student = ops.apply_block(_block_of(params, i), x_student, sync_plan.is_spd(i))
     _stage_done(timings, memory, "distill", t0)
 
     t0 = time.time()
-    state["ppl"]["final"] = ppls(sync_plan, params)
+    state["ppl"]["final"] = ppls(sync_plan, params, "final")
     _stage_done(timings, memory, "final_ppl", t0)
     state["stage"] = "done"
-    save()
+    save(full=True)
+    ckpt.remove_blocks()  # the full parameters are saved: the per-block folders are no longer needed
     _log(f"[ppl] final (SPD plan + treatments) {state['ppl']['final']}")
 
     status_counts = {s: sum(v["status"] == s for v in state["b2b"].values())
