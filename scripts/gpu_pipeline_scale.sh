@@ -22,7 +22,7 @@ python launch/bench_peer.py --make-checkpoint "$ck" --shape "${SHAPE:-llama2-7b}
 echo "-- random checkpoint written in $((SECONDS - t0)) s: $(du -sh "$ck" | cut -f1)"
 ( while true; do
     anon=0; file=0
-    for p in $(pgrep -f launch/train_distill.py); do
+    for p in $(pgrep -f train_distill.py); do
       a=$(awk '/^RssAnon/ {print $2}' /proc/$p/status 2>/dev/null); f=$(awk '/^RssFile/ {print $2}' /proc/$p/status 2>/dev/null)
       anon=$((anon + ${a:-0})); [ "${f:-0}" -gt "$file" ] && file=${f:-0}
     done

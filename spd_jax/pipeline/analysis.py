@@ -36,15 +36,26 @@ class Sensitivity:
 
 
 def sensitivity(ops, params, hidden: np.ndarray, tokens: np.ndarray,
-                method: Literal["cumulative", "isolated"] = "cumulative", progress: bool = True) -> Sensitivity:
+                method: Literal["cumulative", "isolated"] = "cumulative", progress: bool = True,
+                log: Callable[[str], None] | None = None) -> Sensitivity:
+    """`progress`: a progress bar; `log`: one line per block with the elapsed time and an ETA (for logs)."""
+    import time
+
     L = ops.n_layers
+    t0 = time.time()
     base = float(np.exp(ops.suffix_nll(params, hidden[L], tokens, L, ops.plan([]))))
     curve = [0.0] * L
     bar = tqdm(range(L - 1, -1, -1), desc=f"sensitivity ({method})", disable=not progress, unit="block")
+    work_done, work_all = 0, sum(L - i for i in range(L))  # blocks run: the suffix from i has L - i
     for i in bar:
         plan = ops.plan(range(i, L) if method == "cumulative" else [i])
         curve[i] = float(np.exp(ops.suffix_nll(params, hidden[i], tokens, i, plan)))
         bar.set_postfix(ppl=f"{curve[i]:.2f}")
+        work_done += L - i
+        if log is not None:
+            el = time.time() - t0
+            log(f"[sensitivity] block {i}: PPL {curve[i]:.4g} ({L - i}/{L} blocks, {el:.0f} s, "
+                f"ETA {el / work_done * (work_all - work_done):.0f} s)")
     if method == "cumulative":
         s = [curve[i] - (curve[i + 1] if i + 1 < L else base) for i in range(L)]
     elif method == "isolated":

@@ -286,7 +286,8 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
     # ---- sensitivity, classes, plan
     if "plan" not in state:
         t0 = time.time()
-        sens = sensitivity(ops, orig, h_cal, calib, pc.sensitivity, progress=progress)
+        sens = sensitivity(ops, orig, h_cal, calib, pc.sensitivity, progress=progress,
+                           log=None if progress else _log)
         _stage_done(timings, memory, "sensitivity", t0)
         t1, t2 = thresholds(sens.base_ppl, pc.tau1, pc.tau2, pc.tau1_rel, pc.tau2_rel)
         classes = classify(sens.s, t1, t2)
