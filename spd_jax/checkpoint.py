@@ -16,13 +16,30 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from spd_jax.config import ConfigError
 from spd_jax.runtime import Engine, Params
+from spd_jax.sharding import named
 
 
 def _abstract(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def _optimizer_target(engine: Engine, opt_target: Any):
+    """Where the optimizer state is restored: each leaf where the target has it, except leaves the optimizer
+    created without a placement (Adam's step count), which `opt.init` leaves on one device: restored there
+    they would be committed to it, and a step with weights on all TP devices fails ("incompatible
+    devices"); those are replicated over the mesh."""
+    def where(a):
+        s = a.sharding
+        if engine.emulate or (isinstance(s, NamedSharding) and s.mesh == engine.mesh):
+            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=named(engine.mesh, P()))
+
+    return jax.tree.map(where, opt_target)
 
 
 class Checkpointer:
@@ -88,8 +105,7 @@ class Checkpointer:
         """(block parameters, optimizer state) of the block in training saved in `step` (default: latest)."""
         step = self.latest() if step is None else step
         items = {"block": ocp.args.StandardRestore(self._block_target(engine, index)),
-                 "opt": ocp.args.StandardRestore(jax.tree.map(
-                     lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), opt_target))}
+                 "opt": ocp.args.StandardRestore(_optimizer_target(engine, opt_target))}
         try:
             out = self.mngr.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
@@ -120,8 +136,7 @@ class Checkpointer:
         target = _abstract(engine.mdef.abstract, engine.global_shardings())
         items = {"params": ocp.args.StandardRestore(target)}
         if opt_target is not None:
-            items["opt"] = ocp.args.StandardRestore(jax.tree.map(
-                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), opt_target))
+            items["opt"] = ocp.args.StandardRestore(_optimizer_target(engine, opt_target))
         try:
             out = self.mngr.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax raises assorted errors for damaged or mismatched checkpoints

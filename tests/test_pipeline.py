@@ -9,6 +9,7 @@ from pathlib import Path
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -295,6 +296,26 @@ def test_checkpoint_roundtrip(tiny_models, tmp_path, emulate):
                                     jax.device_get(eng.to_global(params["layers"][1], eng.mdef.specs()["layers"][1])))
     with pytest.raises(ConfigError, match="could not be restored"):
         ck.restore_block("missing", eng, 1)
+
+
+@pytest.mark.parametrize("emulate", [False, True])
+def test_block_in_training_resumes_on_the_devices_it_trains_on(tiny_models, tmp_path, emulate):
+    """The restored optimizer state (incl. its scalar step count) lives where the block does: a resumed B2B
+    step on real TP once failed with "incompatible devices" (count restored on one GPU, weights on two)."""
+    import optax
+
+    from spd_jax.pipeline.distill import DistillConfig, make_optimizer
+
+    lm, eng, params = _setup(tiny_models["llama"][0], 2, emulate=emulate)
+    bp = params["layers"][1]
+    tx = make_optimizer(DistillConfig(), 1e-3, 10)
+    step = jax.jit(lambda b, o: optax.apply_updates(b, tx.update(jax.tree.map(jnp.ones_like, b), o, b)[0]))
+    opt = tx.init(bp)
+    ck = Checkpointer(tmp_path / "ck")
+    ck.save(1, eng, None, {"tp": 2, "stage": "planned"}, opt, block=(bp, eng.mdef.specs()["layers"][1]))
+    bp2, opt2 = ck.restore_block_in_training(eng, 1, tx.init(params["layers"][0]))
+    chex.assert_trees_all_equal(jax.device_get(opt2), jax.device_get(opt))
+    chex.assert_trees_all_equal(*jax.device_get((step(bp2, opt2), step(bp, opt))))
 
 
 # ----------------------------------------------------------------------------- kill and resume
