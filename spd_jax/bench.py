@@ -194,8 +194,9 @@ class Timing:
     e2e_all: list[float]
 
 
-def bench_generation_config(new_tokens: int, decode_chunk: int = 8) -> GenerationConfig:
-    return GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False, decode_chunk=decode_chunk)
+def bench_generation_config(new_tokens: int, decode_chunk: int = 8, attend_window: int = 256) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False, decode_chunk=decode_chunk,
+                            attend_window=attend_window)
 
 
 def compile_generators(gens: list[Generator], cfg: GenerationConfig, prompt_len: int, batch: int,
@@ -226,8 +227,8 @@ def compile_generators(gens: list[Generator], cfg: GenerationConfig, prompt_len:
 
 
 def time_generation(gen: Generator, batch: int, prompt_len: int, new_tokens: int, repeats: int, label: str,
-                    decode_chunk: int = 8) -> Timing:
-    cfg = bench_generation_config(new_tokens, decode_chunk)
+                    decode_chunk: int = 8, attend_window: int = 256) -> Timing:
+    cfg = bench_generation_config(new_tokens, decode_chunk, attend_window)
     rng = np.random.RandomState(0)
     prompts = [list(rng.randint(3, gen.cfg.vocab_size, size=prompt_len)) for _ in range(batch)]
     gen.generate(prompts, cfg)  # compile (unless precompiled) + warm up

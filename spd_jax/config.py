@@ -235,6 +235,9 @@ class GenerationConfig:
     seed: int = 0
     stop_at_eos: bool = True
     decode_chunk: int = 8  # decode steps between on-device checks of the stop condition (1 = every step)
+    # decode attends over the filled part of the KV cache, in windows that double from this many slots
+    # (one compiled loop per window); 0 = every step attends over the whole allocated cache
+    attend_window: int = 256
 
     def validate(self) -> None:
         check_types(self, "generation")
@@ -248,6 +251,8 @@ class GenerationConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.decode_chunk < 1:
             raise ConfigError(f"decode_chunk must be >= 1, got {self.decode_chunk}")
+        if self.attend_window < 0:
+            raise ConfigError(f"attend_window must be >= 0 (0 = the whole cache), got {self.attend_window}")
 
 
 @dataclasses.dataclass

@@ -6,7 +6,8 @@ the prompts run one at a time. The prefill and decode functions donate the cache
 `lax.while_loop` over fixed-length chunks of `GenerationConfig.decode_chunk` steps (inner `fori_loop`s with a known trip
 count, which XLA:GPU runs without reading a predicate back to the host every token); between chunks it
 stops when every sequence has emitted an end-of-sequence token or the budget is spent. Steps run after
-every sequence finished (at most decode_chunk - 1) emit padding and are not counted.
+every sequence finished (at most decode_chunk - 1) emit padding and are not counted. Decode attends over
+the filled part of the cache only, in windows that double (`attention_windows`).
 """
 
 from __future__ import annotations
@@ -67,6 +68,30 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def attention_windows(t_pad: int, max_new: int, max_len: int, first: int) -> list[tuple[int, int, int]]:
+    """[(first step, end step, window)] covering the decode steps 1..max_new-1.
+
+    Step i writes cache slot t_pad + i - 1 and attends over slots < t_pad + i, so the filled part at every
+    step is known when the loop is built: steps are grouped by the smallest window first * 2^k (at most
+    max_len) that covers them, and each group attends over that many slots. Cost then follows the context
+    (within 2x), not the allocation, with one compiled loop per window. first == 0: one window, the cache."""
+    steps = max_new - 1
+    if steps < 1:
+        return []
+    if first == 0:
+        return [(1, steps + 1, max_len)]
+    out, i = [], 1
+    while i <= steps:
+        w = first
+        while w < t_pad + i:
+            w *= 2
+        w = min(w, max_len)
+        end = min(steps, w - t_pad) + 1
+        out.append((i, end, w))
+        i = end
+    return out
+
+
 class Generator:
     """Jitted prefill + decode for one engine, parameter set and sync plan."""
 
@@ -94,14 +119,14 @@ class Generator:
             self._prefill[key] = jax.jit(prefill, donate_argnums=(3,))
         return self._prefill[key]
 
-    def _decode_fn(self, gen: GenerationConfig, max_new: int):
-        key = (gen.temperature, gen.top_k, gen.top_p, max_new, gen.stop_at_eos, gen.decode_chunk)
+    def _decode_fn(self, gen: GenerationConfig, max_new: int, t_pad: int, max_len: int):
+        key = (gen.temperature, gen.top_k, gen.top_p, max_new, gen.stop_at_eos, gen.decode_chunk, gen.attend_window,
+               t_pad, max_len)
         if key not in self._decode:
-            fwd = self.engine.forward(self.plan, attend_cache=True, with_cache=True)
+            windows = attention_windows(t_pad, max_new, max_len, gen.attend_window)
+            fwds = {w: self.engine.forward(self.plan, attend_cache=True if w == max_len else w, with_cache=True)
+                    for _, _, w in windows}
             eos = jnp.asarray(self.cfg.eos_token_ids or (-1,), jnp.int32)
-            steps = max_new - 1  # the first token comes from the prefill
-            chunk = max(1, min(gen.decode_chunk, steps)) if steps > 0 else 1
-            n_full, rest = divmod(steps, chunk)
 
             def is_eos(t):
                 return jnp.any(t[:, None] == eos[None, :], axis=-1) if gen.stop_at_eos else jnp.zeros_like(t, bool)
@@ -111,28 +136,36 @@ class Generator:
                 out = jnp.full((b, max_new), PAD_ID, jnp.int32).at[:, 0].set(first)
                 done = is_eos(first)
 
-                def step(_, c):
-                    i, cache, out, done, n = c
-                    prev = jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1)
-                    logits, cache = fwd(params, prev, pad, cache, start + i - 1)
-                    tok = sample_tokens(logits[:, -1], jax.random.fold_in(rng, i), temperature=gen.temperature,
-                                        top_k=gen.top_k, top_p=gen.top_p)
-                    tok = jnp.where(done, PAD_ID, tok)
-                    n = n + jnp.sum(~done)
-                    out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
-                    return i + 1, cache, out, done | is_eos(tok), n
+                def make_step(fwd):
+                    def step(_, c):
+                        i, cache, out, done, n = c
+                        prev = jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1)
+                        logits, cache = fwd(params, prev, pad, cache, start + i - 1)
+                        tok = sample_tokens(logits[:, -1], jax.random.fold_in(rng, i), temperature=gen.temperature,
+                                            top_k=gen.top_k, top_p=gen.top_p)
+                        tok = jnp.where(done, PAD_ID, tok)
+                        n = n + jnp.sum(~done)
+                        out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
+                        return i + 1, cache, out, done | is_eos(tok), n
 
-                # Fixed-length chunks (a loop with a known trip count needs no per-step host round trip on
-                # GPU); the stop condition (budget spent or every sequence at EOS) is checked between chunks.
-                def cond(c):
-                    i, _, _, done, _ = c
-                    return (i < 1 + n_full * chunk) & ~jnp.all(done)
+                    return step
+
+                def run(c, lo: int, hi: int, fwd):
+                    """Steps lo..hi-1 in fixed-length chunks (a loop with a known trip count needs no per-step
+                    host round trip on GPU); the stop condition (every sequence at EOS) between chunks."""
+                    ch = max(1, min(gen.decode_chunk, hi - lo))
+                    n_full, rest = divmod(hi - lo, ch)
+                    step = make_step(fwd)
+                    if n_full:
+                        c = jax.lax.while_loop(lambda c: (c[0] < lo + n_full * ch) & ~jnp.all(c[3]),
+                                               lambda c: jax.lax.fori_loop(0, ch, step, c), c)
+                    if rest:
+                        c = jax.lax.cond(jnp.all(c[3]), lambda c: c, lambda c: jax.lax.fori_loop(0, rest, step, c), c)
+                    return c
 
                 c = (jnp.int32(1), cache, out, done, jnp.int32(0))
-                if n_full:
-                    c = jax.lax.while_loop(cond, lambda c: jax.lax.fori_loop(0, chunk, step, c), c)
-                if rest:
-                    c = jax.lax.cond(jnp.all(c[3]), lambda c: c, lambda c: jax.lax.fori_loop(0, rest, step, c), c)
+                for lo, hi, w in windows:  # each window's steps attend over the first w cache slots
+                    c = run(c, lo, hi, fwds[w])
                 _, cache, out, done, n = c
                 return out, done, n, cache
 
@@ -164,7 +197,7 @@ class Generator:
         tokens_d, pad_d = eng.replicate(tokens), eng.replicate(pad)
 
         prefill, decode = self._compiled.get(self._compiled_key(gen, b, t_pad, max_len)) or (
-            self._prefill_fn(gen), self._decode_fn(gen, gen.max_new_tokens))
+            self._prefill_fn(gen), self._decode_fn(gen, gen.max_new_tokens, t_pad, max_len))
 
         t0 = time.perf_counter()
         first, cache = prefill(self.params, tokens_d, pad_d, cache, r_first)
@@ -196,7 +229,7 @@ class Generator:
     @staticmethod
     def _compiled_key(gen: GenerationConfig, batch: int, t_pad: int, max_len: int):
         return (gen.temperature, gen.top_k, gen.top_p, gen.max_new_tokens, gen.stop_at_eos, gen.decode_chunk,
-                batch, t_pad, max_len)
+                gen.attend_window, batch, t_pad, max_len)
 
     def precompile(self, gen: GenerationConfig, prompt_len: int, batch: int = 1) -> None:
         """Compile prefill and decode ahead of time for prompts of up to `prompt_len` tokens (the same
@@ -224,6 +257,6 @@ class Generator:
         first_sh, cache_sh = prefill.output_shardings
         first = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=first_sh)
         cache = placed(cache, cache_sh)
-        decode = self._decode_fn(gen, gen.max_new_tokens).lower(self.params, cache, first, pad, jnp.int32(t_pad),
+        decode = self._decode_fn(gen, gen.max_new_tokens, t_pad, max_len).lower(self.params, cache, first, pad, jnp.int32(t_pad),
                                                                  rng).compile()
         self._compiled[key] = (prefill, decode)

@@ -235,7 +235,7 @@ class Attention(nnx.Module):
         rows = (np.asarray(heads)[:, None] * hd + np.arange(hd)[None, :]).reshape(-1)
         return matmul(o_btf, self.o.w[...][rows])
 
-    def __call__(self, h_btd, rope_cs, mask_bts, kv_cache, cache_index, attend_cache: bool):
+    def __call__(self, h_btd, rope_cs, mask_bts, kv_cache, cache_index, attend_cache: bool | int):
         """Returns (Y_i: this shard's partial o-projection, no bias, new kv cache or None)."""
         q, k, v = self.heads(h_btd, rope_cs)
         new_cache = None
@@ -243,8 +243,9 @@ class Attention(nnx.Module):
             ck = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), (0, cache_index, 0, 0))
             cv = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), (0, cache_index, 0, 0))
             new_cache = {"k": ck, "v": cv}
-            if attend_cache:
-                k, v = ck, cv
+            if attend_cache:  # True: every slot; an int: the first `attend_cache` slots (the filled part)
+                n = ck.shape[1] if attend_cache is True else attend_cache
+                k, v = ck[:, :n], cv[:, :n]
         return self.output(attention_core(q, k, v, mask_bts)), new_cache
 
 
@@ -312,7 +313,7 @@ class Block(nnx.Module):
         return self.mlp(self.mlp_norm(m), part=part)
 
     def __call__(self, x_btd, rope_cs, mask_bts, kv_cache, cache_index, *, mode: str, bias: str = "full",
-                 attend_cache: bool = False, allreduce: AllReduce = PSUM):
+                 attend_cache: bool | int = False, allreduce: AllReduce = PSUM):
         """mode: "sync" (two all-reduces), "spd" (one) or "none" (the floor: sync maths, no collective)."""
         y, new_cache = self.attn(self.attn_norm(x_btd), rope_cs, mask_bts, kv_cache, cache_index, attend_cache)
         b_o, b_out = self.attn.o.bias(), self.mlp.out_bias()
@@ -389,7 +390,7 @@ class Transformer(nnx.Module):
                                       allreduce=plan.allreduce)
         return x_btd
 
-    def __call__(self, tokens_bt, pad_b, cache, cache_index, *, plan: SyncPlan, attend_cache: bool = False,
+    def __call__(self, tokens_bt, pad_b, cache, cache_index, *, plan: SyncPlan, attend_cache: bool | int = False,
                  return_hidden: bool = False):
         """One shard's forward.
 
@@ -397,14 +398,19 @@ class Transformer(nnx.Module):
         cache: None (no KV cache) or a list of {"k","v"} [B, S, KVl, hd] per layer.
         cache_index: slot where tokens_bt[:, 0] is written (0 for a fresh prefill).
         plan: the per-block sync modes and SPD bias policy (static).
-        attend_cache: attend over the whole cache (decode) instead of only over tokens_bt (prefill).
+        attend_cache: attend over the whole cache (decode) instead of only over tokens_bt (prefill); an int n
+            attends over the first n cache slots only (n must cover every written slot: the decode loop
+            grows n with the filled part, so attention costs what the context holds, not the allocation).
         Returns (local logits [B, T, Vl] float32, new cache or None[, hidden states]); with return_hidden
         the hidden states are the L block inputs followed by the last block's output (L + 1 arrays).
         """
         t = tokens_bt.shape[1]
         slots = cache_index + jnp.arange(t, dtype=jnp.int32)  # [T]
         positions = positions_for(slots, pad_b)
-        keys = jnp.arange(cache[0]["k"].shape[1], dtype=jnp.int32) if attend_cache else slots
+        if attend_cache:  # True: attend over the whole cache; an int n: over its first n slots only
+            keys = jnp.arange(cache[0]["k"].shape[1] if attend_cache is True else attend_cache, dtype=jnp.int32)
+        else:
+            keys = slots
         mask = self.mask(slots, keys, pad_b)
         rope_cs = self.rope(positions)
         x = self.hidden_in(tokens_bt, positions, not plan.collective_free, plan.allreduce)

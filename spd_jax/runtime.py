@@ -236,7 +236,7 @@ class Engine:
         return unstack_shards(x, spec) if self.emulate else x
 
     # ---- the forward
-    def forward(self, plan: SyncPlan, *, attend_cache: bool = False, with_cache: bool = False,
+    def forward(self, plan: SyncPlan, *, attend_cache: bool | int = False, with_cache: bool = False,
                 return_hidden: bool = False) -> Callable:
         """An (unjitted) function (params, tokens[B,T], pad[B], cache, cache_index) -> (logits[B,T,V], cache).
 

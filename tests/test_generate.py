@@ -157,3 +157,67 @@ def test_precompile_in_threads_then_generate_uses_it_and_matches(tiny_models, em
     for g, r in zip(gens, ref):
         g._prefill_fn = g._decode_fn = no_jit
         assert g.generate(prompt, gen).tokens == r
+
+
+# ----------------------------------------------------------------------------- attention over the filled cache
+
+
+@pytest.mark.parametrize("t_pad,max_new,first", [(16, 40, 4), (16, 40, 8), (128, 128, 256), (16, 1024, 256),
+                                                 (2048, 128, 256), (48, 200, 16), (16, 2, 8), (16, 9, 0)])
+def test_attention_windows_cover_each_step_with_at_most_twice_its_context(t_pad, max_new, first):
+    from spd_jax.generate import _round_up, attention_windows
+
+    max_len = _round_up(t_pad + max_new, 16)
+    wins = attention_windows(t_pad, max_new, max_len, first)
+    steps = [i for lo, hi, _ in wins for i in range(lo, hi)]
+    assert steps == list(range(1, max_new))  # every decode step once, in order
+    for lo, hi, w in wins:
+        assert w <= max_len
+        for i in range(lo, hi):
+            need = t_pad + i  # step i attends over slots 0 .. t_pad + i - 1
+            assert need <= w
+            assert first == 0 or w == max_len or w <= max(first, 2 * need - 2)
+    if first == 0:
+        assert [w for *_, w in wins] == [max_len]
+
+
+@pytest.mark.parametrize("tp,spd", [(1, False), (2, True), (4, False), (4, True)])
+def test_decode_attention_over_the_filled_part_equals_full_recompute(tiny_models, tp, spd):
+    """A decode step that attends over only the first w cache slots (w >= the filled part) gives the logits of
+    a full recompute of the sequence, at several fill levels, in sync and SPD modes."""
+    import jax
+    import jax.numpy as jnp
+
+    lm = open_model(tiny_models["llama"][0])
+    eng = Engine.create(build_model_def(lm.cfg, tp))
+    params = load_params(eng, lm.source)
+    L = lm.cfg.n_layers
+    plan = SyncPlan.all_spd(L) if spd else SyncPlan.sync(L)
+    seq = np.random.RandomState(tp).randint(3, 100, size=(1, 40)).astype(np.int32)
+    ref = np.asarray(eng.logits(params, seq, plan=plan))
+    pad = eng.replicate(np.zeros((1,), np.int32))
+    prefill = jax.jit(eng.forward(plan, with_cache=True))
+    for n in (1, 9, 23, 39):  # filled slots before the step
+        _, cache = prefill(params, eng.replicate(seq[:, :n]), pad, eng.init_cache(1, 64), jnp.int32(0))
+        for w in (n + 1, 32 if n < 32 else 48, True):  # exactly the filled part, a window, the whole cache
+            step = jax.jit(eng.forward(plan, attend_cache=w, with_cache=True))
+            logits, _ = step(params, eng.replicate(seq[:, n:n + 1]), pad, cache, jnp.int32(n))
+            np.testing.assert_allclose(np.asarray(logits)[0, 0], ref[0, n], atol=2e-5, rtol=2e-5,
+                                       err_msg=f"fill {n}, window {w}")
+
+
+@pytest.mark.parametrize("window", [4, 8])
+def test_generation_with_attention_windows_equals_whole_cache_and_recompute(tiny, window):
+    """40 new tokens after a 5-token prompt cross several windows (16, 32, 64 slots): the tokens equal those
+    of decode over the whole cache and are the greedy choices of a full recompute of the final sequence."""
+    lm, eng, params = tiny
+    plan = SyncPlan.from_flags((True, False, True))
+    g = Generator(eng, params, plan)
+    prompt = [5, 17, 33, 8, 61]
+    gen = GenerationConfig(max_new_tokens=40, stop_at_eos=False, decode_chunk=3)
+    whole = g.generate([prompt], dataclasses.replace(gen, attend_window=0)).tokens[0]
+    out = g.generate([prompt], dataclasses.replace(gen, attend_window=window))
+    assert out.tokens[0] == whole and out.decode_tokens == 39
+    seq = np.array([prompt + whole])
+    greedy = np.asarray(eng.logits(params, seq, plan=plan))[0].argmax(-1)
+    assert list(greedy[len(prompt) - 1:-1]) == whole

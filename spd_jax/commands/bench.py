@@ -37,6 +37,8 @@ def parse_args(argv=None):
                    help="q/k/v and gate/up as single GEMMs (runtime.fuse_projections)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--decode-chunk", type=int, default=8, help="decode steps between stop-condition checks")
+    p.add_argument("--attend-window", type=int, default=256,
+                   help="decode attends over the filled cache in windows doubling from this (0: the whole cache)")
     p.add_argument("--compile-threads", type=int, default=4,
                    help="compile the SPD configurations in this many threads (after the first, alone)")
     p.add_argument("--compile-cache", metavar="DIR",
@@ -153,13 +155,14 @@ def main(argv=None) -> int:
     if args.floor:
         configs.append(("floor", SyncPlan.floor(L), "none"))
     gens = [Generator(engine, params, plan) for _, plan, _ in configs]
-    compile_s = compile_generators(gens, bench_generation_config(args.new_tokens, args.decode_chunk),
+    compile_s = compile_generators(gens, bench_generation_config(args.new_tokens, args.decode_chunk,
+                                                                 args.attend_window),
                                    args.prompt_len, args.batch, args.compile_threads)
     phase(f"compile {len(gens)} configurations")
     rows = []
     for (label, _, _), g in zip(configs, gens):
         rows.append(time_generation(g, args.batch, args.prompt_len, args.new_tokens, args.repeats, label,
-                                    args.decode_chunk))
+                                    args.decode_chunk, args.attend_window))
         phase(f"time {label}")
     ar = (allreduce_microbench(engine.mesh, tuple(int(b) for b in args.allreduce_sizes.split(",")),
                                methods=tuple(methods) if methods != ["psum"] else ())
@@ -174,6 +177,7 @@ def main(argv=None) -> int:
     result = {
         "shape": args.shape, "tp": args.tp, "batch": args.batch, "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "dtype": args.dtype, "decode_chunk": args.decode_chunk,
+        "attend_window": args.attend_window,
         "fused_projections": args.fused_projections, "compile_s": compile_s, "interconnect": args.interconnect,
         "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
         "nccl_env": {k: os.environ.get(k) for k in NCCL_KEYS}, "random_weights": True,
