@@ -14,6 +14,7 @@ one tensor at a time; the llama.cpp Q/K RoPE permutation is undone as transforme
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import struct
@@ -23,10 +24,12 @@ from typing import Any, Callable
 import jax
 import ml_dtypes
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from spd_jax.arch import ParamInfo
 from spd_jax.config import ConfigError, ModelConfig, model_config_from_hf
 from spd_jax.runtime import Engine, ModelDef, Params, path_names
+from spd_jax.sharding import named
 
 
 class WeightLoadError(RuntimeError):
@@ -203,6 +206,13 @@ def _expected_src_shape(ps: ParamSource, global_shape: tuple[int, ...]) -> tuple
     return tuple(reversed(shp)) if ps.transpose else tuple(shp)
 
 
+def _as_slice(ix: np.ndarray) -> slice | None:
+    """ix as a slice if it is a non-empty run of consecutive indices, else None."""
+    if len(ix) == 0 or int(ix[-1]) - int(ix[0]) + 1 != len(ix) or (len(ix) > 1 and not (np.diff(ix) == 1).all()):
+        return None
+    return slice(int(ix[0]), int(ix[-1]) + 1)
+
+
 def read_block(tensor: np.ndarray, ps: ParamSource, global_shape, index, dtype) -> np.ndarray:
     """The block `index` (tuple of slices over our global layout) of a parameter, as `dtype`."""
     t = tensor.T if ps.transpose else tensor
@@ -215,6 +225,14 @@ def read_block(tensor: np.ndarray, ps: ParamSource, global_shape, index, dtype) 
     if not all(v.any() for v in valid):
         return out
     src_idx = [s[v] for s, v in zip(sel, valid)]
+    src_sl = [_as_slice(s) for s in src_idx]
+    dst_sl = [_as_slice(np.nonzero(v)[0]) for v in valid]
+    if all(x is not None for x in src_sl + dst_sl):  # the common case: a plain sub-block, no gather needed
+        # Copy the block out of the file in the file's own (row-major) order, then transpose in memory: reading
+        # a transposed memory-mapped view element by element (or gathering from it) was 10-25x slower.
+        block = np.array(tensor[tuple(reversed(src_sl))] if ps.transpose else t[tuple(src_sl)])
+        out[tuple(dst_sl)] = block.T if ps.transpose else block
+        return out
     # Read one contiguous range per dim (cheap on a memmap), then pick the rows/columns we need.
     lo = [int(s.min()) for s in src_idx]
     hi = [int(s.max()) + 1 for s in src_idx]
@@ -263,12 +281,32 @@ def load_params(engine: Engine, source: TensorSource, progress: Callable[[str], 
             full = read_block(tensor, ps, gshape, tuple(slice(None) for _ in gshape), np_dtype)
             from spd_jax.runtime import stack_shards
             arr = jax.device_put(np.ascontiguousarray(stack_shards(full, spec, mdef.tp)), _get(shardings, p))
+        elif ps.transpose and len(gshape) == 2 and _identity_maps(ps, gshape):
+            # A plain [out, in] checkpoint tensor: each device's block is read in the file's orientation (a
+            # contiguous copy) and transposed on the device; a host-side transpose of bf16 ran at ~100 MB/s.
+            sh = _get(shardings, p)
+            src = jax.make_array_from_callback(
+                gshape[::-1], named(engine.mesh, P(*reversed(tuple(spec) + (None,) * (2 - len(spec))))),
+                lambda idx, t=tensor: np.asarray(t[idx], dtype=np_dtype))
+            arr = _transpose_to(sh)(src)
         else:
             arr = jax.make_array_from_callback(
                 gshape, _get(shardings, p),
                 lambda idx, t=tensor, ps=ps, g=gshape: read_block(t, ps, g, idx, np_dtype))
         _set(out, p, arr)
     return out
+
+
+def _identity_maps(ps: ParamSource, gshape) -> bool:
+    """No padding or replication: our global array is the checkpoint tensor itself (up to orientation)."""
+    return all(d >= len(ps.maps) or ps.maps[d] is None
+               or (len(ps.maps[d]) == n and bool((ps.maps[d] == np.arange(n)).all())) for d, n in enumerate(gshape))
+
+
+@functools.lru_cache(maxsize=None)
+def _transpose_to(sharding):
+    """A jitted 2-D transpose into `sharding` (per device: its own block, no communication). Donated input."""
+    return jax.jit(lambda x: x.T, out_shardings=sharding, donate_argnums=0)
 
 
 def _get(tree, path):
