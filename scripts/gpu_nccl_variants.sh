@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# NCCL algorithm / protocol variants against the one-shot all-reduces, per link, one process per GPU: the
+# all-reduce microbenchmark of launch/bench.py (in-loop cost at 8 KiB / 1 MiB / 64 MiB for psum, gather and
+# a2a) under each NCCL_ALGO x NCCL_PROTO setting, on a tiny model (the microbenchmark does not depend on it).
+# Usage: bash scripts/gpu_nccl_variants.sh OUTDIR TP "LINKS" ["ALGO/PROTO ..."]
+#   e.g. bash scripts/gpu_nccl_variants.sh out 4 "nvlink net" "default Ring/LL Ring/LL128 Ring/Simple Tree/LL"
+# Each run's JSON goes to OUTDIR/ar-LINK-ALGO-PROTO.json; the table at the end comes from them.
+set -uo pipefail
+out=${1:-/tmp/nccl}; tp=${2:-4}; links=${3:-nvlink net}
+variants=${4:-default Ring/LL Ring/LL128 Ring/Simple Tree/LL Tree/Simple}
+mkdir -p "$out"; export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+for link in $links; do
+  for v in $variants; do
+    env=(); tag=default
+    if [ "$v" != default ]; then env=(NCCL_ALGO="${v%/*}" NCCL_PROTO="${v#*/}"); tag="${v%/*}-${v#*/}"; fi
+    t0=$SECONDS
+    env "${env[@]}" timeout 240 python launch/bench.py --shape tiny --tp "$tp" --spd-ratios 0 --repeats 1 \
+      --interconnect "$link" --spawn "$tp" --allreduce-methods psum,gather,a2a --json "$out/ar-$link-$tag.json" \
+      > "$out/ar-$link-$tag.log" 2>&1
+    echo "-- $link $tag: rc $? in $((SECONDS - t0)) s"
+  done
+done
+python - "$out" <<'PY'
+import glob, json, os, sys
+print("| link | NCCL_ALGO/PROTO | method | 8 KiB (us) | 1 MiB (us) | 64 MiB (us) |")
+print("|---|---|---|---|---|---|")
+for f in sorted(glob.glob(os.path.join(sys.argv[1], "ar-*.json"))):
+    r = json.load(open(f))
+    _, link, *tag = os.path.basename(f)[:-5].split("-")
+    by = {}
+    for row in r.get("allreduce", []):
+        for m, us in (row.get("in_loop_us_by_method") or {"psum": row.get("in_loop_us")}).items():
+            by.setdefault(m, {})[row["bytes"]] = us
+    for m, sizes in sorted(by.items()):
+        cells = [f"{sizes[b]:.1f}" if sizes.get(b) is not None else "-" for b in (8192, 1 << 20, 64 << 20)]
+        print(f"| {link} | {'/'.join(tag)} | {m} | " + " | ".join(cells) + " |")
+PY
