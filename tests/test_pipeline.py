@@ -48,6 +48,22 @@ def test_sensitivity_of_tp1_model_is_zero(tiny_models):
     np.testing.assert_allclose(sens.s, 0.0, atol=1e-3 * sens.base_ppl)
 
 
+def test_sensitivity_compiles_one_program_per_block_mode(tiny_models):
+    """Every suffix perplexity reuses one compiled program per block mode (+ one for the LM head), however many
+    blocks and suffixes the analysis runs (one unrolled program per suffix took longer to compile than to run
+    at LLaMA-2-7B)."""
+    lm, eng, params = _setup(tiny_models["llama"][0], 2)
+    ops = ModelOps(eng, batch_size=2)
+    tokens = np.random.RandomState(0).randint(3, 100, size=(4, 16)).astype(np.int32)
+    h = ops.hidden_states(params, tokens)
+    for method in ("cumulative", "isolated"):
+        sensitivity(ops, params, h, tokens, method, progress=False)
+    modes = sorted(k[1] for k in ops._suffix)
+    assert modes == ["spd", "sync"]
+    assert all(f._cache_size() == 1 for f in ops._suffix.values())
+    assert ops._head_nll_fn._cache_size() == 1
+
+
 def test_sensitivity_at_tp2_is_not_zero_and_curve_consistent(tiny_models):
     eng, params, tokens, sens = _llama_sensitivity(tiny_models, 2)
     assert max(abs(v) for v in sens.s) > 1e-3
