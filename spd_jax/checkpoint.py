@@ -122,8 +122,8 @@ class Checkpointer:
         step = self.latest() if step is None else step
         return self.mngr.restore(step, args=ocp.args.Composite(state=ocp.args.JsonRestore()))["state"]
 
-    def restore(self, engine: Engine, step: int | None = None, opt_target: Any = None):
-        """Returns (params in the engine's layout, state, opt_state or None)."""
+    def restore(self, engine: Engine, step: int | None = None):
+        """The full parameters of a finished run: (params in the engine's layout, state)."""
         step = self.latest() if step is None else step
         if step is None:
             raise ConfigError(f"no checkpoint in {self.dir}")
@@ -135,14 +135,12 @@ class Checkpointer:
                               f"{state['stage']!r}); finish it with `train_distill.py --resume` first")
         target = _abstract(engine.mdef.abstract, engine.global_shardings())
         items = {"params": ocp.args.StandardRestore(target)}
-        if opt_target is not None:
-            items["opt"] = ocp.args.StandardRestore(_optimizer_target(engine, opt_target))
         try:
             out = self.mngr.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax raises assorted errors for damaged or mismatched checkpoints
             raise ConfigError(f"checkpoint {self.dir} step {step} could not be restored: "
                               f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
-        return engine.from_global(out["params"]), state, out.get("opt") if opt_target is not None else None
+        return engine.from_global(out["params"]), state
 
 
 def load_checkpoint_params(directory: str | Path, engine: Engine) -> tuple[Params, dict]:
@@ -152,5 +150,5 @@ def load_checkpoint_params(directory: str | Path, engine: Engine) -> tuple[Param
     ck = Checkpointer(d)
     if ck.latest() is None:
         raise ConfigError(f"{d} holds no complete checkpoint")
-    params, state, _ = ck.restore(engine)
+    params, state = ck.restore(engine)
     return params, state

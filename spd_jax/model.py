@@ -235,7 +235,7 @@ class Attention(nnx.Module):
         rows = (np.asarray(heads)[:, None] * hd + np.arange(hd)[None, :]).reshape(-1)
         return matmul(o_btf, self.o.w[...][rows])
 
-    def __call__(self, h_btd, rope_cs, mask_bts, kv_cache, cache_index, attend_cache: bool | int):
+    def __call__(self, h_btd, rope_cs, mask_bts, kv_cache, cache_index, attend_cache: int):
         """Returns (Y_i: this shard's partial o-projection, no bias, new kv cache or None)."""
         q, k, v = self.heads(h_btd, rope_cs)
         new_cache = None
@@ -243,9 +243,8 @@ class Attention(nnx.Module):
             ck = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), (0, cache_index, 0, 0))
             cv = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), (0, cache_index, 0, 0))
             new_cache = {"k": ck, "v": cv}
-            if attend_cache:  # True: every slot; an int: the first `attend_cache` slots (the filled part)
-                n = ck.shape[1] if attend_cache is True else attend_cache
-                k, v = ck[:, :n], cv[:, :n]
+            if attend_cache:  # the first `attend_cache` slots (Transformer resolves True to the whole cache)
+                k, v = ck[:, :attend_cache], cv[:, :attend_cache]
         return self.output(attention_core(q, k, v, mask_bts)), new_cache
 
 
@@ -313,7 +312,7 @@ class Block(nnx.Module):
         return self.mlp(self.mlp_norm(m), part=part)
 
     def __call__(self, x_btd, rope_cs, mask_bts, kv_cache, cache_index, *, mode: str, bias: str = "full",
-                 attend_cache: bool | int = False, allreduce: AllReduce = PSUM):
+                 attend_cache: int = 0, allreduce: AllReduce = PSUM):
         """mode: "sync" (two all-reduces), "spd" (one) or "none" (the floor: sync maths, no collective)."""
         y, new_cache = self.attn(self.attn_norm(x_btd), rope_cs, mask_bts, kv_cache, cache_index, attend_cache)
         b_o, b_out = self.attn.o.bias(), self.mlp.out_bias()
@@ -382,14 +381,6 @@ class Transformer(nnx.Module):
     def fresh_inputs(self, t: int, pad_b):
         return fresh_inputs(self.cfg, t, pad_b)
 
-    def run_blocks(self, x_btd, pad_b, start: int, plan: SyncPlan):
-        """Blocks start..L-1 on hidden states x (no cache, fresh sequence). For the SPD pipeline."""
-        rope_cs, mask = self.fresh_inputs(x_btd.shape[1], pad_b)
-        for i in range(start, len(self.layers)):
-            x_btd, _ = self.layers[i](x_btd, rope_cs, mask, None, 0, mode=plan.modes[i], bias=plan.bias,
-                                      allreduce=plan.allreduce)
-        return x_btd
-
     def __call__(self, tokens_bt, pad_b, cache, cache_index, *, plan: SyncPlan, attend_cache: bool | int = False,
                  return_hidden: bool = False):
         """One shard's forward.
@@ -407,10 +398,9 @@ class Transformer(nnx.Module):
         t = tokens_bt.shape[1]
         slots = cache_index + jnp.arange(t, dtype=jnp.int32)  # [T]
         positions = positions_for(slots, pad_b)
-        if attend_cache:  # True: attend over the whole cache; an int n: over its first n slots only
-            keys = jnp.arange(cache[0]["k"].shape[1] if attend_cache is True else attend_cache, dtype=jnp.int32)
-        else:
-            keys = slots
+        if attend_cache is True:
+            attend_cache = cache[0]["k"].shape[1]
+        keys = jnp.arange(attend_cache, dtype=jnp.int32) if attend_cache else slots
         mask = self.mask(slots, keys, pad_b)
         rope_cs = self.rope(positions)
         x = self.hidden_in(tokens_bt, positions, not plan.collective_free, plan.allreduce)

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from spd_jax.collectives import PSUM, AllReduce
 from spd_jax.distributed import to_host
 from spd_jax.model import Block, fresh_inputs, vocab_parallel_nll
 from spd_jax.plan import SyncPlan
@@ -98,24 +99,15 @@ class ModelOps:
         return out
 
     # ---- NLL of the suffix of the network, one compiled program per block mode (not per suffix)
-    def _run_block_fn(self, mode: str, plan: SyncPlan):
-        """Jitted (block_params, x[B,T,D], pad[B]) -> the block's output, in `mode`. Every block has the same
-        shapes, so one program per (mode, bias, all-reduce) serves every block of every suffix: the
-        sensitivity analysis compiles two programs instead of one unrolled suffix per block (at LLaMA-2-7B
-        scale the 32 suffix programs, 528 block bodies in all, took longer to compile than to run)."""
-        key = ("run", mode, plan.bias, plan.allreduce)
+    def _run_block_fn(self, mode: str, bias: str, allreduce: AllReduce):
+        """Jitted (block_params, x[B,T,D]) -> the block's output, in `mode`. Every block has the same shapes,
+        so one program per (mode, bias, all-reduce) serves every block of every suffix: the sensitivity
+        analysis compiles two programs instead of one unrolled suffix per block (at LLaMA-2-7B scale the 32
+        suffix programs, 528 block bodies in all, took longer to compile than to run)."""
+        key = ("run", mode, bias, allreduce)
         if key not in self._suffix:
-            graphdef, cfg = self.block_graphdef, self.cfg
-
-            def shard(bp, x, pad):
-                blk = nnx.merge(graphdef, bp)
-                rope, mask = fresh_inputs(cfg, x.shape[1], pad)
-                out, _ = blk(x, rope, mask, None, 0, mode=mode, bias=plan.bias, allreduce=plan.allreduce)
-                return out
-
-            f = self.engine.sharded(shard, (self.block_specs, P(), P()), P(),
-                                    check_vma=mode != "none" and plan.allreduce.checkable)
-            self._suffix[key] = jax.jit(lambda bp, x, pad: f(bp, x.astype(self.mdef.dtype), pad))
+            f, dtype = self._sharded_block(mode, bias, allreduce), self.mdef.dtype
+            self._suffix[key] = jax.jit(lambda bp, x: f(bp, x.astype(dtype)))
         return self._suffix[key]
 
     @functools.cached_property
@@ -143,10 +135,9 @@ class ModelOps:
         for sl in tqdm(list(batches(len(tokens_nt), self.batch_size)), desc=desc, disable=desc is None, unit="batch",
                        leave=False):
             t = tokens_nt[sl]
-            pad = self.engine.replicate(np.zeros((len(t),), np.int32))
             x = self.engine.replicate(h_start[sl])
             for i in range(start, self.n_layers):
-                x = self._run_block_fn(plan.modes[i], plan)(params["layers"][i], x, pad)
+                x = self._run_block_fn(plan.modes[i], plan.bias, plan.allreduce)(params["layers"][i], x)
             total += float(to_host(self._head_nll_fn(params, x, self.engine.replicate(t[:, 1:]))))
         return total / (tokens_nt.shape[0] * (tokens_nt.shape[1] - 1))
 
@@ -156,27 +147,28 @@ class ModelOps:
         return float(np.exp(self.suffix_nll(params, hidden[start], tokens_nt, start, plan, desc)))
 
     # ---- one block
-    def block_fn(self, spd: bool):
-        """(block_params, x[B,T,D]) -> block output [B,T,D] (unjitted, differentiable)."""
-        if spd not in self._block:
-            graphdef, bias, cfg = self.block_graphdef, self.bias, self.cfg
-            mode = "spd" if spd else "sync"
+    def _sharded_block(self, mode: str, bias: str, allreduce: AllReduce = PSUM):
+        """(block_params, x[B,T,D]) -> the block's output on unpadded sequences (unjitted, differentiable)."""
+        key = (mode, bias, allreduce)
+        if key not in self._block:
+            graphdef, cfg = self.block_graphdef, self.cfg
 
             def shard(bp, x):
                 blk = nnx.merge(graphdef, bp)
                 rope, mask = fresh_inputs(cfg, x.shape[1], jnp.zeros((x.shape[0],), jnp.int32))
-                out, _ = blk(x, rope, mask, None, 0, mode=mode, bias=bias)
+                out, _ = blk(x, rope, mask, None, 0, mode=mode, bias=bias, allreduce=allreduce)
                 return out
 
-            self._block[spd] = self.engine.sharded(shard, (self.block_specs, P()), P())
-        return self._block[spd]
+            self._block[key] = self.engine.sharded(shard, (self.block_specs, P()), P(),
+                                                   check_vma=mode != "none" and allreduce.checkable)
+        return self._block[key]
+
+    def block_fn(self, spd: bool):
+        """(block_params, x[B,T,D]) -> block output [B,T,D] in SPD or sync mode (unjitted, differentiable)."""
+        return self._sharded_block("spd" if spd else "sync", self.bias)
 
     def apply_block(self, bp, x_ntd: np.ndarray, spd: bool) -> np.ndarray:
         """One block's output on host inputs, in batches of `batch_size`, as a host array of x's dtype."""
-        key = ("apply", spd)
-        if key not in self._block:
-            block, dtype = self.block_fn(spd), self.mdef.dtype
-            self._block[key] = jax.jit(lambda p, x: block(p, x.astype(dtype)))
-        f, rep = self._block[key], self.engine.replicate
+        f, rep = self._run_block_fn("spd" if spd else "sync", self.bias, PSUM), self.engine.replicate
         return np.concatenate([np.asarray(to_host(f(bp, rep(x_ntd[s:s + self.batch_size]))), x_ntd.dtype)
                                for s in range(0, len(x_ntd), self.batch_size)])

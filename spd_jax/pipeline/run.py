@@ -250,7 +250,7 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
     if resume and ckpt.latest() is not None:
         st = ckpt.restore_state()
         if st["stage"] == "done":
-            params, state, _ = ckpt.restore(engine)
+            params, state = ckpt.restore(engine)
         else:  # the original weights + every finished block + the block in training
             state = st
             for k, name in state.get("block_files", {}).items():
