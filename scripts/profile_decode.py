@@ -127,7 +127,7 @@ def main():
     p.add_argument("--fused-projections", action="store_true")
     p.add_argument("--gemv", action="store_true", help="also time plain GEMV chains (bandwidth ceiling)")
     p.add_argument("--hlo", action="store_true", help="write the optimised HLO of the decode loop")
-    p.add_argument("--interconnect", choices=["hbw", "lbw", "pcie"], default="hbw",
+    p.add_argument("--interconnect", choices=["nvlink", "pcie", "net", "hbw", "lbw"], default="nvlink",
                    help="the NCCL variables of launch/bench.py --interconnect")
     args = p.parse_args()
     from spd_jax.bench import set_interconnect

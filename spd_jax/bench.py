@@ -194,9 +194,10 @@ class Timing:
     e2e_all: list[float]
 
 
-def bench_generation_config(new_tokens: int, decode_chunk: int = 8, attend_window: int = 256) -> GenerationConfig:
+def bench_generation_config(new_tokens: int, decode_chunk: int = 8, attend_window: int = 256,
+                            shadow_row: bool = True) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False, decode_chunk=decode_chunk,
-                            attend_window=attend_window)
+                            attend_window=attend_window, shadow_row=shadow_row)
 
 
 def compile_generators(gens: list[Generator], cfg: GenerationConfig, prompt_len: int, batch: int,
@@ -227,8 +228,8 @@ def compile_generators(gens: list[Generator], cfg: GenerationConfig, prompt_len:
 
 
 def time_generation(gen: Generator, batch: int, prompt_len: int, new_tokens: int, repeats: int, label: str,
-                    decode_chunk: int = 8, attend_window: int = 256) -> Timing:
-    cfg = bench_generation_config(new_tokens, decode_chunk, attend_window)
+                    decode_chunk: int = 8, attend_window: int = 256, shadow_row: bool = True) -> Timing:
+    cfg = bench_generation_config(new_tokens, decode_chunk, attend_window, shadow_row)
     rng = np.random.RandomState(0)
     prompts = [list(rng.randint(3, gen.cfg.vocab_size, size=prompt_len)) for _ in range(batch)]
     gen.generate(prompts, cfg)  # compile (unless precompiled) + warm up
@@ -300,6 +301,56 @@ def allreduce_microbench(mesh, sizes_bytes=(8 << 10, 1 << 20, 64 << 20), repeats
             row["in_loop_us_by_method"] = {m: (t_loop if m == "psum" else in_loop(m)) * 1e6 for m in methods}
             row["fastest"] = min(row["in_loop_us_by_method"], key=row["in_loop_us_by_method"].get)
         out.append(row)
+    return out
+
+
+def read_bandwidth(mesh, mib_per_array: int = 1024, arrays: int = 4, repeats: int = 20) -> dict:
+    """Measured HBM read bandwidth per device: the rate at which a kernel can stream bytes it only reads
+    (what batch-1 decode does with its weights).
+
+    One jitted reduction over `arrays` distinct bf16 arrays of `mib_per_array` MiB per device, against the
+    same over one array: (t_many - t_one) / bytes of the extra arrays, so launch and dispatch costs cancel;
+    each time is the fastest of `repeats` calls (host-timed calls only ever come out slower than the
+    device). Each device reduces only its own shard (no communication). The arrays are freed on return:
+    run it before the weights are placed."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    n = mesh.devices.size
+    elems = mib_per_array * (1 << 20) // 2
+    sharding = NamedSharding(mesh, P("tp", None))
+    make = jax.jit(lambda k: jax.random.normal(k, (n, elems), jnp.bfloat16), out_shardings=sharding)
+    xs = [make(jax.random.PRNGKey(i)) for i in range(arrays)]
+    total = jax.jit(lambda *a: sum(jnp.sum(x.astype(jnp.float32), axis=1) for x in a))
+
+    def host_time(*a):
+        total(*a).block_until_ready()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            total(*a).block_until_ready()
+            ts.append(time.perf_counter() - t0)
+        return float(np.min(ts))
+
+    t_one, t_many = host_time(xs[0]), host_time(*xs)
+    del xs
+    extra = (arrays - 1) * elems * 2
+    gbps = extra / max(t_many - t_one, 1e-9) / 1e9
+    return {"read_GBps": gbps, "bytes_per_array": elems * 2, "arrays": arrays, "t_one_ms": t_one * 1e3,
+            "t_many_ms": t_many * 1e3}
+
+
+def decode_budget(weight_bytes: float, read_gbps: float, n_blocks: int, tpot_ms: dict[str, float]) -> dict:
+    """Where a decode step's time goes against the weight stream: `bytes_ms` = weight bytes per device /
+    measured read bandwidth (the HBM floor); per configuration its ratio to that floor; with a `floor`
+    row (no all-reduce), the per-block overhead (floor - bytes_ms) / blocks and, with a `sync` row, the
+    all-reduce share (sync - floor)."""
+    bytes_ms = weight_bytes / (read_gbps * 1e9) * 1e3
+    out = {"bytes_ms": bytes_ms, "x_bytes": {k: v / bytes_ms for k, v in tpot_ms.items()}}
+    if "floor" in tpot_ms:
+        out["overhead_per_block_us"] = (tpot_ms["floor"] - bytes_ms) * 1e3 / n_blocks
+        if "sync" in tpot_ms:
+            out["allreduce_ms"] = tpot_ms["sync"] - tpot_ms["floor"]
     return out
 
 

@@ -131,7 +131,7 @@ def test_bench_runs_end_to_end_and_reports_measured_numbers(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "launch/bench.py"), "--shape", "tiny", "--tp", "8",
                         "--prompt-len", "16", "--new-tokens", "6", "--repeats", "2", "--spd-ratios", "0,0.5,1",
                         "--floor", "--dtype", "float32", "--allreduce-sizes", "8192,65536,1048576",
-                        "--json", str(out), "--plot", str(tmp_path / "b.png")],
+                        "--bandwidth-mib", "4", "--json", str(out), "--plot", str(tmp_path / "b.png")],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     d = json.loads(out.read_text())
@@ -153,9 +153,19 @@ def test_bench_runs_end_to_end_and_reports_measured_numbers(tmp_path):
     # the in-loop figure is a difference of two measured loop times (64 vs 1 dependent all-reduces)
     assert all(a["in_loop_us"] > 0 and np.isfinite(a["bus_GBps"]) for a in d["allreduce"])
     assert (tmp_path / "b.png").stat().st_size > 0
+    # the decode budget is computed from the measured bandwidth and the measured rows, nothing else
+    hbm, bud = d["hbm"], d["decode_budget"]
+    assert hbm["read_GBps"] > 0 and hbm["t_many_ms"] > 0
+    bytes_ms = d["weight_bytes_per_device"] / (hbm["read_GBps"] * 1e9) * 1e3
+    assert bud["bytes_ms"] == pytest.approx(bytes_ms)
+    floor = d["rows"][-1]["tpot_ms"]
+    assert bud["overhead_per_block_us"] == pytest.approx((floor - bytes_ms) * 1e3 / 4)
+    assert bud["x_bytes"]["sync"] == pytest.approx(sync["tpot_ms"] / bytes_ms)
+    assert "per-block overhead" in r.stdout
     # where the wall time went: one phase per step, each a measured non-negative duration, shown as progress
     ph = d["phases_s"]
-    assert list(ph)[:3] == ["start-up (imports, devices)", "random weights in their shards", "compile 4 configurations"]
+    assert list(ph)[:4] == ["start-up (imports, devices)", "HBM read bandwidth", "random weights in their shards",
+                            "compile 4 configurations"]
     assert [k for k in ph if k.startswith("time ")] == [f"time {row['label']}" for row in d["rows"]]
     assert all(v >= 0 for v in ph.values()) and ph["compile 4 configurations"] > 0
     assert "] time floor (" in r.stderr
@@ -262,3 +272,16 @@ def test_campaign_script_skips_a_job_that_cannot_fit_its_deadline(tmp_path):
     assert "!! skipped (deadline): tiny:2:0,1:nvlink:0" in files["campaign.log"]
     assert not [f for f in files if f.endswith(".json")]
     assert "no benchmark results to tabulate" in r.stderr
+
+
+def test_decode_budget_by_hand():
+    from spd_jax.bench import decode_budget
+
+    # LLaMA-2-7B at TP 4: 3.37 GB of weights per GPU over 4 300 GB/s = 0.7837 ms; a 2.0 ms floor over 32
+    # blocks leaves (2.0 - 0.7837) / 32 = 38.0 us per block; sync 3.0 ms = 3.83x the weight stream.
+    b = decode_budget(3.37e9, 4300.0, 32, {"sync": 3.0, "floor": 2.0})
+    assert b["bytes_ms"] == pytest.approx(0.78372, rel=1e-4)
+    assert b["overhead_per_block_us"] == pytest.approx(38.009, rel=1e-3)
+    assert b["x_bytes"]["sync"] == pytest.approx(3.828, rel=1e-3)
+    assert b["allreduce_ms"] == pytest.approx(1.0)
+    assert "overhead_per_block_us" not in decode_budget(3.37e9, 4300.0, 32, {"sync": 3.0})

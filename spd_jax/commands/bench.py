@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--decode-chunk", type=int, default=8, help="decode steps between stop-condition checks")
     p.add_argument("--attend-window", type=int, default=256,
                    help="decode attends over the filled cache in windows doubling from this (0: the whole cache)")
+    p.add_argument("--no-shadow-row", action="store_true",
+                   help="batch-1 decode on one row (each product padded to two) instead of two identical rows")
     p.add_argument("--compile-threads", type=int, default=4,
                    help="compile the SPD configurations in this many threads (after the first, alone)")
     p.add_argument("--compile-cache", metavar="DIR",
@@ -55,6 +57,9 @@ def parse_args(argv=None):
                    help="messages above this size use psum whatever the method (prefill); default 1 MiB")
     p.add_argument("--allreduce-sizes", default="8192,1048576,67108864",
                    help="message sizes (bytes) of the all-reduce microbenchmark, comma-separated")
+    p.add_argument("--bandwidth-mib", type=int, default=1024,
+                   help="MiB per array of the HBM read-bandwidth measurement (4 arrays per device; 0 = skip it; "
+                        "the per-block decode budget needs it)")
     p.add_argument("--json", help="write the results as JSON to this file ('-' for stdout)")
     p.add_argument("--plot", help="write a PNG of latency vs SPD ratio")
     from spd_jax.distributed import add_distributed_args
@@ -111,8 +116,10 @@ def main(argv=None) -> int:
         allreduce_microbench,
         bench_generation_config,
         compile_generators,
+        decode_budget,
         link_check,
         random_params,
+        read_bandwidth,
         shape_config,
         time_generation,
         weight_bytes_per_device,
@@ -127,6 +134,8 @@ def main(argv=None) -> int:
     mdef = build_model_def(cfg, args.tp, args.dtype)
     engine = Engine.create(mdef)
     phase("start-up (imports, devices)")
+    hbm = read_bandwidth(engine.mesh, args.bandwidth_mib) if args.bandwidth_mib > 0 else None
+    phase("HBM read bandwidth")
     params = random_params(engine)
     jax.block_until_ready(params)
     phase("random weights in their shards")
@@ -156,13 +165,13 @@ def main(argv=None) -> int:
         configs.append(("floor", SyncPlan.floor(L), "none"))
     gens = [Generator(engine, params, plan) for _, plan, _ in configs]
     compile_s = compile_generators(gens, bench_generation_config(args.new_tokens, args.decode_chunk,
-                                                                 args.attend_window),
+                                                                 args.attend_window, not args.no_shadow_row),
                                    args.prompt_len, args.batch, args.compile_threads)
     phase(f"compile {len(gens)} configurations")
     rows = []
     for (label, _, _), g in zip(configs, gens):
         rows.append(time_generation(g, args.batch, args.prompt_len, args.new_tokens, args.repeats, label,
-                                    args.decode_chunk, args.attend_window))
+                                    args.decode_chunk, args.attend_window, not args.no_shadow_row))
         phase(f"time {label}")
     ar = (allreduce_microbench(engine.mesh, tuple(int(b) for b in args.allreduce_sizes.split(",")),
                                methods=tuple(methods) if methods != ["psum"] else ())
@@ -174,16 +183,22 @@ def main(argv=None) -> int:
     floor = next((r for r in rows if r.label == "floor"), None)
     ref = json.loads(Path(args.link_reference).read_text()) if args.link_reference else None
     link = link_check(args.interconnect, ar, ref) if args.tp > 1 else {"status": "n/a", "message": "TP 1"}
+    wbytes = weight_bytes_per_device(mdef)
+    budget = None
+    if hbm is not None:
+        named = {r.label: r.tpot_ms for r in rows}
+        named["sync"] = sync.tpot_ms
+        budget = decode_budget(wbytes, hbm["read_GBps"], L, named)
     result = {
         "shape": args.shape, "tp": args.tp, "batch": args.batch, "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "dtype": args.dtype, "decode_chunk": args.decode_chunk,
-        "attend_window": args.attend_window,
+        "attend_window": args.attend_window, "shadow_row": not args.no_shadow_row,
         "fused_projections": args.fused_projections, "compile_s": compile_s, "interconnect": args.interconnect,
         "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
         "nccl_env": {k: os.environ.get(k) for k in NCCL_KEYS}, "random_weights": True,
         "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(), "jax": jax.__version__,
         "n_processes": jax.process_count(), "link_check": link,
-        "weight_bytes_per_device": weight_bytes_per_device(mdef), "allreduce": ar, "phases_s": phases,
+        "weight_bytes_per_device": wbytes, "allreduce": ar, "hbm": hbm, "decode_budget": budget, "phases_s": phases,
         "allreduce_methods": methods, "allreduce_max_bytes": args.allreduce_max_bytes,
         "rows": [{**r.__dict__, "allreduce_method": method_of[r.label],
                   "speedup_e2e_vs_sync": (s := sync_of.get(method_of[r.label], sync)).e2e_ms / r.e2e_ms,
@@ -209,6 +224,13 @@ def main(argv=None) -> int:
         print(f"{r['label']:12s} {r['n_spd']:4d} {r['ttft_ms']:9.2f} {r['tpot_ms']:9.3f} {r['e2e_ms']:9.1f} "
               f"{r['tokens_per_s']:8.1f} {r['speedup_e2e_vs_sync']:6.3f} {r['speedup_tpot_vs_sync']:6.3f} "
               f"{r['vs_psum_sync_e2e']:7.3f} {'' if rem is None else f'{100 * rem:.0f}%':>10s}")
+    if budget is not None:
+        line = (f"# HBM read {hbm['read_GBps']:.0f} GB/s per device (measured): weight stream {budget['bytes_ms']:.3f} "
+                f"ms/token; sync {budget['x_bytes']['sync']:.2f}x that")
+        if "floor" in budget["x_bytes"]:
+            line += (f", floor {budget['x_bytes']['floor']:.2f}x; per-block overhead "
+                     f"{budget['overhead_per_block_us']:.1f} us")
+        print(line)
     print(f"compiled {len(gens)} configurations in {compile_s:.1f} s ({args.compile_threads} threads)")
     for a in ar:
         print(f"all-reduce {a['bytes']:>10d} B: in loop {a['in_loop_us']:9.1f} us (bus {a['bus_GBps']:.2f} GB/s), "
