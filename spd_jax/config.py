@@ -238,6 +238,9 @@ class GenerationConfig:
     # decode attends over the filled part of the KV cache, in windows that double from this many slots
     # (one compiled loop per window); 0 = every step attends over the whole allocated cache
     attend_window: int = 256
+    # batch-1 decode runs its blocks on two identical rows (no pad/slice kernels around each projection;
+    # see model.Transformer); False = one row, each product padded to two rows
+    shadow_row: bool = True
 
     def validate(self) -> None:
         check_types(self, "generation")

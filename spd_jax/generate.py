@@ -121,10 +121,11 @@ class Generator:
 
     def _decode_fn(self, gen: GenerationConfig, max_new: int, t_pad: int, max_len: int):
         key = (gen.temperature, gen.top_k, gen.top_p, max_new, gen.stop_at_eos, gen.decode_chunk, gen.attend_window,
-               t_pad, max_len)
+               t_pad, max_len, gen.shadow_row)
         if key not in self._decode:
             windows = attention_windows(t_pad, max_new, max_len, gen.attend_window)
-            fwds = {w: self.engine.forward(self.plan, attend_cache=True if w == max_len else w, with_cache=True)
+            fwds = {w: self.engine.forward(self.plan, attend_cache=True if w == max_len else w, with_cache=True,
+                                           shadow_row=gen.shadow_row)
                     for _, _, w in windows}
             eos = jnp.asarray(self.cfg.eos_token_ids or (-1,), jnp.int32)
 

@@ -235,13 +235,17 @@ class Attention(nnx.Module):
         rows = (np.asarray(heads)[:, None] * hd + np.arange(hd)[None, :]).reshape(-1)
         return matmul(o_btf, self.o.w[...][rows])
 
-    def __call__(self, h_btd, rope_cs, mask_bts, kv_cache, cache_index, attend_cache: int):
-        """Returns (Y_i: this shard's partial o-projection, no bias, new kv cache or None)."""
+    def __call__(self, h_btd, rope_cs, mask_bts, kv_cache, cache_index, attend_cache: int, shadow: bool = False):
+        """Returns (Y_i: this shard's partial o-projection, no bias, new kv cache or None).
+
+        shadow: the second of the T = 2 rows is a copy of the first (`Transformer`'s shadow row); only the
+        first is written to the cache."""
         q, k, v = self.heads(h_btd, rope_cs)
         new_cache = None
         if kv_cache is not None:
-            ck = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), (0, cache_index, 0, 0))
-            cv = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), (0, cache_index, 0, 0))
+            kw, vw = (k[:, :1], v[:, :1]) if shadow else (k, v)
+            ck = jax.lax.dynamic_update_slice(kv_cache["k"], kw.astype(kv_cache["k"].dtype), (0, cache_index, 0, 0))
+            cv = jax.lax.dynamic_update_slice(kv_cache["v"], vw.astype(kv_cache["v"].dtype), (0, cache_index, 0, 0))
             new_cache = {"k": ck, "v": cv}
             if attend_cache:  # the first `attend_cache` slots (Transformer resolves True to the whole cache)
                 k, v = ck[:, :attend_cache], cv[:, :attend_cache]
@@ -312,9 +316,10 @@ class Block(nnx.Module):
         return self.mlp(self.mlp_norm(m), part=part)
 
     def __call__(self, x_btd, rope_cs, mask_bts, kv_cache, cache_index, *, mode: str, bias: str = "full",
-                 attend_cache: int = 0, allreduce: AllReduce = PSUM):
+                 attend_cache: int = 0, allreduce: AllReduce = PSUM, shadow: bool = False):
         """mode: "sync" (two all-reduces), "spd" (one) or "none" (the floor: sync maths, no collective)."""
-        y, new_cache = self.attn(self.attn_norm(x_btd), rope_cs, mask_bts, kv_cache, cache_index, attend_cache)
+        y, new_cache = self.attn(self.attn_norm(x_btd), rope_cs, mask_bts, kv_cache, cache_index, attend_cache,
+                                 shadow)
         b_o, b_out = self.attn.o.bias(), self.mlp.out_bias()
         if mode != "spd":  # two sync points
             on = mode == "sync"
@@ -382,7 +387,7 @@ class Transformer(nnx.Module):
         return fresh_inputs(self.cfg, t, pad_b)
 
     def __call__(self, tokens_bt, pad_b, cache, cache_index, *, plan: SyncPlan, attend_cache: bool | int = False,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, shadow_row: bool = False):
         """One shard's forward.
 
         tokens_bt: [B, T] token ids, left-padded by pad_b[b] tokens (pad slots are never attended to).
@@ -392,10 +397,17 @@ class Transformer(nnx.Module):
         attend_cache: attend over the whole cache (decode) instead of only over tokens_bt (prefill); an int n
             attends over the first n cache slots only (n must cover every written slot: the decode loop
             grows n with the filled part, so attention costs what the context holds, not the allocation).
+        shadow_row: for one token of one sequence attending over the cache (batch-1 decode), run the blocks on
+            two identical rows and keep the first. Every projection is then a two-row GEMM without the
+            pad and slice kernels `matmul` needs for a single row (6 of ~23 kernels per block on H200,
+            docs/performance.md); only the first row is written to the cache, and attention reads the
+            cache once for both rows. The all-reduces carry both rows.
         Returns (local logits [B, T, Vl] float32, new cache or None[, hidden states]); with return_hidden
         the hidden states are the L block inputs followed by the last block's output (L + 1 arrays).
         """
         t = tokens_bt.shape[1]
+        shadow = bool(shadow_row and attend_cache and cache is not None and not return_hidden
+                      and tokens_bt.shape == (1, 1))
         slots = cache_index + jnp.arange(t, dtype=jnp.int32)  # [T]
         positions = positions_for(slots, pad_b)
         if attend_cache is True:
@@ -404,16 +416,22 @@ class Transformer(nnx.Module):
         mask = self.mask(slots, keys, pad_b)
         rope_cs = self.rope(positions)
         x = self.hidden_in(tokens_bt, positions, not plan.collective_free, plan.allreduce)
+        if shadow:
+            x, mask = jnp.repeat(x, 2, axis=1), jnp.repeat(mask, 2, axis=1)
+            rope_cs = None if rope_cs is None else tuple(jnp.repeat(a, 2, axis=1) for a in rope_cs)
         new_cache = [] if cache is not None else None
         hidden = []
         for i, layer in enumerate(self.layers):
             hidden.append(x)
             x, c = layer(x, rope_cs, mask, None if cache is None else cache[i], cache_index,
-                         mode=plan.modes[i], bias=plan.bias, attend_cache=attend_cache, allreduce=plan.allreduce)
+                         mode=plan.modes[i], bias=plan.bias, attend_cache=attend_cache, allreduce=plan.allreduce,
+                         shadow=shadow)
             if cache is not None:
                 new_cache.append(c)
         hidden.append(x)
         logits = self.logits_local(self.final_norm(x))
+        if shadow:
+            logits = logits[:, :1]
         if return_hidden:
             return logits, new_cache, hidden
         return logits, new_cache

@@ -28,10 +28,11 @@ def _recompute_greedy(eng, params, prompt, n, modes):
     return seq[len(prompt):]
 
 
+@pytest.mark.parametrize("shadow_row", [True, False])
 @pytest.mark.parametrize("modes", [(False, False, False), (True, False, True)])
-def test_kv_cache_decode_equals_full_recompute(tiny, modes):
+def test_kv_cache_decode_equals_full_recompute(tiny, modes, shadow_row):
     lm, eng, params = tiny
-    gen = GenerationConfig(max_new_tokens=8, stop_at_eos=False)
+    gen = GenerationConfig(max_new_tokens=8, stop_at_eos=False, shadow_row=shadow_row)
     prompt = [5, 17, 33, 8, 61]
     out = Generator(eng, params, SyncPlan.from_flags(modes)).generate([prompt], gen)
     assert out.tokens[0] == _recompute_greedy(eng, params, prompt, 8, modes)
@@ -181,10 +182,12 @@ def test_attention_windows_cover_each_step_with_at_most_twice_its_context(t_pad,
         assert [w for *_, w in wins] == [max_len]
 
 
-@pytest.mark.parametrize("tp,spd", [(1, False), (2, True), (4, False), (4, True)])
-def test_decode_attention_over_the_filled_part_equals_full_recompute(tiny_models, tp, spd):
+@pytest.mark.parametrize("tp,spd,shadow", [(1, False, True), (2, True, True), (4, False, True), (4, True, True),
+                                            (2, False, False), (4, True, False)])
+def test_decode_attention_over_the_filled_part_equals_full_recompute(tiny_models, tp, spd, shadow):
     """A decode step that attends over only the first w cache slots (w >= the filled part) gives the logits of
-    a full recompute of the sequence, at several fill levels, in sync and SPD modes."""
+    a full recompute of the sequence, at several fill levels, in sync and SPD modes, with and without the
+    shadow row; the cache the step wrote gives the next step the recompute's logits too."""
     import jax
     import jax.numpy as jnp
 
@@ -193,17 +196,52 @@ def test_decode_attention_over_the_filled_part_equals_full_recompute(tiny_models
     params = load_params(eng, lm.source)
     L = lm.cfg.n_layers
     plan = SyncPlan.all_spd(L) if spd else SyncPlan.sync(L)
-    seq = np.random.RandomState(tp).randint(3, 100, size=(1, 40)).astype(np.int32)
+    seq = np.random.RandomState(tp).randint(3, 100, size=(1, 41)).astype(np.int32)
     ref = np.asarray(eng.logits(params, seq, plan=plan))
     pad = eng.replicate(np.zeros((1,), np.int32))
     prefill = jax.jit(eng.forward(plan, with_cache=True))
     for n in (1, 9, 23, 39):  # filled slots before the step
         _, cache = prefill(params, eng.replicate(seq[:, :n]), pad, eng.init_cache(1, 64), jnp.int32(0))
         for w in (n + 1, 32 if n < 32 else 48, True):  # exactly the filled part, a window, the whole cache
-            step = jax.jit(eng.forward(plan, attend_cache=w, with_cache=True))
-            logits, _ = step(params, eng.replicate(seq[:, n:n + 1]), pad, cache, jnp.int32(n))
+            step = jax.jit(eng.forward(plan, attend_cache=w, with_cache=True, shadow_row=shadow))
+            logits, cache2 = step(params, eng.replicate(seq[:, n:n + 1]), pad, cache, jnp.int32(n))
+            chex.assert_shape(logits, (1, 1, lm.cfg.vocab_size))
             np.testing.assert_allclose(np.asarray(logits)[0, 0], ref[0, n], atol=2e-5, rtol=2e-5,
                                        err_msg=f"fill {n}, window {w}")
+        nxt = jax.jit(eng.forward(plan, attend_cache=True, with_cache=True, shadow_row=shadow))
+        logits, _ = nxt(params, eng.replicate(seq[:, n + 1:n + 2]), pad, cache2, jnp.int32(n + 1))
+        np.testing.assert_allclose(np.asarray(logits)[0, 0], ref[0, n + 1], atol=2e-5, rtol=2e-5,
+                                   err_msg=f"step after fill {n}")
+
+
+def _count_primitives(jaxpr, name: str) -> int:
+    import jax
+
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == name
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (list, tuple)) else (v,)):
+                inner = getattr(sub, "jaxpr", sub)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    n += _count_primitives(inner, name)
+    return n
+
+
+def test_shadow_row_decode_step_has_no_row_padding(tiny):
+    """With the shadow row a batch-1 decode step pads no product to two rows: the seven per-block
+    concatenations of `matmul`'s single-row path (q, k, v, o, gate, up, down) are gone, the LM head's too."""
+    import jax
+    import jax.numpy as jnp
+
+    lm, eng, params = tiny
+    plan = SyncPlan.sync(lm.cfg.n_layers)
+    args = (params, eng.replicate(np.array([[7]], np.int32)), eng.replicate(np.zeros((1,), np.int32)),
+            eng.init_cache(1, 16), jnp.int32(3))
+    counts = {s: _count_primitives(jax.make_jaxpr(eng.forward(plan, attend_cache=True, with_cache=True,
+                                                              shadow_row=s))(*args).jaxpr, "concatenate")
+              for s in (False, True)}
+    assert counts[False] - counts[True] == 7 * lm.cfg.n_layers + 1, counts
 
 
 @pytest.mark.parametrize("window", [4, 8])
