@@ -6,7 +6,7 @@
 # from one process instead (a labelled comparison). The first interconnect should be nvlink: the later
 # modes' runs get its JSON as --link-reference, so each says whether its small all-reduces really were
 # slower. PEER=0 skips the peers (LLaMA shapes only); PEER_COMPILED=1 (default) also runs transformers'
-# static-cache + torch.compile configuration. The XLA compilation cache makes later interconnects reuse
+# static-cache + torch.compile configuration; PEER_CONFIGS="compiled" runs that one alone. The XLA compilation cache makes later interconnects reuse
 # the first one's compiled programs. DEADLINE (epoch seconds) caps every step's timeout so the whole
 # script ends before it; COMPILE_THREADS (default 6) is passed to launch/bench.py.
 # Each run writes NCCL's INIT log (which transport every channel uses) to OUTDIR/nccl-*.log.
@@ -33,7 +33,7 @@ if [ "${PEER:-1}" = 1 ]; then
   ck=${PEER_DIR:-$([ "${shm:-0}" -gt "$need" ] && echo /dev/shm || echo /tmp)}/peer-$shape
   echo "peer checkpoint: $ck (needs ~$need MiB; /dev/shm has ${shm:-0} MiB free)"
   step 600 python launch/bench_peer.py --make-checkpoint "$ck" --shape "$shape" 2>&1 | tail -1
-  for cfg in eager $([ "${PEER_COMPILED:-1}" = 1 ] && echo compiled); do
+  for cfg in ${PEER_CONFIGS:-eager $([ "${PEER_COMPILED:-1}" = 1 ] && echo compiled)}; do
     pj="$out/peer-$shape-tp$tp-$cfg.json"
     pr=(--repeats "${PEER_REPEATS:-3}" --json "$pj"); [ "$cfg" = compiled ] && pr+=(--compiled)
     if [ "$tp" = 1 ]; then
