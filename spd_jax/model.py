@@ -20,6 +20,7 @@ where Y_i is device i's partial attention output (row-parallel o-projection with
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -39,10 +40,25 @@ NEG_INF = float(np.finfo(np.float32).min)
 ACTIVATIONS = {"swiglu": jax.nn.silu, "relu": jax.nn.relu}
 
 
-def psum(x, on: bool = True, how: AllReduce = PSUM):
+def psum(x, on: bool = True, how: AllReduce = PSUM, one_row: bool = False):
     """All-reduce over the `tp` axis, done as `how` says (collectives.AllReduce: NCCL's psum or a one-shot
-    exchange for small messages); `on=False` is the floor plan's identity (no collective)."""
-    return how(x, TP_AXIS) if on else x
+    exchange for small messages); `on=False` is the floor plan's identity (no collective). `one_row`: x is
+    [B, 2, D] with two identical rows (the shadow row): all-reduce the first and copy the sum, so the
+    message is what it would be for one row."""
+    if not on:
+        return x
+    if one_row:
+        return jnp.repeat(how(x[:, :1], TP_AXIS), 2, axis=1)
+    return how(x, TP_AXIS)
+
+
+def shadow_allreduce_one_row() -> bool:
+    """Whether shadow-row decode all-reduces one row (default) or both (`SPD_JAX_SHADOW_ALLREDUCE=both`, for
+    comparison): read when the decode step is traced."""
+    mode = os.environ.get("SPD_JAX_SHADOW_ALLREDUCE", "first")
+    if mode not in ("first", "both"):
+        raise ValueError(f"SPD_JAX_SHADOW_ALLREDUCE must be 'first' or 'both', got {mode!r}")
+    return mode == "first"
 
 
 def param(value, info: ParamInfo) -> nnx.Param:
@@ -316,18 +332,19 @@ class Block(nnx.Module):
         return self.mlp(self.mlp_norm(m), part=part)
 
     def __call__(self, x_btd, rope_cs, mask_bts, kv_cache, cache_index, *, mode: str, bias: str = "full",
-                 attend_cache: int = 0, allreduce: AllReduce = PSUM, shadow: bool = False):
-        """mode: "sync" (two all-reduces), "spd" (one) or "none" (the floor: sync maths, no collective)."""
+                 attend_cache: int = 0, allreduce: AllReduce = PSUM, shadow: bool = False, one_row: bool = False):
+        """mode: "sync" (two all-reduces), "spd" (one) or "none" (the floor: sync maths, no collective).
+        shadow: T = 2 identical rows (see Transformer); one_row: its all-reduces carry the first row only."""
         y, new_cache = self.attn(self.attn_norm(x_btd), rope_cs, mask_bts, kv_cache, cache_index, attend_cache,
                                  shadow)
         b_o, b_out = self.attn.o.bias(), self.mlp.out_bias()
         if mode != "spd":  # two sync points
             on = mode == "sync"
-            h = _add(x_btd + psum(y, on, allreduce), b_o)
+            h = _add(x_btd + psum(y, on, allreduce, one_row), b_o)
             z = self.mlp(self.mlp_norm(h))
-            return _add(h + psum(z, on, allreduce), b_out), new_cache
+            return _add(h + psum(z, on, allreduce, one_row), b_out), new_cache
         z = self.spd_mlp(x_btd, y, bias)  # one sync point: the MLP sees only this shard's attention partial
-        out = _add(_add(x_btd + psum(y + z, True, allreduce), b_o), b_out)
+        out = _add(_add(x_btd + psum(y + z, True, allreduce, one_row), b_o), b_out)
         return out, new_cache
 
 
@@ -401,7 +418,8 @@ class Transformer(nnx.Module):
             two identical rows and keep the first. Every projection is then a two-row GEMM without the
             pad and slice kernels `matmul` needs for a single row (6 of ~23 kernels per block on H200,
             docs/performance.md); only the first row is written to the cache, and attention reads the
-            cache once for both rows. The all-reduces carry both rows.
+            cache once for both rows. The all-reduces carry the first row only and copy the sum (the
+            message of one row; `SPD_JAX_SHADOW_ALLREDUCE=both` sends both, for comparison).
         Returns (local logits [B, T, Vl] float32, new cache or None[, hidden states]); with return_hidden
         the hidden states are the L block inputs followed by the last block's output (L + 1 arrays).
         """
@@ -416,6 +434,7 @@ class Transformer(nnx.Module):
         mask = self.mask(slots, keys, pad_b)
         rope_cs = self.rope(positions)
         x = self.hidden_in(tokens_bt, positions, not plan.collective_free, plan.allreduce)
+        one_row = shadow and shadow_allreduce_one_row()
         if shadow:
             x, mask = jnp.repeat(x, 2, axis=1), jnp.repeat(mask, 2, axis=1)
             rope_cs = None if rope_cs is None else tuple(jnp.repeat(a, 2, axis=1) for a in rope_cs)
@@ -425,7 +444,7 @@ class Transformer(nnx.Module):
             hidden.append(x)
             x, c = layer(x, rope_cs, mask, None if cache is None else cache[i], cache_index,
                          mode=plan.modes[i], bias=plan.bias, attend_cache=attend_cache, allreduce=plan.allreduce,
-                         shadow=shadow)
+                         shadow=shadow, one_row=one_row)
             if cache is not None:
                 new_cache.append(c)
         hidden.append(x)

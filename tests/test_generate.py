@@ -214,18 +214,27 @@ def test_decode_attention_over_the_filled_part_equals_full_recompute(tiny_models
                                    err_msg=f"step after fill {n}")
 
 
-def _count_primitives(jaxpr, name: str) -> int:
+def _eqns(jaxpr):
+    """Every equation of a jaxpr, nested ones (shard_map, pjit, loops) included."""
     import jax
 
-    n = 0
     for eqn in jaxpr.eqns:
-        n += eqn.primitive.name == name
+        yield eqn
         for v in eqn.params.values():
             for sub in (v if isinstance(v, (list, tuple)) else (v,)):
                 inner = getattr(sub, "jaxpr", sub)
                 if isinstance(inner, jax.extend.core.Jaxpr):
-                    n += _count_primitives(inner, name)
-    return n
+                    yield from _eqns(inner)
+
+
+def _count_primitives(jaxpr, name: str) -> int:
+    return sum(eqn.primitive.name == name for eqn in _eqns(jaxpr))
+
+
+def _allreduce_rows(jaxpr) -> list[int]:
+    """Rows (dim 1 of [B, T, D]) of every all-reduce operand of a decode step."""
+    return [eqn.invars[0].aval.shape[1] for eqn in _eqns(jaxpr)
+            if eqn.primitive.name.startswith("psum") and len(eqn.invars[0].aval.shape) == 3]
 
 
 def test_shadow_row_decode_step_has_no_row_padding(tiny):
@@ -242,6 +251,37 @@ def test_shadow_row_decode_step_has_no_row_padding(tiny):
                                                               shadow_row=s))(*args).jaxpr, "concatenate")
               for s in (False, True)}
     assert counts[False] - counts[True] == 7 * lm.cfg.n_layers + 1, counts
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_shadow_row_all_reduces_carry_one_row(tiny_models, tp, monkeypatch):
+    """The shadow row's all-reduces send one row (the message of one-row decode), both with
+    SPD_JAX_SHADOW_ALLREDUCE=both; the logits are those of one-row decode either way (sync and SPD)."""
+    import jax
+    import jax.numpy as jnp
+
+    lm = open_model(tiny_models["llama"][0])
+    eng = Engine.create(build_model_def(lm.cfg, tp))
+    params = load_params(eng, lm.source)
+    L = lm.cfg.n_layers
+    seq = np.random.RandomState(0).randint(3, 100, size=(1, 6)).astype(np.int32)
+    pad = eng.replicate(np.zeros((1,), np.int32))
+    for plan in (SyncPlan.sync(L), SyncPlan.from_flags((True, False, True))):
+        _, cache = jax.jit(eng.forward(plan, with_cache=True))(params, eng.replicate(seq[:, :5]), pad,
+                                                               eng.init_cache(1, 16), jnp.int32(0))
+        args = (params, eng.replicate(seq[:, 5:6]), pad, cache, jnp.int32(5))
+        n_ar = 1 + sum(1 if m == "spd" else 2 for m in plan.modes)
+        out = {}
+        for mode, shadow in (("first", True), ("both", True), ("first", False)):
+            monkeypatch.setenv("SPD_JAX_SHADOW_ALLREDUCE", mode)
+            fwd = eng.forward(plan, attend_cache=True, with_cache=True, shadow_row=shadow)
+            rows = _allreduce_rows(jax.make_jaxpr(fwd)(*args).jaxpr)
+            assert len(rows) == n_ar, rows
+            assert rows == ([1] * n_ar if mode == "first" or not shadow else [1] + [2] * (n_ar - 1)), (mode, rows)
+            out[mode, shadow] = np.asarray(jax.jit(fwd)(*args)[0])
+        ref = out["first", False]
+        for k, v in out.items():
+            np.testing.assert_allclose(v, ref, atol=2e-5, rtol=2e-5, err_msg=str(k))
 
 
 @pytest.mark.parametrize("window", [4, 8])
