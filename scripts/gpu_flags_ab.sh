@@ -5,6 +5,7 @@
 #   default       the shipped decode path
 #   fused         --fused-projections (q/k/v and gate/up as one GEMM each)
 #   noshadow      batch-1 decode on one row, each product padded to two (--no-shadow-row; before session 8)
+#   pallas        decode attention by the Pallas kernel (--attention-kernel pallas, spd_jax/kernels.py)
 #   cmdbuf        XLA command buffers (CUDA graphs) over fusions, GEMMs and the decode loop itself
 #   syncar        synchronous all-reduces (--xla_gpu_disable_async_collectives=ALLREDUCE)
 #   merge         XLA's dot merger with a large threshold (merges q/k/v without a layout change)
@@ -24,6 +25,7 @@ for v in $variants; do
       default) ;;
       fused) extra+=(--fused-projections) ;;
       noshadow) extra+=(--no-shadow-row) ;;
+      pallas) extra+=(--attention-kernel pallas) ;;
       cmdbuf) flags="$flags $CB" ;;
       syncar) flags="$flags --xla_gpu_disable_async_collectives=ALLREDUCE" ;;
       merge) flags="$flags --xla_gpu_dot_merger_threshold_mb=256" ;;

@@ -241,6 +241,9 @@ class GenerationConfig:
     # batch-1 decode runs its blocks on two identical rows (no pad/slice kernels around each projection;
     # see model.Transformer); False = one row, each product padded to two rows
     shadow_row: bool = True
+    # decode attention: "xla" (masked attention in plain JAX) or "pallas" (JAX's Pallas GQA decode kernel over
+    # the filled cache slots; spd_jax.kernels; not yet measured on GPUs, so not the default)
+    attention_kernel: str = "xla"
 
     def validate(self) -> None:
         check_types(self, "generation")
@@ -254,6 +257,8 @@ class GenerationConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.decode_chunk < 1:
             raise ConfigError(f"decode_chunk must be >= 1, got {self.decode_chunk}")
+        if self.attention_kernel not in ("xla", "pallas"):
+            raise ConfigError(f"attention_kernel must be 'xla' or 'pallas', got {self.attention_kernel!r}")
         if self.attend_window < 0:
             raise ConfigError(f"attend_window must be >= 0 (0 = the whole cache), got {self.attend_window}")
 

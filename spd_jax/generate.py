@@ -64,6 +64,11 @@ class GenerationResult:
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
 
 
+def _compile_fields(gen: GenerationConfig) -> tuple:
+    """Every generation setting a compiled program depends on: all fields but the seed (an input)."""
+    return dataclasses.astuple(dataclasses.replace(gen, seed=0))
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -120,12 +125,11 @@ class Generator:
         return self._prefill[key]
 
     def _decode_fn(self, gen: GenerationConfig, max_new: int, t_pad: int, max_len: int):
-        key = (gen.temperature, gen.top_k, gen.top_p, max_new, gen.stop_at_eos, gen.decode_chunk, gen.attend_window,
-               t_pad, max_len, gen.shadow_row)
+        key = (_compile_fields(gen), max_new, t_pad, max_len)
         if key not in self._decode:
             windows = attention_windows(t_pad, max_new, max_len, gen.attend_window)
             fwds = {w: self.engine.forward(self.plan, attend_cache=True if w == max_len else w, with_cache=True,
-                                           shadow_row=gen.shadow_row)
+                                           shadow_row=gen.shadow_row, attention_kernel=gen.attention_kernel)
                     for _, _, w in windows}
             eos = jnp.asarray(self.cfg.eos_token_ids or (-1,), jnp.int32)
 
@@ -229,8 +233,7 @@ class Generator:
 
     @staticmethod
     def _compiled_key(gen: GenerationConfig, batch: int, t_pad: int, max_len: int):
-        return (gen.temperature, gen.top_k, gen.top_p, gen.max_new_tokens, gen.stop_at_eos, gen.decode_chunk,
-                gen.attend_window, batch, t_pad, max_len)
+        return (_compile_fields(gen), batch, t_pad, max_len)
 
     def precompile(self, gen: GenerationConfig, prompt_len: int, batch: int = 1) -> None:
         """Compile prefill and decode ahead of time for prompts of up to `prompt_len` tokens (the same

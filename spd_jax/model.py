@@ -30,6 +30,7 @@ from flax import nnx
 from spd_jax.arch import ParamInfo
 from spd_jax.collectives import PSUM, AllReduce
 from spd_jax.config import ModelConfig, RopeConfig
+from spd_jax.kernels import ATTENTION_KERNELS, decode_attention
 from spd_jax.plan import SyncPlan
 from spd_jax.sharding import TP_AXIS, TPLayout
 
@@ -251,11 +252,14 @@ class Attention(nnx.Module):
         rows = (np.asarray(heads)[:, None] * hd + np.arange(hd)[None, :]).reshape(-1)
         return matmul(o_btf, self.o.w[...][rows])
 
-    def __call__(self, h_btd, rope_cs, mask_bts, kv_cache, cache_index, attend_cache: int, shadow: bool = False):
+    def __call__(self, h_btd, rope_cs, mask_bts, kv_cache, cache_index, attend_cache: int, shadow: bool = False,
+                 kv_range=None):
         """Returns (Y_i: this shard's partial o-projection, no bias, new kv cache or None).
 
         shadow: the second of the T = 2 rows is a copy of the first (`Transformer`'s shadow row); only the
-        first is written to the cache."""
+        first is written to the cache. kv_range: (start_b, end_b) cache slots each sequence attends to:
+        decode attention by the Pallas kernel (`kernels.decode_attention`) over the whole cache instead
+        of `attention_core` with the mask."""
         q, k, v = self.heads(h_btd, rope_cs)
         new_cache = None
         if kv_cache is not None:
@@ -263,6 +267,8 @@ class Attention(nnx.Module):
             ck = jax.lax.dynamic_update_slice(kv_cache["k"], kw.astype(kv_cache["k"].dtype), (0, cache_index, 0, 0))
             cv = jax.lax.dynamic_update_slice(kv_cache["v"], vw.astype(kv_cache["v"].dtype), (0, cache_index, 0, 0))
             new_cache = {"k": ck, "v": cv}
+            if kv_range is not None:
+                return self.output(decode_attention(q, ck, cv, *kv_range)), new_cache
             if attend_cache:  # the first `attend_cache` slots (Transformer resolves True to the whole cache)
                 k, v = ck[:, :attend_cache], cv[:, :attend_cache]
         return self.output(attention_core(q, k, v, mask_bts)), new_cache
@@ -332,11 +338,13 @@ class Block(nnx.Module):
         return self.mlp(self.mlp_norm(m), part=part)
 
     def __call__(self, x_btd, rope_cs, mask_bts, kv_cache, cache_index, *, mode: str, bias: str = "full",
-                 attend_cache: int = 0, allreduce: AllReduce = PSUM, shadow: bool = False, one_row: bool = False):
+                 attend_cache: int = 0, allreduce: AllReduce = PSUM, shadow: bool = False, one_row: bool = False,
+                 kv_range=None):
         """mode: "sync" (two all-reduces), "spd" (one) or "none" (the floor: sync maths, no collective).
-        shadow: T = 2 identical rows (see Transformer); one_row: its all-reduces carry the first row only."""
+        shadow: T = 2 identical rows (see Transformer); one_row: its all-reduces carry the first row only;
+        kv_range: decode attention by the kernel over these cache slots (see Attention)."""
         y, new_cache = self.attn(self.attn_norm(x_btd), rope_cs, mask_bts, kv_cache, cache_index, attend_cache,
-                                 shadow)
+                                 shadow, kv_range)
         b_o, b_out = self.attn.o.bias(), self.mlp.out_bias()
         if mode != "spd":  # two sync points
             on = mode == "sync"
@@ -404,7 +412,7 @@ class Transformer(nnx.Module):
         return fresh_inputs(self.cfg, t, pad_b)
 
     def __call__(self, tokens_bt, pad_b, cache, cache_index, *, plan: SyncPlan, attend_cache: bool | int = False,
-                 return_hidden: bool = False, shadow_row: bool = False):
+                 return_hidden: bool = False, shadow_row: bool = False, attention_kernel: str = "xla"):
         """One shard's forward.
 
         tokens_bt: [B, T] token ids, left-padded by pad_b[b] tokens (pad slots are never attended to).
@@ -420,6 +428,9 @@ class Transformer(nnx.Module):
             docs/performance.md); only the first row is written to the cache, and attention reads the
             cache once for both rows. The all-reduces carry the first row only and copy the sum (the
             message of one row; `SPD_JAX_SHADOW_ALLREDUCE=both` sends both, for comparison).
+        attention_kernel: "xla" (masked attention in plain JAX) or "pallas": a decode step of one token per
+            sequence attends through `kernels.decode_attention`, over the filled slots of the whole cache
+            (`attend_cache` windows are then not needed); prefill and other calls keep the JAX path.
         Returns (local logits [B, T, Vl] float32, new cache or None[, hidden states]); with return_hidden
         the hidden states are the L block inputs followed by the last block's output (L + 1 arrays).
         """
@@ -435,6 +446,13 @@ class Transformer(nnx.Module):
         rope_cs = self.rope(positions)
         x = self.hidden_in(tokens_bt, positions, not plan.collective_free, plan.allreduce)
         one_row = shadow and shadow_allreduce_one_row()
+        if attention_kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention_kernel must be one of {ATTENTION_KERNELS}, got {attention_kernel!r}")
+        kv_range = None
+        if attention_kernel == "pallas" and attend_cache and cache is not None and t == 1 and not return_hidden:
+            start = pad_b if self.cfg.sliding_window is None else \
+                jnp.maximum(pad_b, cache_index - self.cfg.sliding_window + 1)
+            kv_range = (start.astype(jnp.int32), jnp.broadcast_to(cache_index + 1, pad_b.shape).astype(jnp.int32))
         if shadow:
             x, mask = jnp.repeat(x, 2, axis=1), jnp.repeat(mask, 2, axis=1)
             rope_cs = None if rope_cs is None else tuple(jnp.repeat(a, 2, axis=1) for a in rope_cs)
@@ -444,7 +462,7 @@ class Transformer(nnx.Module):
             hidden.append(x)
             x, c = layer(x, rope_cs, mask, None if cache is None else cache[i], cache_index,
                          mode=plan.modes[i], bias=plan.bias, attend_cache=attend_cache, allreduce=plan.allreduce,
-                         shadow=shadow, one_row=one_row)
+                         shadow=shadow, one_row=one_row, kv_range=kv_range)
             if cache is not None:
                 new_cache.append(c)
         hidden.append(x)

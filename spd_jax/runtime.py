@@ -237,7 +237,7 @@ class Engine:
 
     # ---- the forward
     def forward(self, plan: SyncPlan, *, attend_cache: bool | int = False, with_cache: bool = False,
-                return_hidden: bool = False, shadow_row: bool = False) -> Callable:
+                return_hidden: bool = False, shadow_row: bool = False, attention_kernel: str = "xla") -> Callable:
         """An (unjitted) function (params, tokens[B,T], pad[B], cache, cache_index) -> (logits[B,T,V], cache).
 
         Logits are float32 over the true vocabulary (padding sliced off). `cache` is None unless
@@ -255,7 +255,7 @@ class Engine:
         def fn(params, tokens, pad, cache, cache_index):
             model = nnx.merge(graphdef, params)
             return model(tokens, pad, cache, cache_index, plan=plan, attend_cache=attend_cache,
-                         return_hidden=return_hidden, shadow_row=shadow_row)
+                         return_hidden=return_hidden, shadow_row=shadow_row, attention_kernel=attention_kernel)
 
         cache_specs = [{"k": CACHE_SPEC, "v": CACHE_SPEC}] * n_layers if with_cache else None
         logits_spec = P(None, None, TP_AXIS)

@@ -5,6 +5,7 @@ import dataclasses
 import chex
 import numpy as np
 import pytest
+from jaxpr_util import allreduce_rows, count_primitives
 
 from spd_jax.config import GenerationConfig
 from spd_jax.generate import ContextLengthError, Generator
@@ -214,29 +215,6 @@ def test_decode_attention_over_the_filled_part_equals_full_recompute(tiny_models
                                    err_msg=f"step after fill {n}")
 
 
-def _eqns(jaxpr):
-    """Every equation of a jaxpr, nested ones (shard_map, pjit, loops) included."""
-    import jax
-
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for v in eqn.params.values():
-            for sub in (v if isinstance(v, (list, tuple)) else (v,)):
-                inner = getattr(sub, "jaxpr", sub)
-                if isinstance(inner, jax.extend.core.Jaxpr):
-                    yield from _eqns(inner)
-
-
-def _count_primitives(jaxpr, name: str) -> int:
-    return sum(eqn.primitive.name == name for eqn in _eqns(jaxpr))
-
-
-def _allreduce_rows(jaxpr) -> list[int]:
-    """Rows (dim 1 of [B, T, D]) of every all-reduce operand of a decode step."""
-    return [eqn.invars[0].aval.shape[1] for eqn in _eqns(jaxpr)
-            if eqn.primitive.name.startswith("psum") and len(eqn.invars[0].aval.shape) == 3]
-
-
 def test_shadow_row_decode_step_has_no_row_padding(tiny):
     """With the shadow row a batch-1 decode step pads no product to two rows: the seven per-block
     concatenations of `matmul`'s single-row path (q, k, v, o, gate, up, down) are gone, the LM head's too."""
@@ -247,7 +225,7 @@ def test_shadow_row_decode_step_has_no_row_padding(tiny):
     plan = SyncPlan.sync(lm.cfg.n_layers)
     args = (params, eng.replicate(np.array([[7]], np.int32)), eng.replicate(np.zeros((1,), np.int32)),
             eng.init_cache(1, 16), jnp.int32(3))
-    counts = {s: _count_primitives(jax.make_jaxpr(eng.forward(plan, attend_cache=True, with_cache=True,
+    counts = {s: count_primitives(jax.make_jaxpr(eng.forward(plan, attend_cache=True, with_cache=True,
                                                               shadow_row=s))(*args).jaxpr, "concatenate")
               for s in (False, True)}
     assert counts[False] - counts[True] == 7 * lm.cfg.n_layers + 1, counts
@@ -275,7 +253,7 @@ def test_shadow_row_all_reduces_carry_one_row(tiny_models, tp, monkeypatch):
         for mode, shadow in (("first", True), ("both", True), ("first", False)):
             monkeypatch.setenv("SPD_JAX_SHADOW_ALLREDUCE", mode)
             fwd = eng.forward(plan, attend_cache=True, with_cache=True, shadow_row=shadow)
-            rows = _allreduce_rows(jax.make_jaxpr(fwd)(*args).jaxpr)
+            rows = allreduce_rows(jax.make_jaxpr(fwd)(*args).jaxpr)
             assert len(rows) == n_ar, rows
             assert rows == ([1] * n_ar if mode == "first" or not shadow else [1] + [2] * (n_ar - 1)), (mode, rows)
             out[mode, shadow] = np.asarray(jax.jit(fwd)(*args)[0])

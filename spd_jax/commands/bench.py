@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--decode-chunk", type=int, default=8, help="decode steps between stop-condition checks")
     p.add_argument("--attend-window", type=int, default=256,
                    help="decode attends over the filled cache in windows doubling from this (0: the whole cache)")
+    p.add_argument("--attention-kernel", choices=["xla", "pallas"], default="xla",
+                   help="decode attention: masked attention in JAX, or JAX's Pallas GQA decode kernel (spd_jax.kernels)")
     p.add_argument("--no-shadow-row", action="store_true",
                    help="batch-1 decode on one row (each product padded to two) instead of two identical rows")
     p.add_argument("--compile-threads", type=int, default=4,
@@ -165,13 +167,15 @@ def main(argv=None) -> int:
         configs.append(("floor", SyncPlan.floor(L), "none"))
     gens = [Generator(engine, params, plan) for _, plan, _ in configs]
     compile_s = compile_generators(gens, bench_generation_config(args.new_tokens, args.decode_chunk,
-                                                                 args.attend_window, not args.no_shadow_row),
+                                                                 args.attend_window, not args.no_shadow_row,
+                                                                 args.attention_kernel),
                                    args.prompt_len, args.batch, args.compile_threads)
     phase(f"compile {len(gens)} configurations")
     rows = []
     for (label, _, _), g in zip(configs, gens):
         rows.append(time_generation(g, args.batch, args.prompt_len, args.new_tokens, args.repeats, label,
-                                    args.decode_chunk, args.attend_window, not args.no_shadow_row))
+                                    args.decode_chunk, args.attend_window, not args.no_shadow_row,
+                                    args.attention_kernel))
         phase(f"time {label}")
     ar = (allreduce_microbench(engine.mesh, tuple(int(b) for b in args.allreduce_sizes.split(",")),
                                methods=tuple(methods) if methods != ["psum"] else ())
@@ -193,6 +197,7 @@ def main(argv=None) -> int:
         "shape": args.shape, "tp": args.tp, "batch": args.batch, "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "dtype": args.dtype, "decode_chunk": args.decode_chunk,
         "attend_window": args.attend_window, "shadow_row": not args.no_shadow_row,
+        "attention_kernel": args.attention_kernel,
         "fused_projections": args.fused_projections, "compile_s": compile_s, "interconnect": args.interconnect,
         "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
         "nccl_env": {k: os.environ.get(k) for k in NCCL_KEYS}, "random_weights": True,

@@ -25,6 +25,8 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--decode-chunk", type=int, help="decode steps between checks of the stop condition (default 8)")
+    p.add_argument("--attention-kernel", choices=["xla", "pallas"],
+                   help="decode attention: masked attention in JAX (default) or JAX's Pallas GQA decode kernel")
     p.add_argument("--attend-window", type=int,
                    help="decode attends over the filled cache in windows doubling from this many slots (default 256; "
                         "0: the whole allocated cache)")
@@ -51,7 +53,8 @@ def main(argv=None) -> int:
     run = run_config_from_args(args, {
         "generation.max_new_tokens": args.max_new_tokens, "generation.temperature": args.temperature,
         "generation.top_k": args.top_k, "generation.top_p": args.top_p, "generation.seed": args.seed,
-        "generation.decode_chunk": args.decode_chunk, "generation.attend_window": args.attend_window})
+        "generation.decode_chunk": args.decode_chunk, "generation.attend_window": args.attend_window,
+        "generation.attention_kernel": args.attention_kernel})
     from spd_jax.inference import open_session
     from spd_jax.plan import SyncPlan
 
