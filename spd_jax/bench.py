@@ -245,6 +245,17 @@ def time_generation(gen: Generator, batch: int, prompt_len: int, new_tokens: int
                   batch * 1e3 / tpot, ttft, e2e)
 
 
+def host_times(fn, *args, repeats: int) -> list[float]:
+    """Seconds per call of a jitted `fn` (device-synchronised), `repeats` times after one warm-up call."""
+    fn(*args).block_until_ready()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(*args).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    return ts
+
+
 def allreduce_microbench(mesh, sizes_bytes=(8 << 10, 1 << 20, 64 << 20), repeats: int = 20,
                          methods: tuple[str, ...] = ()) -> list[dict]:
     """Latency and bus bandwidth of a bf16 psum over the tp axis, per message size, measured two ways.
@@ -263,13 +274,7 @@ def allreduce_microbench(mesh, sizes_bytes=(8 << 10, 1 << 20, 64 << 20), repeats
     n = mesh.devices.size
 
     def host_time(fn, *args):  # median seconds per call, after one warm-up call
-        fn(*args).block_until_ready()
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn(*args).block_until_ready()
-            ts.append(time.perf_counter() - t0)
-        return float(np.median(ts))
+        return float(np.median(host_times(fn, *args, repeats=repeats)))
 
     out = []
     for size in sizes_bytes:
@@ -324,16 +329,7 @@ def read_bandwidth(mesh, mib_per_array: int = 1024, arrays: int = 4, repeats: in
     xs = [make(jax.random.PRNGKey(i)) for i in range(arrays)]
     total = jax.jit(lambda *a: sum(jnp.sum(x.astype(jnp.float32), axis=1) for x in a))
 
-    def host_time(*a):
-        total(*a).block_until_ready()
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            total(*a).block_until_ready()
-            ts.append(time.perf_counter() - t0)
-        return float(np.min(ts))
-
-    t_one, t_many = host_time(xs[0]), host_time(*xs)
+    t_one, t_many = (float(np.min(host_times(total, *a, repeats=repeats))) for a in ((xs[0],), xs))
     del xs
     extra = (arrays - 1) * elems * 2
     gbps = extra / max(t_many - t_one, 1e-9) / 1e9

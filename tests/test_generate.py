@@ -183,12 +183,15 @@ def test_attention_windows_cover_each_step_with_at_most_twice_its_context(t_pad,
         assert [w for *_, w in wins] == [max_len]
 
 
-@pytest.mark.parametrize("tp,spd,shadow", [(1, False, True), (2, True, True), (4, False, True), (4, True, True),
-                                            (2, False, False), (4, True, False)])
-def test_decode_attention_over_the_filled_part_equals_full_recompute(tiny_models, tp, spd, shadow):
+@pytest.mark.parametrize("tp,spd,shadow,kernel", [
+    (1, False, True, "xla"), (2, True, True, "xla"), (4, False, True, "xla"), (4, True, True, "xla"),
+    (2, False, False, "xla"), (4, True, False, "xla"),
+    (1, False, True, "pallas"), (2, True, True, "pallas"), (4, False, False, "pallas"), (4, True, True, "pallas")])
+def test_decode_attention_over_the_filled_part_equals_full_recompute(tiny_models, tp, spd, shadow, kernel):
     """A decode step that attends over only the first w cache slots (w >= the filled part) gives the logits of
     a full recompute of the sequence, at several fill levels, in sync and SPD modes, with and without the
-    shadow row; the cache the step wrote gives the next step the recompute's logits too."""
+    shadow row, with the JAX attention and the Pallas kernel (which reads the filled slots of the whole
+    cache whatever w); the cache the step wrote gives the next step the recompute's logits too."""
     import jax
     import jax.numpy as jnp
 
@@ -203,13 +206,15 @@ def test_decode_attention_over_the_filled_part_equals_full_recompute(tiny_models
     prefill = jax.jit(eng.forward(plan, with_cache=True))
     for n in (1, 9, 23, 39):  # filled slots before the step
         _, cache = prefill(params, eng.replicate(seq[:, :n]), pad, eng.init_cache(1, 64), jnp.int32(0))
-        for w in (n + 1, 32 if n < 32 else 48, True):  # exactly the filled part, a window, the whole cache
-            step = jax.jit(eng.forward(plan, attend_cache=w, with_cache=True, shadow_row=shadow))
+        # exactly the filled part, a window, the whole cache (the kernel reads the filled slots whatever w)
+        for w in (n + 1, 32 if n < 32 else 48, True) if kernel == "xla" else (True,):
+            step = jax.jit(eng.forward(plan, attend_cache=w, with_cache=True, shadow_row=shadow,
+                                       attention_kernel=kernel))
             logits, cache2 = step(params, eng.replicate(seq[:, n:n + 1]), pad, cache, jnp.int32(n))
             chex.assert_shape(logits, (1, 1, lm.cfg.vocab_size))
             np.testing.assert_allclose(np.asarray(logits)[0, 0], ref[0, n], atol=2e-5, rtol=2e-5,
                                        err_msg=f"fill {n}, window {w}")
-        nxt = jax.jit(eng.forward(plan, attend_cache=True, with_cache=True, shadow_row=shadow))
+        nxt = jax.jit(eng.forward(plan, attend_cache=True, with_cache=True, shadow_row=shadow, attention_kernel=kernel))
         logits, _ = nxt(params, eng.replicate(seq[:, n + 1:n + 2]), pad, cache2, jnp.int32(n + 1))
         np.testing.assert_allclose(np.asarray(logits)[0, 0], ref[0, n + 1], atol=2e-5, rtol=2e-5,
                                    err_msg=f"step after fill {n}")

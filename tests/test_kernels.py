@@ -62,28 +62,6 @@ def test_decode_attention_equals_numpy_reference(t):
     np.testing.assert_allclose(out, _numpy_attention(q, k, v, start, end), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("tp,spd,shadow", [(1, False, True), (2, True, True), (4, False, False), (4, True, True)])
-def test_kernel_decode_step_equals_full_recompute(tiny_models, tp, spd, shadow):
-    """A decode step with the kernel gives the logits of a full recompute at several fill levels."""
-    import jax
-    import jax.numpy as jnp
-
-    lm = open_model(tiny_models["llama"][0])
-    eng = Engine.create(build_model_def(lm.cfg, tp))
-    params = load_params(eng, lm.source)
-    L = lm.cfg.n_layers
-    plan = SyncPlan.all_spd(L) if spd else SyncPlan.sync(L)
-    seq = np.random.RandomState(tp).randint(3, 100, size=(1, 40)).astype(np.int32)
-    ref = np.asarray(eng.logits(params, seq, plan=plan))
-    pad = eng.replicate(np.zeros((1,), np.int32))
-    prefill = jax.jit(eng.forward(plan, with_cache=True))
-    step = jax.jit(eng.forward(plan, attend_cache=True, with_cache=True, shadow_row=shadow, attention_kernel="pallas"))
-    for n in (1, 23, 39):
-        _, cache = prefill(params, eng.replicate(seq[:, :n]), pad, eng.init_cache(1, 64), jnp.int32(0))
-        logits, _ = step(params, eng.replicate(seq[:, n:n + 1]), pad, cache, jnp.int32(n))
-        np.testing.assert_allclose(np.asarray(logits)[0, 0], ref[0, n], atol=2e-5, rtol=2e-5, err_msg=f"fill {n}")
-
-
 @pytest.mark.parametrize("kind,tp", [("llama", 2), ("mistral", 2), ("opt", 1)])
 def test_kernel_generation_equals_jax_attention(tiny_models, kind, tp):
     """Greedy generations of a left-padded batch (and batch 1) are the same with the kernel as with the JAX
