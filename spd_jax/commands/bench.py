@@ -59,9 +59,9 @@ def parse_args(argv=None):
                    help="messages above this size use psum whatever the method (prefill); default 1 MiB")
     p.add_argument("--allreduce-sizes", default="8192,1048576,67108864",
                    help="message sizes (bytes) of the all-reduce microbenchmark, comma-separated")
-    p.add_argument("--bandwidth-mib", type=int, default=1024,
-                   help="MiB per array of the HBM read-bandwidth measurement (4 arrays per device; 0 = skip it; "
-                        "the per-block decode budget needs it)")
+    p.add_argument("--bandwidth-mib", type=int, default=None,
+                   help="MiB per array of the HBM read-bandwidth measurement (4 arrays per device; 0 = skip it). "
+                        "Default: 1024 on GPUs, skipped elsewhere. The per-block decode budget needs it")
     p.add_argument("--json", help="write the results as JSON to this file ('-' for stdout)")
     p.add_argument("--plot", help="write a PNG of latency vs SPD ratio")
     from spd_jax.distributed import add_distributed_args
@@ -136,6 +136,8 @@ def main(argv=None) -> int:
     mdef = build_model_def(cfg, args.tp, args.dtype)
     engine = Engine.create(mdef)
     phase("start-up (imports, devices)")
+    if args.bandwidth_mib is None:
+        args.bandwidth_mib = 1024 if jax.default_backend() == "gpu" else 0
     hbm = read_bandwidth(engine.mesh, args.bandwidth_mib) if args.bandwidth_mib > 0 else None
     phase("HBM read bandwidth")
     params = random_params(engine)
