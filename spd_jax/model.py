@@ -424,7 +424,7 @@ class Transformer(nnx.Module):
             grows n with the filled part, so attention costs what the context holds, not the allocation).
         shadow_row: for one token of one sequence attending over the cache (batch-1 decode), run the blocks on
             two identical rows and keep the first. Every projection is then a two-row GEMM without the
-            pad and slice kernels `matmul` needs for a single row (6 of ~23 kernels per block on H200,
+            pad and slice kernels `matmul` needs for a single row (~5 of ~22 kernels per block on H200,
             docs/performance.md); only the first row is written to the cache, and attention reads the
             cache once for both rows. The all-reduces carry the first row only and copy the sum (the
             message of one row; `SPD_JAX_SHADOW_ALLREDUCE=both` sends both, for comparison).
