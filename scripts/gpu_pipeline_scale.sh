@@ -4,8 +4,9 @@
 # pipeline logs wall time and peak GPU / host memory ([stage] lines, report.json "memory_gib"); a sampler
 # adds the host memory of all processes (anonymous RSS summed, which is what the host must hold; file-backed
 # pages such as the memory-mapped teacher states are reclaimable page cache, logged apart as the largest
-# per-process file RSS) and nvidia-smi's memory per card (OUT/mem.log). Then a kill during B2B (KILL_AFTER
-# seconds after the start) and --resume to the end.
+# per-process file RSS) and nvidia-smi's memory per card (OUT/mem.log). Then a kill during B2B and --resume
+# to the end: KILL_ON=PATTERN sends SIGTERM to the launcher when a log line matches PATTERN (grep -E, e.g.
+# KILL_ON='saved block [0-9]+ step 4' after the n-th match with KILL_COUNT=n), or KILL_AFTER=SECONDS after the start.
 # Usage: bash scripts/gpu_pipeline_scale.sh OUTDIR TP TOKENIZER_DIR DATA [train_distill args ...]
 #   e.g. KILL_AFTER=240 bash scripts/gpu_pipeline_scale.sh out 2 .scale/tokenizer .scale/wiki.jsonl \
 #          --calib-samples 128 --calib-len 2048 --ratio 0.7 --epochs 1
@@ -34,7 +35,17 @@ cmd=(python launch/train_distill.py --model "$ck" --tp "$tp" --spawn "$tp" --no-
      --data "$data" --out "$run" --no-progress "$@")
 t1=$SECONDS
 filt() { tee -a "$out/pipeline.log" | grep --line-buffered -v -i "warn\|grpc\|source location\|^\[+[0-9]*s\] *$"; }
+if [ -n "${KILL_ON:-}" ]; then  # a kill at a known point of the run, not at a guessed time
+  ( n=0; while sleep 0.5; do
+      n=$(grep -E -c -- "$KILL_ON" "$out/pipeline.log" 2>/dev/null); n=${n:-0}
+      if [ "$n" -ge "${KILL_COUNT:-1}" ]; then
+        echo "-- KILL_ON: '$KILL_ON' seen $n times: SIGTERM to the launcher" | tee -a "$out/pipeline.log"
+        pkill -TERM -o -f "launch/train_distill.py"; break; fi
+    done ) &
+  watcher=$!
+fi
 timeout -s TERM "${KILL_AFTER:-100000}" "${cmd[@]}" 2>&1 | stamp | filt
+[ -n "${watcher:-}" ] && kill "$watcher" 2>/dev/null  # the resumed run below must not match it again
 echo "-- first run ended after $((SECONDS - t1)) s (killed if KILL_AFTER=${KILL_AFTER:-none} was reached)"
 if [ ! -f "$run/report.json" ]; then
   t2=$SECONDS
