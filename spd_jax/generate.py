@@ -69,6 +69,9 @@ def _compile_fields(gen: GenerationConfig) -> tuple:
     return dataclasses.astuple(dataclasses.replace(gen, seed=0))
 
 
+KERNEL_CACHE_MULTIPLE = 128  # KV-cache slots are allocated in multiples of this with the Pallas kernel
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -188,7 +191,7 @@ class Generator:
             raise ContextLengthError(
                 f"prompt of {longest} tokens + {gen.max_new_tokens} new tokens = {longest + gen.max_new_tokens} "
                 f"exceeds the model's context of {ctx} tokens; shorten the prompt or lower --max-new-tokens")
-        t_pad, max_len = self._padded_lengths(longest, gen.max_new_tokens)
+        t_pad, max_len = self._padded_lengths(longest, gen)
         b = len(prompts)
         tokens = np.full((b, t_pad), PAD_ID, np.int32)
         pad = np.zeros((b,), np.int32)
@@ -226,10 +229,13 @@ class Generator:
             seqs.append(seq)
         return GenerationResult(seqs, done.tolist(), lengths, ttft, decode_s, int(to_host(n)))
 
-    def _padded_lengths(self, longest_prompt: int, max_new_tokens: int) -> tuple[int, int]:
-        """(prompt length padded to the bucket, KV-cache length): the shape class compiled for."""
+    def _padded_lengths(self, longest_prompt: int, gen: GenerationConfig) -> tuple[int, int]:
+        """(prompt length padded to the bucket, KV-cache length): the shape class compiled for. With the
+        Pallas decode-attention kernel the cache is a multiple of 128 slots (at most 112 more), so that
+        the kernel always loops over 128-slot blocks (`kernels.split_plan`)."""
         t_pad = _round_up(longest_prompt, self.bucket)
-        return t_pad, _round_up(t_pad + max_new_tokens, self.bucket)
+        slots = KERNEL_CACHE_MULTIPLE if gen.attention_kernel == "pallas" else self.bucket
+        return t_pad, _round_up(t_pad + gen.max_new_tokens, slots)
 
     @staticmethod
     def _compiled_key(gen: GenerationConfig, batch: int, t_pad: int, max_len: int):
@@ -242,7 +248,7 @@ class Generator:
         its SPD configurations. Inputs are abstract (no `device_put`): in a multi-process run a real
         placement checks equality across processes, a collective that threads must not interleave."""
         gen.validate()
-        t_pad, max_len = self._padded_lengths(prompt_len, gen.max_new_tokens)
+        t_pad, max_len = self._padded_lengths(prompt_len, gen)
         key = self._compiled_key(gen, batch, t_pad, max_len)
         if key in self._compiled:
             return

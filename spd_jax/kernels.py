@@ -22,16 +22,24 @@ import jax.numpy as jnp
 ATTENTION_KERNELS = ("xla", "pallas")
 
 
-def split_plan(cache_len: int) -> tuple[int, int]:
-    """(k_splits, block_k) for a cache of `cache_len` slots (a multiple of 16): the most parallel chunks
-    (<= 16) that leave each chunk a multiple of 16 slots, and the largest power-of-two block (16..128)
-    dividing a chunk (what the kernel's shape checks require)."""
+def split_plan(cache_len: int, target_splits: int = 16) -> tuple[int, int]:
+    """(k_splits, block_k) for a cache of `cache_len` slots (a multiple of 16).
+
+    The kernel loops over a chunk of `cache_len // k_splits` slots in blocks of `block_k` (a power of two,
+    16..128, dividing the chunk). Blocks come first: the largest power of two <= 128 dividing the length,
+    then the number of chunks is the divisor of the block count nearest `target_splits` (ties: more chunks).
+    A plan that took the splits first made lengths with an odd factor degenerate: 2 048 + 128 = 2 176 =
+    17 x 128 slots gave 8 chunks of 272 slots in 16-slot blocks (17 dependent iterations per program), and
+    the kernel ran 13% slower than the XLA path on 2x H200 (docs/performance.md, session 9); this plan
+    gives 17 chunks of one 128-slot block. Generation allocates the cache in multiples of 128 slots when
+    the kernel is on (`generate.KERNEL_CACHE_MULTIPLE`), so the 16-slot fallback (e.g. 4 112 = 257 x 16:
+    one chunk of 257 blocks) is only reached by direct calls."""
     if cache_len % 16 or cache_len < 16:
         raise ValueError(f"the decode-attention kernel needs a cache of a multiple of 16 slots, got {cache_len}")
-    units = cache_len // 16
-    k_splits = max(k for k in (16, 8, 4, 2, 1) if units % k == 0)
-    chunk = cache_len // k_splits
-    block_k = max(bk for bk in (128, 64, 32, 16) if chunk % bk == 0)
+    block_k = max(bk for bk in (128, 64, 32, 16) if cache_len % bk == 0)
+    n_blocks = cache_len // block_k
+    divisors = [k for k in range(1, n_blocks + 1) if n_blocks % k == 0]
+    k_splits = min(divisors, key=lambda k: (abs(k - target_splits), -k))
     return k_splits, block_k
 
 

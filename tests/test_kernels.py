@@ -16,14 +16,23 @@ from spd_jax.plan import SyncPlan
 from spd_jax.runtime import Engine, build_model_def
 
 
-@pytest.mark.parametrize("cache_len", [16, 48, 256, 272, 1024, 4096, 4112])
+@pytest.mark.parametrize("cache_len", [16, 48, 256, 272, 1024, 2176, 4096, 4112])
 def test_split_plan_meets_the_kernels_shape_rules(cache_len):
     k_splits, block_k = split_plan(cache_len)
     chunk = cache_len // k_splits
-    assert cache_len % k_splits == 0 and chunk % 16 == 0 and chunk >= 16
-    assert 1 <= k_splits <= 16 and block_k in (16, 32, 64, 128) and chunk % block_k == 0
-    if cache_len % 256 == 0:
-        assert k_splits == 16  # as parallel as the kernel allows
+    assert cache_len % k_splits == 0 and chunk % block_k == 0
+    assert block_k in (16, 32, 64, 128)
+    # the largest block the length allows (the loop inside a program is over blocks of this size)
+    assert block_k == 128 or cache_len % (2 * block_k)
+    # as close to 16 chunks as the block count allows
+    n_blocks = cache_len // block_k
+    assert all(abs(k_splits - 16) <= abs(k - 16) for k in range(1, n_blocks + 1) if n_blocks % k == 0)
+
+
+@pytest.mark.parametrize("cache_len,plan", [(2176, (17, 128)), (4096, (16, 128)), (256, (2, 128)), (48, (3, 16))])
+def test_split_plan_keeps_large_blocks_for_lengths_with_odd_factors(cache_len, plan):
+    # 2 176 = 2 048 prompt + 128 new tokens: the old plan gave 8 chunks of 272 slots in 16-slot blocks
+    assert split_plan(cache_len) == plan
 
 
 def test_split_plan_refuses_other_lengths():
@@ -76,6 +85,18 @@ def test_kernel_generation_equals_jax_attention(tiny_models, kind, tp):
         want = g.generate(prompts, gen).tokens
         got = g.generate(prompts, dataclasses.replace(gen, attention_kernel="pallas")).tokens
         assert got == want, (kind, prompts)
+
+
+def test_kernel_cache_is_allocated_in_128_slot_multiples(tiny_models):
+    """With the kernel the KV cache has a multiple of 128 slots, so `split_plan` keeps 128-slot blocks (the
+    generations above then run on such a cache and equal the JAX path's on a 16-slot-rounded one)."""
+    lm = open_model(tiny_models["llama"][0])
+    eng = Engine.create(build_model_def(lm.cfg, 1))
+    g = Generator(eng, load_params(eng, lm.source), SyncPlan.sync(lm.cfg.n_layers))
+    gen = GenerationConfig(max_new_tokens=20)
+    assert g._padded_lengths(5, gen) == (16, 48)
+    assert g._padded_lengths(5, dataclasses.replace(gen, attention_kernel="pallas")) == (16, 128)
+    assert split_plan(128) == (1, 128)
 
 
 @pytest.mark.parametrize("shadow", [True, False])
