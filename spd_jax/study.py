@@ -6,18 +6,29 @@ model for any (ratio, method) is assembled from the per-block results: sync bloc
 weights, dropped blocks take ZS (original), B2B or HG+B2B weights. Blocks are dropped in the order of
 Algorithm 1's sensitivity (least sensitive first). The methods are applied to every dropped block (the
 paper's method sweep), not only to the classes the plan would assign them to.
+
+The study runs for about 1.5 hours on a 2-core CPU, so it keeps its progress in a state folder: each
+block's distilled weights (Orbax, `checkpoint.Checkpointer.save_block`) and each finished row. A run that
+is killed and started again with the same settings and state folder continues where it stopped; the
+folder is removed when the study finishes. State of a study with other settings is refused, not mixed in.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
+import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
 import jax
+
+from spd_jax.checkpoint import Checkpointer
+from spd_jax.config import ConfigError
 
 from spd_jax.data import DataSpec, calibration_tokens, contiguous_sequences, eval_stream
 from spd_jax.evaluation import Scorer, divergence_from_reference, evaluate_loaded, mean_accuracy, perplexity
@@ -33,8 +44,78 @@ from spd_jax.tasks import DEFAULT_TASKS, load_task
 METHODS = ("ZS", "ZS+B2B", "ZS+B2B+HG")
 
 
-def run_study(pc: PipelineConfig, ratios, limit: int, task_dirs, out_json: Path, log=print) -> dict:
+class StudyState:
+    """Progress of one study on disk: `progress.json` (settings fingerprint, finished blocks' summaries,
+    finished rows) and the finished blocks' weights under `blocks/` (written before the JSON names them)."""
+
+    def __init__(self, directory: Path, fingerprint: str):
+        self.dir = Path(directory)
+        self.file = self.dir / "progress.json"
+        self.ck = Checkpointer(self.dir)
+        if self.file.exists():
+            try:
+                self.data = json.loads(self.file.read_text())
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"study state {self.file} is unreadable ({e}); remove {self.dir} to start over") from None
+            if self.data.get("fingerprint") != fingerprint:
+                raise ConfigError(f"study state {self.dir} belongs to a study with other settings (config, ratios, "
+                                  f"limit or tasks); remove it, or pass another --state folder")
+        else:
+            self.data = {"fingerprint": fingerprint, "blocks": {}, "rows": []}
+        self._t0, self._before = time.time(), float(self.data.get("elapsed_s", 0.0))
+
+    def elapsed(self) -> float:
+        """Seconds spent on this study by every run so far, this one included."""
+        return self._before + time.time() - self._t0
+
+    def _write(self) -> None:
+        self.data["elapsed_s"] = self.elapsed()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.file)  # atomic: a kill leaves the previous progress
+
+    def block(self, i: int):
+        return self.data["blocks"].get(str(i))
+
+    def save_block(self, eng, i: int, b2b_params, hg_params, summary: dict) -> None:
+        self.ck.save_block(f"b2b-{i}", eng, i, b2b_params)
+        if hg_params is not None:
+            self.ck.save_block(f"hg-{i}", eng, i, hg_params)
+        self.data["blocks"][str(i)] = summary
+        self._write()
+
+    def restore_block(self, eng, i: int):
+        """(B2B weights, HG+B2B weights or None if HG was not kept) of a finished block."""
+        b2b = self.ck.restore_block(f"b2b-{i}", eng, i)
+        hg = self.ck.restore_block(f"hg-{i}", eng, i) if self.block(i)["hg"].get("kept") else None
+        return b2b, hg
+
+    def row(self, ratio: float, method: str):
+        return next((r for r in self.data["rows"] if r["ratio"] == ratio and r["method"] == method), None)
+
+    def add_row(self, row: dict) -> None:
+        self.data["rows"].append(row)
+        self._write()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def study_fingerprint(pc: PipelineConfig, ratios, limit: int, task_dirs) -> str:
+    what = {"config": dataclasses.asdict(pc), "ratios": [float(r) for r in ratios], "limit": limit,
+            "task_dirs": [str(Path(d).resolve()) for d in task_dirs]}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_study(pc: PipelineConfig, ratios, limit: int, task_dirs, out_json: Path, log=print,
+              state_dir: Path | None = None) -> dict:
+    """The sweep; with `state_dir`, progress is kept there and a repeated call continues from it."""
     t_start = time.time()
+    st = StudyState(state_dir, study_fingerprint(pc, ratios, limit, task_dirs)) if state_dir else None
+    if st and (st.data["blocks"] or st.data["rows"]):
+        log(f"[study] resuming from {st.dir}: {len(st.data['blocks'])} blocks distilled, "
+            f"{len(st.data['rows'])} rows evaluated")
     lm = open_model(pc.model)
     cfg, tok = lm.cfg, lm.tokenizer()
     eng = Engine.create(build_model_def(cfg, pc.tp, pc.dtype), emulate=pc.emulate)
@@ -51,6 +132,12 @@ def run_study(pc: PipelineConfig, ratios, limit: int, task_dirs, out_json: Path,
     distiller = BlockDistiller(ops, pc.distill)
     b2b, hg_b2b, hg_info, b2b_info = {}, {}, {}, {}
     for i in range(L):
+        done = st.block(i) if st else None
+        if done:
+            b2b[i], hg = st.restore_block(eng, i)
+            hg_b2b[i] = hg if hg is not None else b2b[i]
+            b2b_info[i], hg_info[i] = done["b2b"], done["hg"]
+            continue
         res = distiller.distill(i, orig["layers"][i], h[i], h[i + 1], progress=False)
         b2b[i] = res.params
         b2b_info[i] = {"initial_mse": res.initial_mse, "final_mse": res.final_mse, "status": res.status}
@@ -69,7 +156,10 @@ def run_study(pc: PipelineConfig, ratios, limit: int, task_dirs, out_json: Path,
             hg_b2b[i] = r2.params
         else:
             hg_b2b[i] = b2b[i]
-        log(f"[study] block {i}: B2B MSE {res.initial_mse:.4g}->{res.final_mse:.4g}; HG {'kept' if kept else 'not kept'}")
+        if st:
+            st.save_block(eng, i, b2b[i], hg_b2b[i] if kept else None, {"b2b": b2b_info[i], "hg": hg_info[i]})
+        log(f"[study] block {i} ({i + 1}/{L}): B2B MSE {res.initial_mse:.4g}->{res.final_mse:.4g}; "
+            f"HG {'kept' if kept else 'not kept'}")
 
     tasks = [load_task(t, limit, task_dirs) for t in DEFAULT_TASKS]
     rows = []
@@ -77,33 +167,48 @@ def run_study(pc: PipelineConfig, ratios, limit: int, task_dirs, out_json: Path,
         chosen = select_by_ratio(sens.s, ratio)
         plan = ops.plan(chosen)
         for method in (METHODS if chosen else ("no SPD",)):
-            params = orig
-            if method != "ZS" and chosen:
-                src = b2b if method == "ZS+B2B" else hg_b2b
-                for i in chosen:
-                    params = _with_block(params, i, src[i])
-            sc = Scorer(eng, params, plan, batch_size=16)
-            ppl = perplexity(sc, ev)
-            vs = divergence_from_reference(eng, orig, params, plan, ev, batch_size=8)
-            res = [evaluate_loaded(sc, tok, name, fmt, items, cfg.max_position) for name, fmt, items in tasks]
-            row = {"ratio": ratio, "n_dropped": len(chosen), "method": method, "ppl": ppl,
-                   "top1_agreement": vs["top1_agreement"], "kl_mean": vs["kl_mean"],
-                   "mean_acc": mean_accuracy(res), "tasks": {r.name: {"acc": r.acc, "acc_norm": r.acc_norm, "n": r.n}
-                                                           for r in res}}
+            row = st.row(ratio, method) if st else None
+            if row is None:
+                row = _evaluate_row(eng, orig, ev, tok, tasks, cfg, chosen, plan, ratio, method, b2b, hg_b2b)
+                if st:
+                    st.add_row(row)
             rows.append(row)
-            log(f"[study] ratio {ratio:.2f} {method:10s} ppl {ppl:.3f} mean acc {row['mean_acc']:.4f}")
+            log(f"[study] ratio {ratio:.2f} {method:10s} ppl {row['ppl']:.3f} mean acc {row['mean_acc']:.4f} "
+                f"({len(rows)} rows)")
     out = {"config": dataclasses.asdict(pc), "ratios": list(ratios), "limit": limit, "sensitivity": sens.s,
            "base_calib_ppl": sens.base_ppl, "order": sorted(range(L), key=lambda i: (sens.s[i], -i)),
            "b2b": b2b_info, "hg": hg_info, "rows": rows, "eval_tokens": int(ev.size),
-           "calib": list(calib.shape), "seconds": time.time() - t_start,
+           "calib": list(calib.shape), "seconds": st.elapsed() if st else time.time() - t_start,
            "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(), "jax": jax.__version__,
                        "devices": f"{jax.device_count()}x{jax.devices()[0].device_kind}"},
            "date": datetime.date.today().isoformat()}
     out_json.write_text(json.dumps(out, indent=2))
+    if st:
+        st.remove()
     return out
 
 
+def _evaluate_row(eng, orig, ev, tok, tasks, cfg, chosen, plan, ratio, method, b2b, hg_b2b) -> dict:
+    params = orig
+    if method != "ZS" and chosen:
+        src = b2b if method == "ZS+B2B" else hg_b2b
+        for i in chosen:
+            params = _with_block(params, i, src[i])
+    sc = Scorer(eng, params, plan, batch_size=16)
+    ppl = perplexity(sc, ev)
+    vs = divergence_from_reference(eng, orig, params, plan, ev, batch_size=8)
+    res = [evaluate_loaded(sc, tok, name, fmt, items, cfg.max_position) for name, fmt, items in tasks]
+    return {"ratio": ratio, "n_dropped": len(chosen), "method": method, "ppl": ppl,
+            "top1_agreement": vs["top1_agreement"], "kl_mean": vs["kl_mean"],
+            "mean_acc": mean_accuracy(res), "tasks": {r.name: {"acc": r.acc, "acc_norm": r.acc_norm, "n": r.n}
+                                                    for r in res}}
+
+
+NOTES_MARKER = "<!-- Everything below this line is kept when launch/study.py regenerates this file. -->"
+
+
 def write_results_md(study: dict, md: Path, png: Path, command: str) -> None:
+    """Write the results page; the hand-written notes below `NOTES_MARKER` in an existing page are kept."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,4 +274,6 @@ def write_results_md(study: dict, md: Path, png: Path, command: str) -> None:
     lines += ["", "The accuracy differences are measured on a few hundred examples; with n examples per task the "
               "standard error of one task's accuracy is about sqrt(p(1-p)/n), i.e. 4-6 points at n=60-100, so "
               "differences of a point or two between rows are within noise.", ""]
-    md.write_text("\n".join(lines) + "\n")
+    old = md.read_text() if md.exists() else ""
+    notes = old[old.index(NOTES_MARKER):] if NOTES_MARKER in old else ""
+    md.write_text("\n".join(lines) + "\n" + notes)

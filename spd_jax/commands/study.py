@@ -22,6 +22,9 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=60, help="examples per task")
     p.add_argument("--task-dir", action="append", default=[], help="directory holding BIG-bench tasks")
     p.add_argument("--docs", default=str(ROOT / "docs"))
+    p.add_argument("--state", default=".spd-study-state",
+                   help="folder for the study's progress (distilled blocks, finished rows): a killed study started "
+                        "again with the same settings continues from it; removed when the study ends")
     args = p.parse_args(argv)
     ensure_devices(args)
     from spd_jax.pipeline.run import load_pipeline_config
@@ -32,11 +35,24 @@ def main(argv=None) -> int:
     docs.mkdir(parents=True, exist_ok=True)
     ratios = [float(r) for r in args.ratios.split(",")]
     study = run_study(pc, ratios, args.limit, [Path(d) for d in args.task_dir], docs / "results.json",
-                      log=lambda m: print(m, flush=True))
-    cmd = "python launch/study.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
+                      log=lambda m: print(m, flush=True), state_dir=Path(args.state))
+    cmd = "python launch/study.py " + " ".join(_public_args(argv if argv is not None else sys.argv[1:]))
     write_results_md(study, docs / "results.md", docs / "results.png", cmd.strip())
     print(f"wrote {docs / 'results.md'}")
     return 0
+
+
+def _public_args(argv) -> list[str]:
+    """The command line as the docs should show it: without --docs/--state (where this run wrote to)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--docs", "--state"):
+            skip = True
+        elif not a.startswith(("--docs=", "--state=")):
+            out.append(a)
+    return out
 
 
 def entry() -> None:
