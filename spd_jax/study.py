@@ -29,7 +29,6 @@ import jax
 
 from spd_jax.checkpoint import Checkpointer
 from spd_jax.config import ConfigError
-
 from spd_jax.data import DataSpec, calibration_tokens, contiguous_sequences, eval_stream
 from spd_jax.evaluation import Scorer, divergence_from_reference, evaluate_loaded, mean_accuracy, perplexity
 from spd_jax.loading import load_params, open_model
