@@ -178,7 +178,7 @@ def run_study(pc: PipelineConfig, ratios, limit: int, task_dirs, out_json: Path,
            "base_calib_ppl": sens.base_ppl, "order": sorted(range(L), key=lambda i: (sens.s[i], -i)),
            "b2b": b2b_info, "hg": hg_info, "rows": rows, "eval_tokens": int(ev.size),
            "calib": list(calib.shape), "seconds": st.elapsed() if st else time.time() - t_start,
-           "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(), "jax": jax.__version__,
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
                        "devices": f"{jax.device_count()}x{jax.devices()[0].device_kind}"},
            "date": datetime.date.today().isoformat()}
     out_json.write_text(json.dumps(out, indent=2))
