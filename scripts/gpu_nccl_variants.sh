@@ -12,7 +12,10 @@ mkdir -p "$out"; export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 for link in $links; do
   for v in $variants; do
     env=(); tag=default
-    if [ "$v" != default ]; then env=(NCCL_ALGO="${v%/*}" NCCL_PROTO="${v#*/}"); tag="${v%/*}-${v#*/}"; fi
+    # the algorithm is scoped to all-reduce (NCCL >= 2.24 syntax): a bare NCCL_ALGO=Tree also applies to the
+    # all-gathers JAX issues at start-up, which have no Tree algorithm ("no algorithm/protocol available for
+    # function AllGather", measured at TP 4 in session 10)
+    if [ "$v" != default ]; then env=(NCCL_ALGO="allreduce:${v%/*}" NCCL_PROTO="${v#*/}"); tag="${v%/*}-${v#*/}"; fi
     t0=$SECONDS
     env "${env[@]}" timeout 240 python launch/bench.py --shape tiny --tp "$tp" --spd-ratios 0 --repeats 1 \
       --interconnect "$link" --spawn "$tp" --allreduce-methods psum,gather,a2a --json "$out/ar-$link-$tag.json" \

@@ -26,9 +26,13 @@ def common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spd-blocks", help="blocks that drop the attention sync: 'all', 'none', or e.g. '0,2,5-9'")
     p.add_argument("--spd-plan", help="plan.json written by launch/train_distill.py (overrides --spd-blocks)")
     p.add_argument("--checkpoint", help="output dir of launch/train_distill.py: distilled weights + its plan")
-    p.add_argument("--allreduce", choices=["psum", "gather", "a2a"],
-                   help="how the block all-reduces are done: NCCL's psum (default) or a one-shot exchange for small "
-                        "messages (docs/benchmarks.md has the measured choice per link)")
+    p.add_argument("--allreduce", choices=["psum", "gather", "a2a", "auto"],
+                   help="how the block all-reduces are done: NCCL's psum (default), a one-shot exchange for small "
+                        "messages, or auto: per message size the method measured fastest in --allreduce-table "
+                        "(docs/benchmarks.md has the measured choice per link)")
+    p.add_argument("--allreduce-table", metavar="JSON",
+                   help="with --allreduce auto: a launch/bench.py --json result of this link and TP degree, measured "
+                        "with --allreduce-methods psum,gather,a2a")
     p.add_argument("--fused-projections", action="store_true", default=None,
                    help="q/k/v and gate/up as single GEMMs at inference (same maths, fewer kernels)")
     from spd_jax.distributed import add_distributed_args
@@ -51,7 +55,8 @@ def run_config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None 
                  "checkpoint": getattr(args, "checkpoint", None),
                  "dtype": args.dtype, "emulate": args.emulate,
                  "fused_projections": getattr(args, "fused_projections", None),
-                 "allreduce": getattr(args, "allreduce", None), **(extra or {})}
+                 "allreduce": getattr(args, "allreduce", None),
+                 "allreduce_table": getattr(args, "allreduce_table", None), **(extra or {})}
     return load_run_config(args.config, overrides)
 
 

@@ -17,9 +17,15 @@ replication check (its result is typed replicated); `a2a`'s result is typed devi
 on every device, so a program using it runs with the check off (`AllReduce.checkable`).
 
 `AllReduce(method, max_bytes)` picks the method per message at trace time: messages of at most
-`max_bytes` use `method`, larger ones (prefill) `psum`. The benchmark (`launch/bench.py
---allreduce-methods`) measures every method at 8 KiB / 1 MiB / 64 MiB on the link in use and prints the
-choice table; nothing here is guessed.
+`max_bytes` (default 256 KiB) use `method`, larger ones (prefill) `psum`. The default bound comes from
+measurement: at TP 4 the all-to-all is slower than NCCL at 1 MiB on NVLink and over sockets (a 128-token
+prefill of LLaMA-2-7B is exactly 1 MiB; with the earlier 1 MiB bound it went through the all-to-all and
+its ttft was 53% longer over sockets, docs/benchmarks.md session 10).
+
+`AllReduce("auto", table=...)` takes the choice from a measured table instead: `(message bytes, fastest
+method)` pairs, as `launch/bench.py --allreduce-methods psum,gather,a2a --json F` records them
+(`choice_table` reads F); each message uses the method measured fastest at the nearest measured size
+(nearest in log scale). Nothing here is guessed.
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ import jax
 import jax.numpy as jnp
 
 TP_AXIS = "tp"
-METHODS = ("psum", "gather", "a2a")
-Method = Literal["psum", "gather", "a2a"]
+METHODS = ("psum", "gather", "a2a")  # the implementations
+AUTO = "auto"  # per message size from a measured choice table
+Method = Literal["psum", "gather", "a2a", "auto"]
+DEFAULT_MAX_BYTES = 256 << 10
 
 
 def _rank_sum(stacked_n):
@@ -57,24 +65,42 @@ def a2a_sum(x, axis_name: str = TP_AXIS):
 
 @dataclasses.dataclass(frozen=True)
 class AllReduce:
-    """How a `tp` all-reduce is done: `method` for messages of at most `max_bytes`, `psum` above."""
+    """How a `tp` all-reduce is done: `method` for messages of at most `max_bytes`, `psum` above; or
+    `method="auto"`: the fastest method of `table` at the measured size nearest the message."""
 
     method: Method = "psum"
-    max_bytes: int = 1 << 20
+    max_bytes: int = DEFAULT_MAX_BYTES
+    table: tuple[tuple[int, str], ...] = ()  # auto: (measured message bytes, fastest method), sizes ascending
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown all-reduce method {self.method!r}; known: {', '.join(METHODS)}")
+        if self.method not in METHODS + (AUTO,):
+            raise ValueError(f"unknown all-reduce method {self.method!r}; known: {', '.join(METHODS + (AUTO,))}")
         if self.max_bytes < 0:
             raise ValueError(f"all-reduce max_bytes must be >= 0, got {self.max_bytes}")
+        if self.method == AUTO and not self.table:
+            raise ValueError("all-reduce method 'auto' needs a measured choice table (collectives.choice_table)")
+        for size, m in self.table:
+            if m not in METHODS or size <= 0:
+                raise ValueError(f"bad choice-table entry ({size}, {m!r}): sizes > 0, methods {', '.join(METHODS)}")
+        if [s for s, _ in self.table] != sorted({s for s, _ in self.table}):
+            raise ValueError("choice-table sizes must be distinct and ascending")
+
+    @property
+    def methods(self) -> frozenset[str]:
+        """Every implementation this all-reduce may use."""
+        if self.method == AUTO:
+            return frozenset(m for _, m in self.table) | {"psum"}
+        return frozenset((self.method, "psum"))
 
     @property
     def checkable(self) -> bool:
         """Whether shard_map's replication check can type the result (a2a's cannot)."""
-        return self.method != "a2a"
+        return "a2a" not in self.methods
 
     def choose(self, x) -> str:
         nbytes = math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+        if self.method == AUTO:
+            return choose_from_table(self.table, nbytes)
         return self.method if nbytes <= self.max_bytes else "psum"
 
     def __call__(self, x, axis_name: str = TP_AXIS):
@@ -84,6 +110,27 @@ class AllReduce:
         if m == "a2a":
             return a2a_sum(x, axis_name)
         return jax.lax.psum(x, axis_name)
+
+
+def choose_from_table(table, nbytes: int) -> str:
+    """The method of the measured size nearest `nbytes` in log scale (the smaller size on a tie)."""
+    lg = math.log2(max(nbytes, 1))
+    return min(table, key=lambda e: (abs(math.log2(e[0]) - lg), e[0]))[1]
+
+
+def choice_table(allreduce_rows) -> tuple[tuple[int, str], ...]:
+    """(bytes, fastest method) per size from the `allreduce` rows of a `launch/bench.py --json` result
+    measured with several methods (`--allreduce-methods psum,gather,a2a`)."""
+    table = {}
+    for row in allreduce_rows or ():
+        by = row.get("in_loop_us_by_method") or {}
+        timed = {m: us for m, us in by.items() if m in METHODS and us is not None}
+        if timed:
+            table[int(row["bytes"])] = min(timed, key=timed.get)
+    if not table:
+        raise ValueError("no all-reduce timings by method in it: measure them with launch/bench.py "
+                         "--allreduce-methods psum,gather,a2a --json FILE (at TP >= 2)")
+    return tuple(sorted(table.items()))
 
 
 PSUM = AllReduce()

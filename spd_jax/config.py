@@ -275,9 +275,12 @@ class RunConfig:
     emulate: bool = False  # run N-way TP on one device (vmap over shards) instead of N devices
     fused_projections: bool = False  # q/k/v and gate/up as single GEMMs at inference (runtime.fuse_projections)
     # the block all-reduces: NCCL's psum, or a one-shot exchange for messages of at most allreduce_max_bytes
-    # (spd_jax/collectives.py; `launch/bench.py --allreduce-methods` measures which is faster on a link)
-    allreduce: Literal["psum", "gather", "a2a"] = "psum"
-    allreduce_max_bytes: int = 1 << 20
+    # (spd_jax/collectives.py; `launch/bench.py --allreduce-methods` measures which is faster on a link), or
+    # "auto": per message size, the method measured fastest in allreduce_table (a launch/bench.py --json result
+    # of this TP degree and link, measured with --allreduce-methods psum,gather,a2a)
+    allreduce: Literal["psum", "gather", "a2a", "auto"] = "psum"
+    allreduce_max_bytes: int = 256 << 10
+    allreduce_table: str | None = None
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
 
     def validate(self) -> None:
@@ -290,6 +293,11 @@ class RunConfig:
             raise ConfigError(f"spd_attn_bias must be 'full' or 'none', got {self.spd_attn_bias!r}")
         if self.allreduce_max_bytes < 0:
             raise ConfigError(f"allreduce_max_bytes must be >= 0, got {self.allreduce_max_bytes}")
+        if self.allreduce == "auto" and not self.allreduce_table:
+            raise ConfigError("allreduce: auto needs allreduce_table (a launch/bench.py --json result measured with "
+                              "--allreduce-methods psum,gather,a2a on this link and TP degree)")
+        if self.allreduce_table and self.allreduce != "auto":
+            raise ConfigError(f"allreduce_table is only read with allreduce: auto (allreduce is {self.allreduce!r})")
         self.generation.validate()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,11 +42,30 @@ def checkpoint_dirs(path: str) -> tuple[Path, Path]:
     return p, p / "checkpoint"
 
 
+def allreduce_of(run: RunConfig):
+    """The run's block all-reduce; with `allreduce: auto`, its choice table read from `allreduce_table`."""
+    from spd_jax.collectives import AUTO, AllReduce, choice_table
+
+    if run.allreduce != AUTO:
+        return AllReduce(run.allreduce, run.allreduce_max_bytes)
+    path = Path(run.allreduce_table)
+    if not path.is_file():
+        raise ConfigError(f"allreduce_table {path} not found (write one with launch/bench.py --allreduce-methods "
+                          f"psum,gather,a2a --json {path})")
+    try:
+        result = json.loads(path.read_text())
+        table = choice_table(result.get("allreduce"))
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"allreduce_table {path} is not a usable launch/bench.py result: {e}") from None
+    if result.get("tp") != run.tp:
+        raise ConfigError(f"allreduce_table {path} was measured at TP {result.get('tp')}, this run is TP {run.tp}: "
+                          f"the fastest method depends on the number of ranks")
+    return AllReduce(AUTO, run.allreduce_max_bytes, table=table)
+
+
 def resolve_plan(run: RunConfig, n_layers: int) -> SyncPlan:
     """The run's SyncPlan: a checkpoint's plan.json, a plan file, or the `spd_blocks` spec."""
-    from spd_jax.collectives import AllReduce
-
-    bias, how = run.spd_attn_bias, AllReduce(run.allreduce, run.allreduce_max_bytes)
+    bias, how = run.spd_attn_bias, allreduce_of(run)
     if run.spd_plan is None and run.checkpoint:
         out, _ = checkpoint_dirs(run.checkpoint)
         if not (out / "plan.json").is_file():

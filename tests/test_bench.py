@@ -285,3 +285,25 @@ def test_decode_budget_by_hand():
     assert b["x_bytes"]["sync"] == pytest.approx(3.828, rel=1e-3)
     assert b["allreduce_ms"] == pytest.approx(1.0)
     assert "overhead_per_block_us" not in decode_budget(3.37e9, 4300.0, 32, {"sync": 3.0})
+
+
+def test_bench_auto_allreduce_measures_its_table_first_and_runs_with_it(tmp_path):
+    out = tmp_path / "auto.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), NCCL_PROTO="LL")  # recorded, not used on CPU
+    r = subprocess.run([sys.executable, str(ROOT / "launch/bench.py"), "--shape", "tiny", "--tp", "4",
+                        "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1", "--spd-ratios", "0,1",
+                        "--dtype", "float32", "--allreduce-methods", "psum,auto", "--allreduce-sizes", "8192,65536",
+                        "--bandwidth-mib", "0", "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert [row["label"] for row in d["rows"]] == ["r=0.00", "r=1.00", "r=0.00/auto", "r=1.00/auto"]
+    # the table is the per-size fastest of this run's own measurement, taken before compiling
+    expect = [[a["bytes"], min(a["in_loop_us_by_method"], key=a["in_loop_us_by_method"].get)] for a in d["allreduce"]]
+    assert d["allreduce_table"] == expect and {m for m in d["allreduce"][0]["in_loop_us_by_method"]} == {
+        "psum", "gather", "a2a"}
+    phases = list(d["phases_s"])
+    assert phases.index("all-reduce microbenchmark (for auto)") < phases.index("compile 4 configurations")
+    assert "auto all-reduce choice table (measured above)" in r.stdout
+    assert d["nccl_tuning"].get("NCCL_PROTO") == "LL"  # NCCL settings beyond the link mode are in the result
+    for row in d["rows"]:
+        assert np.isfinite(row["tpot_ms"]) and row["tpot_ms"] > 0

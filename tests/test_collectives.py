@@ -97,3 +97,75 @@ def test_the_compiled_program_uses_the_chosen_collective(tiny_models):
     assert count(small, "all-reduce") == 0 and count(small, "all-to-all") >= 7  # 2 per block + embedding
     big = hlo(SyncPlan.sync(3).using(AllReduce("a2a", max_bytes=64)))
     assert count(big, "all-to-all") == 0 and count(big, "all-reduce") >= 7
+
+
+# ---- auto: the method per message size from a measured choice table ----
+
+TABLE = ((8192, "a2a"), (1 << 20, "psum"), (64 << 20, "gather"))
+
+
+@pytest.mark.parametrize("nbytes, expect", [
+    (2, "a2a"), (8192, "a2a"), (90_000, "a2a"),  # nearest in log scale: 90 000 B is nearer 8 KiB than 1 MiB
+    (100_000, "psum"), (1 << 20, "psum"), (8 << 20, "psum"), (9 << 20, "gather"), (1 << 30, "gather")])
+def test_auto_uses_the_method_measured_fastest_at_the_nearest_size(nbytes, expect):
+    how = AllReduce("auto", table=TABLE)
+    assert how.choose(jnp.zeros((nbytes,), jnp.int8)) == expect
+    assert how.methods == {"a2a", "psum", "gather"} and not how.checkable
+    assert AllReduce("auto", table=((8192, "gather"), (1 << 20, "psum"))).checkable
+
+
+def test_auto_refuses_a_missing_or_malformed_table():
+    with pytest.raises(ValueError, match="needs a measured choice table"):
+        AllReduce("auto")
+    with pytest.raises(ValueError, match="bad choice-table entry"):
+        AllReduce("auto", table=((8192, "ring"),))
+    with pytest.raises(ValueError, match="ascending"):
+        AllReduce("auto", table=((1 << 20, "psum"), (8192, "a2a")))
+
+
+def test_the_default_bound_keeps_prefill_on_psum():
+    """The default max_bytes (256 KiB, measured: the all-to-all loses to NCCL at 1 MiB at TP 4): batch-1 decode
+    of a 7B (8 KiB) and a batch of 32 (256 KiB) take the one-shot method; a 128-token 7B prefill (1 MiB) psum."""
+    how = AllReduce("a2a")
+    assert how.choose(jnp.zeros((1, 4096), jnp.bfloat16)) == "a2a"
+    assert how.choose(jnp.zeros((32, 4096), jnp.bfloat16)) == "a2a"
+    assert how.choose(jnp.zeros((128, 4096), jnp.bfloat16)) == "psum"
+
+
+def test_choice_table_from_a_measured_microbenchmark():
+    """The table is the per-size argmin of what the microbenchmark measured (on simulated devices here)."""
+    from spd_jax.bench import allreduce_microbench
+    from spd_jax.collectives import choice_table
+
+    rows = allreduce_microbench(make_mesh(4), (8192, 65536), repeats=3, methods=("psum", "gather", "a2a"))
+    table = choice_table(rows)
+    assert [b for b, _ in table] == [8192, 65536]
+    for (b, m), row in zip(table, rows):
+        by = row["in_loop_us_by_method"]
+        assert set(by) == {"psum", "gather", "a2a"} and by[m] == min(by.values())
+    with pytest.raises(ValueError, match="no all-reduce timings by method"):
+        choice_table([{"bytes": 8192, "in_loop_us": 30.0}])  # a psum-only run cannot choose
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_model_with_auto_equals_psum_and_compiles_each_chosen_collective(tiny_models, kind):
+    """A table whose boundary falls between the decode and the prefill message: decode goes through the
+    all-to-all, prefill through the all-gather; logits and generated tokens equal psum's."""
+    lm, eng, params = _setup(tiny_models, kind, 4)
+    tokens = np.random.RandomState(3).randint(3, 90, size=(1, 16)).astype(np.int32)
+    d = lm.cfg.hidden * 4  # float32 bytes of one token's hidden state
+    how = AllReduce("auto", table=((d, "a2a"), (16 * d, "gather")))  # boundary at 4 tokens' worth
+    assert how.choose(jnp.zeros((2, lm.cfg.hidden))) == "a2a" and how.choose(jnp.zeros((16, lm.cfg.hidden))) == "gather"
+    gen = GenerationConfig(max_new_tokens=5, stop_at_eos=False)
+    for base in (SyncPlan.sync(3), SyncPlan.from_spec("1", 3)):
+        plan = base.using(how)
+        chex.assert_trees_all_close(np.asarray(eng.logits(params, tokens, plan=plan)),
+                                    np.asarray(eng.logits(params, tokens, plan=base)), atol=2e-5, rtol=1e-5)
+        assert (Generator(eng, params, plan).generate([[5, 17, 42, 8]], gen).tokens
+                == Generator(eng, params, base).generate([[5, 17, 42, 8]], gen).tokens)
+    pad = eng.replicate(np.zeros((1,), np.int32))
+    fwd = eng.forward(SyncPlan.sync(3).using(how))
+    text = jax.jit(lambda p, t, q: fwd(p, t, q, None, jnp.int32(0))[0]).lower(
+        params, eng.replicate(tokens), pad).as_text()
+    assert "all_gather" in text or "all-gather" in text  # the 16-token prefill messages
+    assert "all_reduce" not in text and "all-reduce" not in text

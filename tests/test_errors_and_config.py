@@ -160,3 +160,51 @@ def test_cli_reports_bad_tp_without_traceback(tiny_models):
     assert r.returncode == 2
     assert "error: TP degree 3" in r.stderr and "valid TP degrees: [1, 2, 4, 8]" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def _bench_json(path, tp, by_method=True):
+    rows = [{"bytes": 8192, "in_loop_us": 120.0}, {"bytes": 1 << 20, "in_loop_us": 980.0}]
+    if by_method:
+        rows[0]["in_loop_us_by_method"] = {"psum": 120.0, "gather": 125.0, "a2a": 84.0}
+        rows[1]["in_loop_us_by_method"] = {"psum": 980.0, "gather": 1200.0, "a2a": 1500.0}
+    path.write_text(json.dumps({"tp": tp, "interconnect": "net", "allreduce": rows}))
+    return path
+
+
+def test_allreduce_auto_needs_a_measured_table_of_this_tp(tmp_path):
+    from spd_jax.inference import allreduce_of
+
+    with pytest.raises(ConfigError, match="auto needs allreduce_table"):
+        load_run_config(None, {"allreduce": "auto"})
+    with pytest.raises(ConfigError, match="only read with allreduce: auto"):
+        load_run_config(None, {"allreduce_table": "t.json"})
+    run = lambda path, tp=4: load_run_config(None, {"allreduce": "auto", "allreduce_table": str(path), "tp": tp})  # noqa: E731
+    with pytest.raises(ConfigError, match="not found"):
+        allreduce_of(run(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not a usable launch/bench.py result"):
+        allreduce_of(run(tmp_path / "bad.json"))
+    with pytest.raises(ConfigError, match="no all-reduce timings by method"):
+        allreduce_of(run(_bench_json(tmp_path / "psum_only.json", 4, by_method=False)))
+    with pytest.raises(ConfigError, match="measured at TP 2, this run is TP 4"):
+        allreduce_of(run(_bench_json(tmp_path / "tp2.json", 2)))
+    how = allreduce_of(run(_bench_json(tmp_path / "tp4.json", 4)))
+    assert how.method == "auto" and how.table == ((8192, "a2a"), (1 << 20, "psum"))
+
+
+def test_infer_with_auto_allreduce_gives_the_psum_tokens_and_a_clear_error_without_a_table(tokenized_tiny, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    base = [sys.executable, str(ROOT / "launch/infer.py"), "--model", str(tokenized_tiny[0]), "--tp", "2",
+            "--prompt", "hello there", "--max-new-tokens", "5", "--temperature", "0", "--json"]
+    r = subprocess.run(base + ["--allreduce", "auto", "--allreduce-table", str(tmp_path / "none.json")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "error: allreduce_table" in r.stderr and "Traceback" not in r.stderr
+    table = _bench_json(tmp_path / "tp2.json", 2)
+    outs = [subprocess.run(base + extra, capture_output=True, text=True, env=env, timeout=300)
+            for extra in (["--allreduce", "auto", "--allreduce-table", str(table)], ["--allreduce", "psum"])]
+    assert all(o.returncode == 0 for o in outs), outs[0].stderr[-2000:] + outs[1].stderr[-2000:]
+    auto, psum = (json.loads(o.stdout) for o in outs)
+    assert auto["allreduce"] == {"method": "auto", "max_bytes": 256 << 10, "table": [[8192, "a2a"], [1 << 20, "psum"]]}
+    assert psum["allreduce"]["method"] == "psum"
+    tokens = [r["token_ids"] for r in auto["results"]]
+    assert tokens == [r["token_ids"] for r in psum["results"]] and len(tokens[0]) == 5

@@ -53,10 +53,12 @@ def parse_args(argv=None):
                         "e.g. the eager and the compiled peer)")
     p.add_argument("--allreduce-methods", default="psum",
                    help="comma list of all-reduce implementations to run every configuration with (psum, gather, "
-                        "a2a; collectives.py); each is timed against its own sync row, and the microbenchmark "
-                        "measures each at every size: the choice table")
-    p.add_argument("--allreduce-max-bytes", type=int, default=1 << 20,
-                   help="messages above this size use psum whatever the method (prefill); default 1 MiB")
+                        "a2a, auto; collectives.py); each is timed against its own sync row, and the microbenchmark "
+                        "measures each at every size: the choice table. 'auto' measures psum, gather and a2a first "
+                        "and runs each message with the fastest at the nearest measured size (the table is in the "
+                        "JSON: allreduce_table)")
+    p.add_argument("--allreduce-max-bytes", type=int, default=None,
+                   help="messages above this size use psum whatever the method (prefill); default 256 KiB")
     p.add_argument("--allreduce-sizes", default="8192,1048576,67108864",
                    help="message sizes (bytes) of the all-reduce microbenchmark, comma-separated")
     p.add_argument("--bandwidth-mib", type=int, default=None,
@@ -147,14 +149,30 @@ def main(argv=None) -> int:
         from spd_jax.runtime import fuse_projections
 
         engine, params = fuse_projections(engine, params)
-    from spd_jax.collectives import METHODS, AllReduce
+    from spd_jax.collectives import AUTO, DEFAULT_MAX_BYTES, METHODS, AllReduce, choice_table
     from spd_jax.config import ConfigError
+
+    if args.allreduce_max_bytes is None:
+        args.allreduce_max_bytes = DEFAULT_MAX_BYTES
 
     L = cfg.n_layers
     methods = [m.strip() for m in args.allreduce_methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in METHODS + (AUTO,)]
     if bad or not methods:
-        raise ConfigError(f"--allreduce-methods: unknown {bad}; known: {', '.join(METHODS)}")
+        raise ConfigError(f"--allreduce-methods: unknown {bad}; known: {', '.join(METHODS + (AUTO,))}")
+    if AUTO in methods and args.tp < 2:
+        raise ConfigError("--allreduce-methods auto needs --tp >= 2 (it measures the all-reduces first)")
+    sizes = tuple(int(b) for b in args.allreduce_sizes.split(","))
+    measured = [m for m in methods if m != AUTO]
+    ar, table = None, ()
+    if AUTO in methods:  # the choice table of this link, measured before the configurations that use it
+        measured = list(dict.fromkeys(measured + list(METHODS)))
+        ar = allreduce_microbench(engine.mesh, sizes, methods=tuple(measured))
+        table = choice_table(ar)
+        phase("all-reduce microbenchmark (for auto)")
+
+    def how(m):
+        return AllReduce(AUTO, table=table) if m == AUTO else AllReduce(m, args.allreduce_max_bytes)
     base = []
     if args.spd_plan:
         base = [("r=0.00", SyncPlan.sync(L)), ("plan", SyncPlan.from_plan(load_plan(args.spd_plan), L,
@@ -164,7 +182,7 @@ def main(argv=None) -> int:
     configs = []  # (label, plan, method)
     for m in methods:
         suffix = "" if m == "psum" else f"/{m}"
-        configs += [(label + suffix, plan.using(AllReduce(m, args.allreduce_max_bytes)), m) for label, plan in base]
+        configs += [(label + suffix, plan.using(how(m)), m) for label, plan in base]
     if args.floor:
         configs.append(("floor", SyncPlan.floor(L), "none"))
     gens = [Generator(engine, params, plan) for _, plan, _ in configs]
@@ -179,10 +197,10 @@ def main(argv=None) -> int:
                                     args.decode_chunk, args.attend_window, not args.no_shadow_row,
                                     args.attention_kernel))
         phase(f"time {label}")
-    ar = (allreduce_microbench(engine.mesh, tuple(int(b) for b in args.allreduce_sizes.split(",")),
-                               methods=tuple(methods) if methods != ["psum"] else ())
-          if args.tp > 1 else [])
-    phase("all-reduce microbenchmark")
+    if ar is None:
+        ar = (allreduce_microbench(engine.mesh, sizes, methods=tuple(measured) if measured != ["psum"] else ())
+              if args.tp > 1 else [])
+        phase("all-reduce microbenchmark")
     method_of = {label: m for label, _, m in configs}
     sync_of = {m: next((r for r in rows if method_of[r.label] == m and r.n_spd == 0), rows[0]) for m in methods}
     sync = rows[0]
@@ -203,10 +221,13 @@ def main(argv=None) -> int:
         "fused_projections": args.fused_projections, "compile_s": compile_s, "interconnect": args.interconnect,
         "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
         "nccl_env": {k: os.environ.get(k) for k in NCCL_KEYS}, "random_weights": True,
+        "nccl_tuning": {k: v for k, v in os.environ.items()  # what the user set beyond the link mode (ALGO, PROTO...)
+                        if k.startswith("NCCL_") and k not in NCCL_KEYS and not k.startswith("NCCL_DEBUG")},
         "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(), "jax": jax.__version__,
         "n_processes": jax.process_count(), "link_check": link,
         "weight_bytes_per_device": wbytes, "allreduce": ar, "hbm": hbm, "decode_budget": budget, "phases_s": phases,
         "allreduce_methods": methods, "allreduce_max_bytes": args.allreduce_max_bytes,
+        "allreduce_table": [list(e) for e in table] or None,
         "rows": [{**r.__dict__, "allreduce_method": method_of[r.label],
                   "speedup_e2e_vs_sync": (s := sync_of.get(method_of[r.label], sync)).e2e_ms / r.e2e_ms,
                   "speedup_tpot_vs_sync": s.tpot_ms / r.tpot_ms,
@@ -245,6 +266,8 @@ def main(argv=None) -> int:
         if "in_loop_us_by_method" in a:
             print("    in loop by method: " + ", ".join(f"{m} {us:.1f} us" for m, us in a["in_loop_us_by_method"].items())
                   + f" -> fastest: {a['fastest']}")
+    if table:
+        print("auto all-reduce choice table (measured above): " + ", ".join(f"{b} B -> {m}" for b, m in table))
     if args.peer_json:
         result["peers"] = [json.loads(Path(f).read_text()) for f in args.peer_json]
         for peer in result["peers"]:

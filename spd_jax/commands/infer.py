@@ -85,6 +85,8 @@ def main(argv=None) -> int:
             "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
             "ttft_s": res.ttft_s, "decode_s": res.decode_s, "decode_tokens": res.decode_tokens,
             "decode_tokens_per_s": res.decode_tokens_per_s, "block_allreduces_per_token": n_ar,
+            "allreduce": {"method": sess.plan.allreduce.method, "max_bytes": sess.plan.allreduce.max_bytes,
+                          "table": [list(e) for e in sess.plan.allreduce.table] or None},
             "results": [{"prompt": p, "text": t, "token_ids": tok, "prompt_token_ids": i, "finished_eos": f}
                         for p, t, tok, i, f in zip(prompts, texts, res.tokens, ids, res.finished)],
             **({"sync": {"block_allreduces_per_token": 2 * L, "texts": sync[1], "token_ids": sync[0].tokens,
