@@ -37,11 +37,12 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from spd_jax.config import ALLREDUCE_MAX_BYTES as DEFAULT_MAX_BYTES
+
 TP_AXIS = "tp"
 METHODS = ("psum", "gather", "a2a")  # the implementations
 AUTO = "auto"  # per message size from a measured choice table
 Method = Literal["psum", "gather", "a2a", "auto"]
-DEFAULT_MAX_BYTES = 256 << 10
 
 
 def _rank_sum(stacked_n):

@@ -263,6 +263,11 @@ class GenerationConfig:
             raise ConfigError(f"attend_window must be >= 0 (0 = the whole cache), got {self.attend_window}")
 
 
+# messages above this many bytes keep NCCL's psum whatever the one-shot method (collectives.AllReduce):
+# at TP 4 the all-to-all lost to NCCL at 1 MiB on every link measured (docs/benchmarks.md, session 10)
+ALLREDUCE_MAX_BYTES = 256 << 10
+
+
 @dataclasses.dataclass
 class RunConfig:
     model: str = "embedded"  # "embedded", an HF model directory, or a .gguf file
@@ -279,7 +284,7 @@ class RunConfig:
     # "auto": per message size, the method measured fastest in allreduce_table (a launch/bench.py --json result
     # of this TP degree and link, measured with --allreduce-methods psum,gather,a2a)
     allreduce: Literal["psum", "gather", "a2a", "auto"] = "psum"
-    allreduce_max_bytes: int = 256 << 10
+    allreduce_max_bytes: int = ALLREDUCE_MAX_BYTES
     allreduce_table: str | None = None
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
 
