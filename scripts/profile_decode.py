@@ -6,6 +6,10 @@ and per kernel) and prints the top entries per decode step, plus the bandwidth a
 GEMV chain reaches in each weight layout (the ceiling our matmuls can hope for). RANDOM weights.
 
   python scripts/profile_decode.py --shape llama2-7b --tp 1 --out /tmp/prof
+  python scripts/profile_decode.py --shape llama2-7b --tp 2 --floor --spawn 2   # one process per GPU
+
+With `--spawn N` every process traces its own GPU and process 0 prints the aggregate of its device, so the
+same kernel table can be compared between one process driving all GPUs and one process per GPU.
 """
 
 from __future__ import annotations
@@ -129,14 +133,25 @@ def main():
     p.add_argument("--hlo", action="store_true", help="write the optimised HLO of the decode loop")
     p.add_argument("--interconnect", choices=["nvlink", "pcie", "net", "hbw", "lbw"], default="nvlink",
                    help="the NCCL variables of launch/bench.py --interconnect")
+    p.add_argument("--all-devices", action="store_true", help="print every local GPU's table, not only the first")
+    from spd_jax.distributed import add_distributed_args, maybe_initialize, maybe_spawn
+
+    add_distributed_args(p)
     args = p.parse_args()
+    spawned = maybe_spawn(args, os.path.abspath(__file__))
+    if spawned is not None:
+        return spawned
     from spd_jax.bench import set_interconnect
 
     set_interconnect(args.interconnect)
+    from spd_jax.cli import ensure_devices
+
+    ensure_devices(args)
     import jax
     import jax.numpy as jnp
     import numpy as np
 
+    maybe_initialize(args)
     from spd_jax.bench import random_params, shape_config, weight_bytes_per_device
     from spd_jax.config import GenerationConfig
     from spd_jax.generate import Generator
@@ -162,7 +177,12 @@ def main():
     r = gen.generate(prompt, gcfg)
     steps = args.new_tokens - 1
     wb = weight_bytes_per_device(mdef)
-    print(f"# {args.shape} tp={args.tp} spd={args.spd} floor={args.floor} fused={args.fused_projections} chunk={args.decode_chunk} on {jax.devices()[0].device_kind}: "
+    layout = (f"one process per device ({jax.process_count()} processes)" if jax.process_count() > 1
+              else f"one process driving {args.tp} device(s)")
+    main_proc = jax.process_index() == 0
+    say = print if main_proc else (lambda *a, **k: None)
+    say(f"# {layout}")
+    say(f"# {args.shape} tp={args.tp} spd={args.spd} floor={args.floor} fused={args.fused_projections} chunk={args.decode_chunk} on {jax.devices()[0].device_kind}: "
           f"tpot {r.decode_s * 1e3 / steps:.3f} ms, weights/device {wb / 1e9:.2f} GB "
           f"-> {wb / (r.decode_s / steps) / 1e9:.0f} GB/s effective")
     if args.hlo:
@@ -170,19 +190,24 @@ def main():
         cache = engine.init_cache(1, 256)
         txt = dec.lower(params, cache, jnp.zeros((1,), jnp.int32), engine.replicate(np.zeros(1, np.int32)),
                         jnp.int32(128), jax.random.PRNGKey(0)).compile().as_text()
-        with open(os.path.join(args.out, "decode_hlo.txt"), "w") as f:
-            f.write(txt)
-        print(f"wrote decode_hlo.txt ({len(txt)} chars)")
+        if main_proc:
+            with open(os.path.join(args.out, "decode_hlo.txt"), "w") as f:
+                f.write(txt)
+        say(f"wrote decode_hlo.txt ({len(txt)} chars)")
     import tempfile
 
-    trace_dir = tempfile.mkdtemp(prefix="trace-", dir=args.out)  # fresh per run: never re-read an old trace
+    trace_dir = tempfile.mkdtemp(prefix=f"trace-p{jax.process_index()}-", dir=args.out)  # fresh per run: never re-read an old trace
     with jax.profiler.trace(trace_dir):
         gen.generate(prompt, gcfg)
     paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-    aggregate(paths[0], args.top, steps)
-    if args.gemv:
+    if main_proc:
+        aggregate(paths[0], args.top, steps, all_devices=args.all_devices)
+    if args.gemv and main_proc:
         gemv_ceiling(cfg.hidden, cfg.intermediate // args.tp, cfg.n_layers)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from spd_jax.cli import run
+
+    run(main)
