@@ -256,8 +256,31 @@ def host_times(fn, *args, repeats: int) -> list[float]:
     return ts
 
 
+def ar_chain(mesh, k: int, method: str = "psum"):
+    """The microbenchmark's loop: k dependent all-reduces of a [tp, elems] array sharded over "tp" (each scaled
+    back by 1/n so values stay finite), or with method "exchange" k ring shifts (ppermute to the next rank).
+
+    k is static, so XLA knows the trip count and (as in the decode loop's fixed-length chunks) needs no
+    per-iteration read of the loop predicate by the host. The carry's type changes from device-varying to
+    replicated, hence check_vma=False for this microbenchmark only."""
+    from jax.sharding import PartitionSpec as P
+
+    from spd_jax.collectives import AllReduce
+
+    n = mesh.devices.size
+    if method == "exchange":  # one ring shift: the least communication any all-reduce needs
+        perm = [(i, (i + 1) % n) for i in range(n)]
+        step = lambda c: jax.lax.ppermute(c, "tp", perm)  # noqa: E731
+    else:
+        how = AllReduce(method, max_bytes=1 << 62)
+        step = lambda c: how(c, "tp") * (1.0 / n)  # noqa: E731
+    body = lambda a: jax.lax.fori_loop(0, k, lambda _, c: step(c), a)  # noqa: E731
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("tp", None), out_specs=P("tp", None),
+                                 check_vma=False))
+
+
 def allreduce_microbench(mesh, sizes_bytes=(8 << 10, 1 << 20, 64 << 20), repeats: int = 20,
-                         methods: tuple[str, ...] = ()) -> list[dict]:
+                         methods: tuple[str, ...] = (), exchange_floor: bool = False) -> list[dict]:
     """Latency and bus bandwidth of a bf16 psum over the tp axis, per message size, measured two ways.
 
     * `median_us`: one jitted all-reduce timed from the host (includes dispatch and synchronisation);
@@ -265,11 +288,12 @@ def allreduce_microbench(mesh, sizes_bytes=(8 << 10, 1 << 20, 64 << 20), repeats
       all-reduces, ((time of K+1 iterations) - (time of 1)) / K, the way the decode loop pays for them.
     Bus bandwidth is computed from the in-loop time. `methods`: all-reduce implementations
     (collectives.METHODS) whose in-loop cost is measured the same way (`in_loop_us_by_method`, `fastest`):
-    the measured choice table of size x link -> method."""
+    the measured choice table of size x link -> method. `exchange_floor`: also the in-loop cost of ONE
+    exchange of the same message (`one_exchange_us`: a ppermute, every rank sends its buffer to the next):
+    every all-reduce needs each rank to receive from another at least once, so through the same transport
+    no method can cost less than this (a lower bound for the one-shot methods; ring all-reduces pay more)."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
-
-    from spd_jax.collectives import AllReduce
 
     n = mesh.devices.size
 
@@ -283,20 +307,10 @@ def allreduce_microbench(mesh, sizes_bytes=(8 << 10, 1 << 20, 64 << 20), repeats
         f = jax.jit(jax.shard_map(lambda a: jax.lax.psum(a, "tp"), mesh=mesh, in_specs=P("tp", None),
                                   out_specs=P(None, None)))
 
-        def chain(k, method="psum"):
-            # k dependent all-reduces (each scaled back by 1/n so values stay finite). k is static, so XLA
-            # knows the trip count and (as in the decode loop's fixed-length chunks) needs no per-iteration
-            # read of the loop predicate by the host. The carry's type changes from device-varying to
-            # replicated, hence check_vma=False for this microbenchmark only.
-            how = AllReduce(method, max_bytes=1 << 62)
-            body = lambda a: jax.lax.fori_loop(0, k, lambda _, c: how(c, "tp") * (1.0 / n), a)  # noqa: E731
-            return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("tp", None), out_specs=P("tp", None),
-                                         check_vma=False))
-
         k_many = 64 if size <= (1 << 20) else 8
 
         def in_loop(method="psum"):
-            t_one, t_many = host_time(chain(1, method), x), host_time(chain(k_many + 1, method), x)
+            t_one, t_many = (host_time(ar_chain(mesh, k, method), x) for k in (1, k_many + 1))
             return max(t_many - t_one, 0.0) / k_many
 
         t = host_time(f, x)
@@ -306,6 +320,8 @@ def allreduce_microbench(mesh, sizes_bytes=(8 << 10, 1 << 20, 64 << 20), repeats
         if methods:
             row["in_loop_us_by_method"] = {m: (t_loop if m == "psum" else in_loop(m)) * 1e6 for m in methods}
             row["fastest"] = min(row["in_loop_us_by_method"], key=row["in_loop_us_by_method"].get)
+        if exchange_floor and n > 1:
+            row["one_exchange_us"] = in_loop("exchange") * 1e6
         out.append(row)
     return out
 

@@ -147,6 +147,29 @@ def test_choice_table_from_a_measured_microbenchmark():
         choice_table([{"bytes": 8192, "in_loop_us": 30.0}])  # a psum-only run cannot choose
 
 
+@pytest.mark.parametrize("n", [2, 4])
+def test_microbenchmark_loops_compute_what_they_claim(n):
+    """The timed loops do the communication they are named after (NumPy reference): k all-reduces scaled by
+    1/n leave the rank mean on every rank; k exchanges shift the rows k places round the ring. And the
+    exchange floor is reported per size when asked for."""
+    from spd_jax.bench import allreduce_microbench, ar_chain
+
+    mesh = make_mesh(n)
+    x_np = np.arange(n * 8, dtype=np.float32).reshape(n, 8)
+    x = jax.device_put(jnp.asarray(x_np, jnp.bfloat16), NamedSharding(mesh, P("tp", None)))
+    for method in ("psum", "gather", "a2a"):
+        out = np.asarray(ar_chain(mesh, 3, method)(x), np.float32)
+        np.testing.assert_allclose(out, np.broadcast_to(x_np.mean(0), (n, 8)), rtol=1e-2)
+    for k in (1, 3):
+        np.testing.assert_array_equal(np.asarray(ar_chain(mesh, k, "exchange")(x), np.float32),
+                                      np.roll(x_np, k, axis=0))
+    rows = allreduce_microbench(mesh, (8192, 65536), repeats=2, exchange_floor=True)
+    assert [r["bytes"] for r in rows] == [8192, 65536]
+    for r in rows:
+        assert np.isfinite(r["one_exchange_us"]) and r["one_exchange_us"] >= 0
+    assert "one_exchange_us" not in allreduce_microbench(mesh, (8192,), repeats=2)[0]
+
+
 @pytest.mark.parametrize("kind", ["llama", "opt"])
 def test_model_with_auto_equals_psum_and_compiles_each_chosen_collective(tiny_models, kind):
     """A table whose boundary falls between the decode and the prefill message: decode goes through the
