@@ -2,8 +2,10 @@
 # NCCL algorithm / protocol variants against the one-shot all-reduces, per link, one process per GPU: the
 # all-reduce microbenchmark of launch/bench.py (in-loop cost at 8 KiB / 1 MiB / 64 MiB for psum, gather and
 # a2a) under each NCCL_ALGO x NCCL_PROTO setting, on a tiny model (the microbenchmark does not depend on it).
-# Usage: bash scripts/gpu_nccl_variants.sh OUTDIR TP "LINKS" ["ALGO/PROTO ..."]
-#   e.g. bash scripts/gpu_nccl_variants.sh out 4 "nvlink net" "default Ring/LL Ring/LL128 Ring/Simple Tree/LL"
+# Usage: bash scripts/gpu_nccl_variants.sh OUTDIR TP "LINKS" ["VARIANT ..."]
+#   VARIANT = default | ALGO/PROTO | NCCL_X=V[+NCCL_Y=W...] (any NCCL variables, e.g. socket threads, channels)
+#   e.g. bash scripts/gpu_nccl_variants.sh out 4 "nvlink net" "default Ring/LL Tree/LL NCCL_MAX_NCHANNELS=1"
+# Every run also times one exchange per size (--exchange-floor: the least any all-reduce pays on that link).
 # Each run's JSON goes to OUTDIR/ar-LINK-ALGO-PROTO.json; the table at the end comes from them.
 set -uo pipefail
 out=${1:-/tmp/nccl}; tp=${2:-4}; links=${3:-nvlink net}
@@ -15,10 +17,11 @@ for link in $links; do
     # the algorithm is scoped to all-reduce (NCCL >= 2.24 syntax): a bare NCCL_ALGO=Tree also applies to the
     # all-gathers JAX issues at start-up, which have no Tree algorithm ("no algorithm/protocol available for
     # function AllGather", measured at TP 4 in session 10)
-    if [ "$v" != default ]; then env=(NCCL_ALGO="allreduce:${v%/*}" NCCL_PROTO="${v#*/}"); tag="${v%/*}-${v#*/}"; fi
+    if [[ "$v" == *=* ]]; then IFS=+ read -r -a env <<<"$v"; tag=$(echo "$v" | tr -d '=' | tr '+' '.')
+    elif [ "$v" != default ]; then env=(NCCL_ALGO="allreduce:${v%/*}" NCCL_PROTO="${v#*/}"); tag="${v%/*}-${v#*/}"; fi
     t0=$SECONDS
     env "${env[@]}" timeout 240 python launch/bench.py --shape tiny --tp "$tp" --spd-ratios 0 --repeats 1 \
-      --interconnect "$link" --spawn "$tp" --allreduce-methods psum,gather,a2a --json "$out/ar-$link-$tag.json" \
+      --interconnect "$link" --spawn "$tp" --allreduce-methods psum,gather,a2a --exchange-floor --json "$out/ar-$link-$tag.json" \
       > "$out/ar-$link-$tag.log" 2>&1
     echo "-- $link $tag: rc $? in $((SECONDS - t0)) s"
   done
@@ -34,6 +37,8 @@ for f in sorted(glob.glob(os.path.join(sys.argv[1], "ar-*.json"))):
     for row in r.get("allreduce", []):
         for m, us in (row.get("in_loop_us_by_method") or {"psum": row.get("in_loop_us")}).items():
             by.setdefault(m, {})[row["bytes"]] = us
+        if "one_exchange_us" in row:
+            by.setdefault("one exchange", {})[row["bytes"]] = row["one_exchange_us"]
     for m, sizes in sorted(by.items()):
         cells = [f"{sizes[b]:.1f}" if sizes.get(b) is not None else "-" for b in (8192, 1 << 20, 64 << 20)]
         print(f"| {link} | {'/'.join(tag)} | {m} | " + " | ".join(cells) + " |")
