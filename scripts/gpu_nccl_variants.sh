@@ -5,7 +5,7 @@
 # Usage: bash scripts/gpu_nccl_variants.sh OUTDIR TP "LINKS" ["VARIANT ..."]
 #   VARIANT = default | ALGO/PROTO | NCCL_X=V[+NCCL_Y=W...] (any NCCL variables, e.g. socket threads, channels)
 #   e.g. bash scripts/gpu_nccl_variants.sh out 4 "nvlink net" "default Ring/LL Tree/LL NCCL_MAX_NCHANNELS=1"
-# Every run also times one exchange per size (--exchange-floor: the least any all-reduce pays on that link).
+# Every run also times one point-to-point exchange per size (--time-exchange).
 # Each run's JSON goes to OUTDIR/ar-LINK-ALGO-PROTO.json; the table at the end comes from them.
 set -uo pipefail
 out=${1:-/tmp/nccl}; tp=${2:-4}; links=${3:-nvlink net}
@@ -21,7 +21,7 @@ for link in $links; do
     elif [ "$v" != default ]; then env=(NCCL_ALGO="allreduce:${v%/*}" NCCL_PROTO="${v#*/}"); tag="${v%/*}-${v#*/}"; fi
     t0=$SECONDS
     env "${env[@]}" timeout 240 python launch/bench.py --shape tiny --tp "$tp" --spd-ratios 0 --repeats 1 \
-      --interconnect "$link" --spawn "$tp" --allreduce-methods psum,gather,a2a --exchange-floor --json "$out/ar-$link-$tag.json" \
+      --interconnect "$link" --spawn "$tp" --allreduce-methods psum,gather,a2a --time-exchange --json "$out/ar-$link-$tag.json" \
       > "$out/ar-$link-$tag.log" 2>&1
     echo "-- $link $tag: rc $? in $((SECONDS - t0)) s"
   done

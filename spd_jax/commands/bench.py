@@ -61,9 +61,9 @@ def parse_args(argv=None):
                    help="messages above this size use psum whatever the method (prefill); default 256 KiB")
     p.add_argument("--allreduce-sizes", default="8192,1048576,67108864",
                    help="message sizes (bytes) of the all-reduce microbenchmark, comma-separated")
-    p.add_argument("--exchange-floor", action="store_true",
+    p.add_argument("--time-exchange", action="store_true",
                    help="the microbenchmark also times ONE exchange of each message (a ppermute to the next rank): "
-                        "the least any all-reduce through the same transport can cost")
+                        "what one NCCL point-to-point operation costs on this link, beside the all-reduces")
     p.add_argument("--bandwidth-mib", type=int, default=None,
                    help="MiB per array of the HBM read-bandwidth measurement (4 arrays per device; 0 = skip it). "
                         "Default: 1024 on GPUs, skipped elsewhere. The per-block decode budget needs it")
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     ar, table = None, ()
     if AUTO in methods:  # the choice table of this link, measured before the configurations that use it
         measured = list(dict.fromkeys(measured + list(METHODS)))
-        ar = allreduce_microbench(engine.mesh, sizes, methods=tuple(measured), exchange_floor=args.exchange_floor)
+        ar = allreduce_microbench(engine.mesh, sizes, methods=tuple(measured), time_exchange=args.time_exchange)
         table = choice_table(ar)
         phase("all-reduce microbenchmark (for auto)")
 
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
         phase(f"time {label}")
     if ar is None:
         ar = (allreduce_microbench(engine.mesh, sizes, methods=tuple(measured) if measured != ["psum"] else (),
-                                   exchange_floor=args.exchange_floor)
+                                   time_exchange=args.time_exchange)
               if args.tp > 1 else [])
         phase("all-reduce microbenchmark")
     method_of = {label: m for label, _, m in configs}
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
             print("    in loop by method: " + ", ".join(f"{m} {us:.1f} us" for m, us in a["in_loop_us_by_method"].items())
                   + f" -> fastest: {a['fastest']}")
         if "one_exchange_us" in a:
-            print(f"    one exchange (ppermute, the floor of any all-reduce over this transport): "
+            print(f"    one point-to-point exchange (ppermute) of the same message: "
                   f"{a['one_exchange_us']:.1f} us")
     if table:
         print("auto all-reduce choice table (measured above): " + ", ".join(f"{b} B -> {m}" for b, m in table))
