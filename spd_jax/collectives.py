@@ -25,7 +25,11 @@ its ttft was 53% longer over sockets, docs/benchmarks.md session 10).
 `AllReduce("auto", table=...)` takes the choice from a measured table instead: `(message bytes, fastest
 method)` pairs, as `launch/bench.py --allreduce-methods psum,gather,a2a --json F` records them
 (`choice_table` reads F); each message uses the method measured fastest at the nearest measured size
-(nearest in log scale). Nothing here is guessed.
+(nearest in log scale). A one-shot method replaces NCCL's psum only where it was measured at least
+`AUTO_MARGIN` (5%) faster: over NVLink the three methods lie within ~1-2 us of each other at 8 KiB, less
+than the microbenchmark's spread between runs, and such a table would otherwise follow noise (measured:
+it picked `gather` for the 1 MiB prefill on differences of ~1 us, docs/benchmarks.md session 11).
+Nothing here is guessed.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from spd_jax.config import ALLREDUCE_MAX_BYTES as DEFAULT_MAX_BYTES
 TP_AXIS = "tp"
 METHODS = ("psum", "gather", "a2a")  # the implementations
 AUTO = "auto"  # per message size from a measured choice table
+AUTO_MARGIN = 0.05  # a one-shot method must be measured this much faster than psum to replace it
 Method = Literal["psum", "gather", "a2a", "auto"]
 
 
@@ -119,15 +124,21 @@ def choose_from_table(table, nbytes: int) -> str:
     return min(table, key=lambda e: (abs(math.log2(e[0]) - lg), e[0]))[1]
 
 
-def choice_table(allreduce_rows) -> tuple[tuple[int, str], ...]:
+def choice_table(allreduce_rows, margin: float = AUTO_MARGIN) -> tuple[tuple[int, str], ...]:
     """(bytes, fastest method) per size from the `allreduce` rows of a `launch/bench.py --json` result
-    measured with several methods (`--allreduce-methods psum,gather,a2a`)."""
+    measured with several methods (`--allreduce-methods psum,gather,a2a`). Where psum was timed, another
+    method wins only if it is faster by more than `margin` (a fraction of psum's time)."""
+    if not 0 <= margin < 1:
+        raise ValueError(f"margin must be in [0, 1), got {margin}")
     table = {}
     for row in allreduce_rows or ():
         by = row.get("in_loop_us_by_method") or {}
         timed = {m: us for m, us in by.items() if m in METHODS and us is not None}
         if timed:
-            table[int(row["bytes"])] = min(timed, key=timed.get)
+            best = min(timed, key=timed.get)
+            if best != "psum" and "psum" in timed and timed[best] > (1 - margin) * timed["psum"]:
+                best = "psum"
+            table[int(row["bytes"])] = best
     if not table:
         raise ValueError("no all-reduce timings by method in it: measure them with launch/bench.py "
                          "--allreduce-methods psum,gather,a2a --json FILE (at TP >= 2)")

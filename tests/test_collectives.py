@@ -114,6 +114,20 @@ def test_auto_uses_the_method_measured_fastest_at_the_nearest_size(nbytes, expec
     assert AllReduce("auto", table=((8192, "gather"), (1 << 20, "psum"))).checkable
 
 
+@pytest.mark.parametrize("gather_us, expect", [(25.7, "psum"), (25.0, "psum"), (24.9, "gather"), (20.0, "gather")])
+def test_choice_table_keeps_psum_unless_another_method_wins_by_the_margin(gather_us, expect):
+    """psum at 26.3 us: a one-shot method must be more than 5% faster (< 24.985 us) to be chosen; the
+    margin is a parameter (0 = plain argmin) and psum-free rows take their argmin."""
+    from spd_jax.collectives import choice_table
+
+    row = {"bytes": 8192, "in_loop_us_by_method": {"psum": 26.3, "gather": gather_us, "a2a": 27.8}}
+    assert choice_table([row]) == ((8192, expect),)
+    assert choice_table([row], margin=0.0) == ((8192, "gather"),)
+    assert choice_table([{"bytes": 8192, "in_loop_us_by_method": {"gather": 30.0, "a2a": 29.0}}]) == ((8192, "a2a"),)
+    with pytest.raises(ValueError, match="margin"):
+        choice_table([row], margin=1.0)
+
+
 def test_auto_refuses_a_missing_or_malformed_table():
     with pytest.raises(ValueError, match="needs a measured choice table"):
         AllReduce("auto")
@@ -138,11 +152,14 @@ def test_choice_table_from_a_measured_microbenchmark():
     from spd_jax.collectives import choice_table
 
     rows = allreduce_microbench(make_mesh(4), (8192, 65536), repeats=3, methods=("psum", "gather", "a2a"))
-    table = choice_table(rows)
+    table = choice_table(rows, margin=0.0)
     assert [b for b, _ in table] == [8192, 65536]
     for (b, m), row in zip(table, rows):
         by = row["in_loop_us_by_method"]
         assert set(by) == {"psum", "gather", "a2a"} and by[m] == min(by.values())
+    for (b, m), row in zip(choice_table(rows), rows):  # with the default margin: psum unless beaten by > 5%
+        by = row["in_loop_us_by_method"]
+        assert m == "psum" or by[m] < 0.95 * by["psum"]
     with pytest.raises(ValueError, match="no all-reduce timings by method"):
         choice_table([{"bytes": 8192, "in_loop_us": 30.0}])  # a psum-only run cannot choose
 
