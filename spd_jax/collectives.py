@@ -26,8 +26,8 @@ its ttft was 53% longer over sockets, docs/benchmarks.md session 10).
 method)` pairs, as `launch/bench.py --allreduce-methods psum,gather,a2a --json F` records them
 (`choice_table` reads F); each message uses the method measured fastest at the nearest measured size
 (nearest in log scale). A one-shot method replaces NCCL's psum only where it was measured at least
-`AUTO_MARGIN` (5%) faster: over NVLink the three methods lie within ~1-2 us of each other at 8 KiB, less
-than the microbenchmark's spread between runs, and such a table would otherwise follow noise (measured:
+`AUTO_MARGIN` (10%) faster: over NVLink the three methods lie within ~1-2 us of each other at 8 KiB and
+1 MiB, less than the microbenchmark's spread between runs, and such a table would otherwise follow noise (measured:
 it picked `gather` for the 1 MiB prefill on differences of ~1 us, docs/benchmarks.md session 11).
 Nothing here is guessed.
 """
@@ -46,7 +46,7 @@ from spd_jax.config import ALLREDUCE_MAX_BYTES as DEFAULT_MAX_BYTES
 TP_AXIS = "tp"
 METHODS = ("psum", "gather", "a2a")  # the implementations
 AUTO = "auto"  # per message size from a measured choice table
-AUTO_MARGIN = 0.05  # a one-shot method must be measured this much faster than psum to replace it
+AUTO_MARGIN = 0.10  # a one-shot method must be measured this much faster than psum to replace it
 Method = Literal["psum", "gather", "a2a", "auto"]
 
 

@@ -114,9 +114,9 @@ def test_auto_uses_the_method_measured_fastest_at_the_nearest_size(nbytes, expec
     assert AllReduce("auto", table=((8192, "gather"), (1 << 20, "psum"))).checkable
 
 
-@pytest.mark.parametrize("gather_us, expect", [(25.7, "psum"), (25.0, "psum"), (24.9, "gather"), (20.0, "gather")])
+@pytest.mark.parametrize("gather_us, expect", [(25.7, "psum"), (23.7, "psum"), (23.6, "gather"), (20.0, "gather")])
 def test_choice_table_keeps_psum_unless_another_method_wins_by_the_margin(gather_us, expect):
-    """psum at 26.3 us: a one-shot method must be more than 5% faster (< 24.985 us) to be chosen; the
+    """psum at 26.3 us: a one-shot method must be more than 10% faster (< 23.67 us) to be chosen; the
     margin is a parameter (0 = plain argmin) and psum-free rows take their argmin."""
     from spd_jax.collectives import choice_table
 
@@ -157,9 +157,9 @@ def test_choice_table_from_a_measured_microbenchmark():
     for (b, m), row in zip(table, rows):
         by = row["in_loop_us_by_method"]
         assert set(by) == {"psum", "gather", "a2a"} and by[m] == min(by.values())
-    for (b, m), row in zip(choice_table(rows), rows):  # with the default margin: psum unless beaten by > 5%
+    for (b, m), row in zip(choice_table(rows), rows):  # with the default margin: psum unless beaten by > 10%
         by = row["in_loop_us_by_method"]
-        assert m == "psum" or by[m] < 0.95 * by["psum"]
+        assert m == "psum" or by[m] < 0.9 * by["psum"]
     with pytest.raises(ValueError, match="no all-reduce timings by method"):
         choice_table([{"bytes": 8192, "in_loop_us": 30.0}])  # a psum-only run cannot choose
 
