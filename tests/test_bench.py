@@ -297,13 +297,18 @@ def test_bench_auto_allreduce_measures_its_table_first_and_runs_with_it(tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     d = json.loads(out.read_text())
     assert [row["label"] for row in d["rows"]] == ["r=0.00", "r=1.00", "r=0.00/auto", "r=1.00/auto"]
-    # the table is the per-size fastest of this run's own measurement, taken before compiling
-    expect = [[a["bytes"], min(a["in_loop_us_by_method"], key=a["in_loop_us_by_method"].get)] for a in d["allreduce"]]
+    # the table is the per-size fastest of this run's own measurement, taken before compiling (psum is kept
+    # unless another method was at least 10% faster)
+    def pick(by):
+        best = min(by, key=by.get)
+        return best if by[best] <= 0.9 * by["psum"] else "psum"
+
+    expect = [[a["bytes"], pick(a["in_loop_us_by_method"])] for a in d["allreduce"]]
     assert d["allreduce_table"] == expect and {m for m in d["allreduce"][0]["in_loop_us_by_method"]} == {
         "psum", "gather", "a2a"}
     phases = list(d["phases_s"])
     assert phases.index("all-reduce microbenchmark (for auto)") < phases.index("compile 4 configurations")
-    assert "auto all-reduce choice table (measured above)" in r.stdout
+    assert "auto all-reduce choice table (measured above;" in r.stdout
     assert d["nccl_tuning"].get("NCCL_PROTO") == "LL"  # NCCL settings beyond the link mode are in the result
     for row in d["rows"]:
         assert np.isfinite(row["tpot_ms"]) and row["tpot_ms"] > 0

@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         from spd_jax.runtime import fuse_projections
 
         engine, params = fuse_projections(engine, params)
-    from spd_jax.collectives import AUTO, DEFAULT_MAX_BYTES, METHODS, AllReduce, choice_table
+    from spd_jax.collectives import AUTO, AUTO_MARGIN, DEFAULT_MAX_BYTES, METHODS, AllReduce, choice_table
     from spd_jax.config import ConfigError
 
     if args.allreduce_max_bytes is None:
@@ -274,7 +274,8 @@ def main(argv=None) -> int:
             print(f"    one point-to-point exchange (ppermute) of the same message: "
                   f"{a['one_exchange_us']:.1f} us")
     if table:
-        print("auto all-reduce choice table (measured above): " + ", ".join(f"{b} B -> {m}" for b, m in table))
+        print("auto all-reduce choice table (measured above; psum kept unless another method is "
+              f"{AUTO_MARGIN:.0%} faster): " + ", ".join(f"{b} B -> {m}" for b, m in table))
     if args.peer_json:
         result["peers"] = [json.loads(Path(f).read_text()) for f in args.peer_json]
         for peer in result["peers"]:
