@@ -9,14 +9,19 @@
 #   cmdbuf        XLA command buffers (CUDA graphs) over fusions, GEMMs and the decode loop itself
 #   syncar        synchronous all-reduces (--xla_gpu_disable_async_collectives=ALLREDUCE)
 #   merge         XLA's dot merger with a large threshold (merges q/k/v without a layout change)
+#   oneshot       XLA's one-shot all-reduce kernel for small messages
+#                 (--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true; no multimem/multicast flag is set).
+#                 XLA's collective_kernel_thunk.cc requires CUDA peer access between the clique's local
+#                 devices, so expect it to apply only with SPAWN=0 (one process); not yet run on GPUs
 #   a+b           both options
 # Every variant runs sync, SPD on all blocks and the no-all-reduce floor, and measures HBM read bandwidth,
-# so each row has its own per-block overhead. BENCH_ARGS go to every run. Prints a table at the end.
+# so each row has its own per-block overhead. BENCH_ARGS go to every run. SPAWN=0 drives all GPUs from one
+# process (a labelled comparison; the default is one process per GPU). Prints a table at the end.
 set -uo pipefail
 out=${1:-/tmp/ab}; shape=${2:-llama2-7b}; tp=${3:-2}; variants=${4:-default fused cmdbuf cmdbuf+fused}
 mkdir -p "$out"; export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 CB="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
-spawn=(); [ "$tp" -gt 1 ] && spawn=(--spawn "$tp")
+spawn=(); [ "$tp" -gt 1 ] && [ "${SPAWN:-1}" = 1 ] && spawn=(--spawn "$tp")
 floor=--floor; ratios=0,1; [ "$tp" = 1 ] && ratios=0
 for v in $variants; do
   flags=""; extra=()
@@ -29,6 +34,7 @@ for v in $variants; do
       cmdbuf) flags="$flags $CB" ;;
       syncar) flags="$flags --xla_gpu_disable_async_collectives=ALLREDUCE" ;;
       merge) flags="$flags --xla_gpu_dot_merger_threshold_mb=256" ;;
+      oneshot) flags="$flags --xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true" ;;
       *) echo "unknown variant part $part"; exit 2 ;;
     esac
   done
