@@ -70,10 +70,19 @@ def _compile_fields(gen: GenerationConfig) -> tuple:
 
 
 KERNEL_CACHE_MULTIPLE = 128  # KV-cache slots are allocated in multiples of this with the Pallas kernel
+PREFILL_BUCKET = 16  # prompts are padded to a multiple of this (one compiled prefill per padded length)
 
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
+
+
+def allreduce_message_bytes(hidden: int, dtype, batch: int, prompt_len: int,
+                            bucket: int = PREFILL_BUCKET) -> dict[str, int]:
+    """Bytes of one block all-reduce in this generation: decode sends one token's hidden state per
+    sequence (batch-1's shadow row all-reduces its first row only), prefill the padded prompt's."""
+    item = jnp.dtype(dtype).itemsize
+    return {"decode": batch * hidden * item, "prefill": batch * _round_up(prompt_len, bucket) * hidden * item}
 
 
 def attention_windows(t_pad: int, max_new: int, max_len: int, first: int) -> list[tuple[int, int, int]]:
@@ -103,7 +112,7 @@ def attention_windows(t_pad: int, max_new: int, max_len: int, first: int) -> lis
 class Generator:
     """Jitted prefill + decode for one engine, parameter set and sync plan."""
 
-    def __init__(self, engine: Engine, params: Params, plan: SyncPlan, *, bucket: int = 16):
+    def __init__(self, engine: Engine, params: Params, plan: SyncPlan, *, bucket: int = PREFILL_BUCKET):
         self.engine = engine
         self.params = params
         self.plan = plan.check(engine.mdef.cfg.n_layers)

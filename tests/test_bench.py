@@ -304,6 +304,8 @@ def test_bench_auto_allreduce_measures_its_table_first_and_runs_with_it(tmp_path
         return best if by[best] <= 0.9 * by["psum"] else "psum"
 
     expect = [[a["bytes"], pick(a["in_loop_us_by_method"])] for a in d["allreduce"]]
+    # measured at the asked sizes and at this run's own messages: decode 1 x 128 x 4 B, prefill 16 x 128 x 4 B
+    assert [a["bytes"] for a in d["allreduce"]] == [1 * 128 * 4, 8192, 65536]
     assert d["allreduce_table"] == expect and {m for m in d["allreduce"][0]["in_loop_us_by_method"]} == {
         "psum", "gather", "a2a"}
     phases = list(d["phases_s"])

@@ -188,6 +188,31 @@ def test_microbenchmark_loops_compute_what_they_claim(n):
 
 
 @pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_allreduce_message_bytes_are_what_the_model_all_reduces(tiny_models, kind, monkeypatch):
+    """The sizes `launch/bench.py --allreduce-methods auto` adds to its measurement are the sizes of the
+    messages the blocks hand to the all-reduce (recorded at trace time) in prefill and decode, batch 1
+    (shadow row) and batch 3, with a prompt that prefill pads."""
+    from spd_jax.generate import allreduce_message_bytes
+
+    lm, eng, params = _setup(tiny_models, kind, 2)
+    seen = set()
+    choose = AllReduce.choose
+    monkeypatch.setattr(AllReduce, "choose", lambda self, x: seen.add(x.size * x.dtype.itemsize) or choose(self, x))
+    plan = SyncPlan.sync(3).using(AllReduce("a2a"))
+    for batch in (1, 3):
+        seen.clear()
+        Generator(eng, params, plan).generate([[5, 17, 42, 8, 9]] * batch,
+                                              GenerationConfig(max_new_tokens=3, stop_at_eos=False))
+        want = allreduce_message_bytes(lm.cfg.hidden, params_dtype(params), batch, 5)
+        assert seen == set(want.values()), (batch, seen, want)
+
+
+def params_dtype(params):
+    """The floating dtype of the parameters (what the residual stream carries)."""
+    return next(leaf.dtype for leaf in jax.tree.leaves(params) if jnp.issubdtype(leaf.dtype, jnp.floating))
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
 def test_model_with_auto_equals_psum_and_compiles_each_chosen_collective(tiny_models, kind):
     """A table whose boundary falls between the decode and the prefill message: decode goes through the
     all-to-all, prefill through the all-gather; logits and generated tokens equal psum's."""

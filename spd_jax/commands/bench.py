@@ -169,6 +169,11 @@ def main(argv=None) -> int:
     measured = [m for m in methods if m != AUTO]
     ar, table = None, ()
     if AUTO in methods:  # the choice table of this link, measured before the configurations that use it
+        from spd_jax.generate import allreduce_message_bytes
+
+        # ... at the sizes this run's messages have, so that no message takes a neighbouring size's choice
+        sizes = tuple(sorted(set(sizes) | set(allreduce_message_bytes(cfg.hidden, args.dtype, args.batch,
+                                                                       args.prompt_len).values())))
         measured = list(dict.fromkeys(measured + list(METHODS)))
         ar = allreduce_microbench(engine.mesh, sizes, methods=tuple(measured), time_exchange=args.time_exchange)
         table = choice_table(ar)
