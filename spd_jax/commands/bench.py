@@ -54,9 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--allreduce-methods", default="psum",
                    help="comma list of all-reduce implementations to run every configuration with (psum, gather, "
                         "a2a, auto; collectives.py); each is timed against its own sync row, and the microbenchmark "
-                        "measures each at every size: the choice table. 'auto' measures psum, gather and a2a first "
-                        "and runs each message with the fastest at the nearest measured size (the table is in the "
-                        "JSON: allreduce_table)")
+                        "measures each at every size: the choice table. 'auto' measures psum, gather and a2a first, at "
+                        "--allreduce-sizes and at this run's own decode and prefill message sizes, and runs each message "
+                        "with the fastest at the nearest measured size (the table is in the JSON: allreduce_table)")
     p.add_argument("--allreduce-max-bytes", type=int, default=None,
                    help="messages above this size use psum whatever the method (prefill); default 256 KiB")
     p.add_argument("--allreduce-sizes", default="8192,1048576,67108864",
