@@ -174,12 +174,15 @@ def test_bench_runs_end_to_end_and_reports_measured_numbers(tmp_path):
                        text=True, timeout=60)
     assert t.returncode == 0, t.stderr
     table = [line for line in t.stdout.splitlines()  # the latency rows (the all-reduce table has 7 columns)
-             if line.startswith("| tiny | 8 | NVLINK (1 proc) |") and line.count("|") == 11]
+             if line.startswith("| tiny | 8 | NVLINK (1 proc) |") and line.count("|") == 12]
     assert len(table) == len(d["rows"])
+    sync_e2e = d["rows"][0]["e2e_ms"]
     for line, row in zip(table, d["rows"]):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert float(cells[5]) == pytest.approx(row["tpot_ms"], abs=5e-4)
         assert float(cells[6]) == pytest.approx(row["e2e_ms"], abs=0.05)
+        if row["n_spd"]:  # e2e cut against the sync row, from the measured e2e times
+            assert float(cells[8].rstrip("%")) == pytest.approx(100 * (1 - row["e2e_ms"] / sync_e2e), abs=0.06)
 
 
 def test_transformers_tp_peer_runs_sharded_and_bench_reports_ratios_to_it(tmp_path):
@@ -258,7 +261,7 @@ def test_campaign_script_runs_each_interconnect_and_tabulates_the_measured_rows(
         assert [a["bytes"] for a in d["allreduce"]] == [8192]
         assert lc["status"] == "reference" if ic == "nvlink" else lc["reference_us"] > 0
         lines = [ln for ln in files["table.md"].splitlines()
-                 if ln.startswith(f"| tiny | 2 | {label} |") and ln.count("|") == 11]
+                 if ln.startswith(f"| tiny | 2 | {label} |") and ln.count("|") == 12]
         assert len(lines) == len(d["rows"])
         for line, row in zip(lines, d["rows"]):
             assert float(line.strip("|").split("|")[5]) == pytest.approx(row["tpot_ms"], abs=5e-4)
