@@ -324,6 +324,36 @@ def allreduce_microbench(mesh, sizes_bytes=(8 << 10, 1 << 20, 64 << 20), repeats
         if time_exchange and n > 1:
             row["one_exchange_us"] = in_loop("exchange") * 1e6
         out.append(row)
+    return same_on_every_process(out)
+
+
+def same_on_every_process(rows: list[dict]) -> list[dict]:
+    """The microbenchmark rows with process 0's timings on every process.
+
+    Each process times its own calls, so with one process per GPU the numbers differ a little between
+    processes; a choice table made from them (`collectives.choice_table`, `auto`) could then pick different
+    collectives in different processes, and programs whose collectives do not match hang. Process 0's
+    numbers are broadcast to all (float32), and `fastest` is recomputed from them."""
+    if jax.process_count() == 1 or not rows:
+        return rows
+    from jax.experimental import multihost_utils
+
+    slots = []  # (row index, key, method or None) in one fixed order: every process builds the same list
+    for i, row in enumerate(rows):
+        slots += [(i, k, None) for k in sorted(row) if k not in ("bytes", "fastest", "in_loop_us_by_method")]
+        slots += [(i, "in_loop_us_by_method", m) for m in sorted(row.get("in_loop_us_by_method") or {})]
+    mine = np.array([rows[i][k] if m is None else rows[i][k][m] for i, k, m in slots], np.float32)
+    agreed = np.asarray(multihost_utils.broadcast_one_to_all(mine), np.float64)
+    out = [dict(row, **({"in_loop_us_by_method": dict(row["in_loop_us_by_method"])}
+                        if "in_loop_us_by_method" in row else {})) for row in rows]
+    for (i, k, m), v in zip(slots, agreed.tolist()):
+        if m is None:
+            out[i][k] = v
+        else:
+            out[i][k][m] = v
+    for row in out:
+        if "in_loop_us_by_method" in row:
+            row["fastest"] = min(row["in_loop_us_by_method"], key=row["in_loop_us_by_method"].get)
     return out
 
 

@@ -32,7 +32,8 @@ def common_model_args(p: argparse.ArgumentParser) -> None:
                         "(docs/benchmarks.md has the measured choice per link)")
     p.add_argument("--allreduce-table", metavar="JSON",
                    help="with --allreduce auto: a launch/bench.py --json result of this link and TP degree, measured "
-                        "with --allreduce-methods psum,gather,a2a")
+                        "with --allreduce-methods psum,gather,a2a; or 'measure': time psum, gather and a2a at start-up "
+                        "on this run's devices, at the sizes of 1/8/32/128/2048 tokens' hidden states")
     p.add_argument("--fused-projections", action="store_true", default=None,
                    help="q/k/v and gate/up as single GEMMs at inference (same maths, fewer kernels)")
     from spd_jax.distributed import add_distributed_args

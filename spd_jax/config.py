@@ -282,7 +282,8 @@ class RunConfig:
     # the block all-reduces: NCCL's psum, or a one-shot exchange for messages of at most allreduce_max_bytes
     # (spd_jax/collectives.py; `launch/bench.py --allreduce-methods` measures which is faster on a link), or
     # "auto": per message size, the method measured fastest in allreduce_table (a launch/bench.py --json result
-    # of this TP degree and link, measured with --allreduce-methods psum,gather,a2a)
+    # of this TP degree and link, measured with --allreduce-methods psum,gather,a2a), or with allreduce_table
+    # "measure" measured at start-up on this run's devices at its own message sizes (inference.allreduce_of)
     allreduce: Literal["psum", "gather", "a2a", "auto"] = "psum"
     allreduce_max_bytes: int = ALLREDUCE_MAX_BYTES
     allreduce_table: str | None = None
@@ -303,6 +304,9 @@ class RunConfig:
                               "--allreduce-methods psum,gather,a2a on this link and TP degree)")
         if self.allreduce_table and self.allreduce != "auto":
             raise ConfigError(f"allreduce_table is only read with allreduce: auto (allreduce is {self.allreduce!r})")
+        if self.allreduce_table == "measure" and (self.tp < 2 or self.emulate):
+            raise ConfigError("allreduce_table: measure times the all-reduces of this run's devices: it needs TP >= 2 "
+                              "on real devices (not emulate)")
         self.generation.validate()
 
 

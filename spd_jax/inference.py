@@ -42,12 +42,27 @@ def checkpoint_dirs(path: str) -> tuple[Path, Path]:
     return p, p / "checkpoint"
 
 
-def allreduce_of(run: RunConfig):
-    """The run's block all-reduce; with `allreduce: auto`, its choice table read from `allreduce_table`."""
-    from spd_jax.collectives import AUTO, AllReduce, choice_table
+MEASURE = "measure"  # allreduce_table value: measure the choice table at start-up
+MEASURE_TOKENS = (1, 8, 32, 128, 2048)  # message sizes measured at start-up: this many tokens' hidden states
+
+
+def allreduce_of(run: RunConfig, mesh=None, hidden: int | None = None):
+    """The run's block all-reduce; with `allreduce: auto`, its choice table read from `allreduce_table`, or
+    with `allreduce_table: measure` measured now on `mesh` (psum, gather and a2a, in the loop, at the sizes
+    of MEASURE_TOKENS tokens' `hidden`-wide states: decode at batch 1/8/32, prefill of 128/2048 tokens)."""
+    from spd_jax.collectives import AUTO, METHODS, AllReduce, choice_table
 
     if run.allreduce != AUTO:
         return AllReduce(run.allreduce, run.allreduce_max_bytes)
+    if run.allreduce_table == MEASURE:
+        if mesh is None or hidden is None:
+            raise ValueError("allreduce_table: measure needs the run's mesh and hidden size")
+        from spd_jax.bench import allreduce_microbench
+
+        item = jax.numpy.dtype(run.dtype).itemsize
+        rows = allreduce_microbench(mesh, tuple(t * hidden * item for t in MEASURE_TOKENS), repeats=10,
+                                    methods=METHODS)
+        return AllReduce(AUTO, run.allreduce_max_bytes, table=choice_table(rows))
     path = Path(run.allreduce_table)
     if not path.is_file():
         raise ConfigError(f"allreduce_table {path} not found (write one with launch/bench.py --allreduce-methods "
@@ -63,9 +78,10 @@ def allreduce_of(run: RunConfig):
     return AllReduce(AUTO, run.allreduce_max_bytes, table=table)
 
 
-def resolve_plan(run: RunConfig, n_layers: int) -> SyncPlan:
-    """The run's SyncPlan: a checkpoint's plan.json, a plan file, or the `spd_blocks` spec."""
-    bias, how = run.spd_attn_bias, allreduce_of(run)
+def resolve_plan(run: RunConfig, n_layers: int, mesh=None, hidden: int | None = None) -> SyncPlan:
+    """The run's SyncPlan: a checkpoint's plan.json, a plan file, or the `spd_blocks` spec (`mesh` and
+    `hidden` for an all-reduce table measured at start-up)."""
+    bias, how = run.spd_attn_bias, allreduce_of(run, mesh, hidden)
     if run.spd_plan is None and run.checkpoint:
         out, _ = checkpoint_dirs(run.checkpoint)
         if not (out / "plan.json").is_file():
@@ -80,9 +96,12 @@ def resolve_plan(run: RunConfig, n_layers: int) -> SyncPlan:
 
 def open_session(run: RunConfig, *, params: Params | None = None, verbose: bool = False) -> Session:
     loaded = open_model(run.model)
-    plan = resolve_plan(run, loaded.cfg.n_layers)
     mdef = build_model_def(loaded.cfg, run.tp, run.dtype)
     engine = Engine.create(mdef, emulate=run.emulate)
+    plan = resolve_plan(run, loaded.cfg.n_layers, engine.mesh, loaded.cfg.hidden)  # before the weights load
+    if verbose and plan.allreduce.table and run.allreduce_table == MEASURE:
+        print("auto all-reduce, measured at start-up: " + ", ".join(f"{b} B -> {m}" for b, m in plan.allreduce.table),
+              file=sys.stderr)
     if params is None and run.checkpoint:
         from spd_jax.checkpoint import load_checkpoint_params
 

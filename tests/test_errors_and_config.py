@@ -178,6 +178,9 @@ def test_allreduce_auto_needs_a_measured_table_of_this_tp(tmp_path):
         load_run_config(None, {"allreduce": "auto"})
     with pytest.raises(ConfigError, match="only read with allreduce: auto"):
         load_run_config(None, {"allreduce_table": "t.json"})
+    for bad in ({"tp": 1}, {"tp": 2, "emulate": True}):  # nothing real to time
+        with pytest.raises(ConfigError, match="measure times the all-reduces of this run's devices"):
+            load_run_config(None, {"allreduce": "auto", "allreduce_table": "measure", **bad})
     run = lambda path, tp=4: load_run_config(None, {"allreduce": "auto", "allreduce_table": str(path), "tp": tp})  # noqa: E731
     with pytest.raises(ConfigError, match="not found"):
         allreduce_of(run(tmp_path / "missing.json"))
@@ -201,10 +204,19 @@ def test_infer_with_auto_allreduce_gives_the_psum_tokens_and_a_clear_error_witho
     assert r.returncode == 2 and "error: allreduce_table" in r.stderr and "Traceback" not in r.stderr
     table = _bench_json(tmp_path / "tp2.json", 2)
     outs = [subprocess.run(base + extra, capture_output=True, text=True, env=env, timeout=300)
-            for extra in (["--allreduce", "auto", "--allreduce-table", str(table)], ["--allreduce", "psum"])]
-    assert all(o.returncode == 0 for o in outs), outs[0].stderr[-2000:] + outs[1].stderr[-2000:]
-    auto, psum = (json.loads(o.stdout) for o in outs)
+            for extra in (["--allreduce", "auto", "--allreduce-table", str(table)], ["--allreduce", "psum"],
+                          ["--allreduce", "auto", "--allreduce-table", "measure"])]
+    assert all(o.returncode == 0 for o in outs), "".join(o.stderr[-2000:] for o in outs)
+    auto, psum, measured = (json.loads(o.stdout) for o in outs)
     assert auto["allreduce"] == {"method": "auto", "max_bytes": 256 << 10, "table": [[8192, "a2a"], [1 << 20, "psum"]]}
     assert psum["allreduce"]["method"] == "psum"
     tokens = [r["token_ids"] for r in auto["results"]]
-    assert tokens == [r["token_ids"] for r in psum["results"]] and len(tokens[0]) == 5
+    assert tokens == [r["token_ids"] for r in psum["results"]] == [r["token_ids"] for r in measured["results"]]
+    assert len(tokens[0]) == 5
+    # measured at start-up: one entry per size of 1/8/32/128/2048 tokens' hidden states, each a real method
+    from transformers import AutoConfig
+
+    hidden = AutoConfig.from_pretrained(tokenized_tiny[0]).hidden_size
+    t = measured["allreduce"]["table"]
+    assert [b for b, _ in t] == [n * hidden * 4 for n in (1, 8, 32, 128, 2048)]  # float32 (the default dtype)
+    assert {m for _, m in t} <= {"psum", "gather", "a2a"} and measured["allreduce"]["method"] == "auto"

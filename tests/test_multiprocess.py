@@ -37,6 +37,22 @@ def test_two_processes_match_one_process(tiny_models, tmp_path, blocks):
     np.testing.assert_array_equal(mp["tokens"], sp["tokens"])
 
 
+def test_processes_agree_on_the_measured_allreduce_timings(tmp_path):
+    """Each process times its own all-reduces; a choice table made from differing timings would compile
+    different collectives in different processes (a hang). Two processes whose own timings pick different
+    methods end with process 0's timings and the same table."""
+    r = subprocess.run([sys.executable, str(ROOT / "launch/local_cluster.py"), "--num-processes", "2",
+                        "--devices-per-process", "1", "--", sys.executable, str(ROOT / "tests/mp_agree_worker.py"),
+                        str(tmp_path / "agree")], env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    res = [json.loads((tmp_path / f"agree.{i}.json").read_text()) for i in (0, 1)]
+    assert res[0]["own"][0]["fastest"] == "a2a" and res[1]["own"][0]["fastest"] == "gather"  # they disagreed
+    assert res[0]["table"] == res[1]["table"] == [[8192, "a2a"]]
+    assert res[1]["rows"] == res[0]["rows"] == res[0]["own"]  # process 0's numbers (exact in float32) everywhere
+
+
 def test_unreachable_coordinator_fails_clearly_and_quickly(tiny_models):
     t0 = time.time()
     r = subprocess.run([sys.executable, str(ROOT / "launch/infer.py"), "--model", str(tiny_models["llama"][0]),
