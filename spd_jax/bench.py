@@ -12,6 +12,7 @@ Timings (all device-synchronised, after a compile/warm-up run):
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -344,8 +345,7 @@ def same_on_every_process(rows: list[dict]) -> list[dict]:
         slots += [(i, "in_loop_us_by_method", m) for m in sorted(row.get("in_loop_us_by_method") or {})]
     mine = np.array([rows[i][k] if m is None else rows[i][k][m] for i, k, m in slots], np.float32)
     agreed = np.asarray(multihost_utils.broadcast_one_to_all(mine), np.float64)
-    out = [dict(row, **({"in_loop_us_by_method": dict(row["in_loop_us_by_method"])}
-                        if "in_loop_us_by_method" in row else {})) for row in rows]
+    out = copy.deepcopy(rows)
     for (i, k, m), v in zip(slots, agreed.tolist()):
         if m is None:
             out[i][k] = v

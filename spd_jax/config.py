@@ -266,6 +266,7 @@ class GenerationConfig:
 # messages above this many bytes keep NCCL's psum whatever the one-shot method (collectives.AllReduce):
 # at TP 4 the all-to-all lost to NCCL at 1 MiB on every link measured (docs/benchmarks.md, session 10)
 ALLREDUCE_MAX_BYTES = 256 << 10
+ALLREDUCE_MEASURE = "measure"  # allreduce_table value: measure the choice table at start-up
 
 
 @dataclasses.dataclass
@@ -304,7 +305,7 @@ class RunConfig:
                               "--allreduce-methods psum,gather,a2a on this link and TP degree)")
         if self.allreduce_table and self.allreduce != "auto":
             raise ConfigError(f"allreduce_table is only read with allreduce: auto (allreduce is {self.allreduce!r})")
-        if self.allreduce_table == "measure" and (self.tp < 2 or self.emulate):
+        if self.allreduce_table == ALLREDUCE_MEASURE and (self.tp < 2 or self.emulate):
             raise ConfigError("allreduce_table: measure times the all-reduces of this run's devices: it needs TP >= 2 "
                               "on real devices (not emulate)")
         self.generation.validate()

@@ -77,12 +77,17 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def hidden_state_bytes(tokens: int, hidden: int, dtype) -> int:
+    """Bytes of `tokens` hidden states: what one block all-reduce carries for that many tokens."""
+    return tokens * hidden * jnp.dtype(dtype).itemsize
+
+
 def allreduce_message_bytes(hidden: int, dtype, batch: int, prompt_len: int,
                             bucket: int = PREFILL_BUCKET) -> dict[str, int]:
     """Bytes of one block all-reduce in this generation: decode sends one token's hidden state per
     sequence (batch-1's shadow row all-reduces its first row only), prefill the padded prompt's."""
-    item = jnp.dtype(dtype).itemsize
-    return {"decode": batch * hidden * item, "prefill": batch * _round_up(prompt_len, bucket) * hidden * item}
+    return {"decode": hidden_state_bytes(batch, hidden, dtype),
+            "prefill": hidden_state_bytes(batch * _round_up(prompt_len, bucket), hidden, dtype)}
 
 
 def attention_windows(t_pad: int, max_new: int, max_len: int, first: int) -> list[tuple[int, int, int]]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 
+from spd_jax.config import ALLREDUCE_MEASURE as MEASURE
 from spd_jax.config import ConfigError, RunConfig
 from spd_jax.loading import LoadedModel, load_params, open_model
 from spd_jax.plan import SyncPlan, load_plan
@@ -42,7 +43,6 @@ def checkpoint_dirs(path: str) -> tuple[Path, Path]:
     return p, p / "checkpoint"
 
 
-MEASURE = "measure"  # allreduce_table value: measure the choice table at start-up
 MEASURE_TOKENS = (1, 8, 32, 128, 2048)  # message sizes measured at start-up: this many tokens' hidden states
 
 
@@ -58,10 +58,10 @@ def allreduce_of(run: RunConfig, mesh=None, hidden: int | None = None):
         if mesh is None or hidden is None:
             raise ValueError("allreduce_table: measure needs the run's mesh and hidden size")
         from spd_jax.bench import allreduce_microbench
+        from spd_jax.generate import hidden_state_bytes
 
-        item = jax.numpy.dtype(run.dtype).itemsize
-        rows = allreduce_microbench(mesh, tuple(t * hidden * item for t in MEASURE_TOKENS), repeats=10,
-                                    methods=METHODS)
+        rows = allreduce_microbench(mesh, tuple(hidden_state_bytes(t, hidden, run.dtype) for t in MEASURE_TOKENS),
+                                    repeats=10, methods=METHODS)
         return AllReduce(AUTO, run.allreduce_max_bytes, table=choice_table(rows))
     path = Path(run.allreduce_table)
     if not path.is_file():
