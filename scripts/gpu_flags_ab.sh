@@ -13,6 +13,14 @@
 #                 (--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true; no multimem/multicast flag is set).
 #                 XLA's collective_kernel_thunk.cc requires CUDA peer access between the clique's local
 #                 devices, so expect it to apply only with SPAWN=0 (one process); not yet run on GPUs
+#   nocmdbuf      no XLA command buffers at all (the default puts runs of >= 5 kernels into CUDA graphs)
+#   cmdwhile      command buffers also over the decode loop (WHILE/CONDITIONAL) at XLA's default minimum size
+#   pdl / nopdl   programmatic dependent launch on / off (--xla_gpu_enable_pdl; Hopper: a kernel's launch
+#                 overlaps the previous kernel's tail)
+#   blockrw       XLA's block-level fusion rewriter (--xla_gpu_experimental_enable_fusion_block_level_rewriter)
+#   softmax       Triton softmax fusions in priority fusion (--xla_gpu_experimental_enable_triton_softmax_priority_fusion)
+#   heroless      Triton heroless priority fusion (--xla_gpu_experimental_enable_triton_heroless_priority_fusion)
+#   fold          --fold-norms (RMSNorm weights folded into the projections, 1/rms applied after them)
 #   a+b           both options
 # Every variant runs sync, SPD on all blocks and the no-all-reduce floor, and measures HBM read bandwidth,
 # so each row has its own per-block overhead. BENCH_ARGS go to every run. SPAWN=0 drives all GPUs from one
@@ -35,6 +43,14 @@ for v in $variants; do
       syncar) flags="$flags --xla_gpu_disable_async_collectives=ALLREDUCE" ;;
       merge) flags="$flags --xla_gpu_dot_merger_threshold_mb=256" ;;
       oneshot) flags="$flags --xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true" ;;
+      fold) extra+=(--fold-norms) ;;
+      nocmdbuf) flags="$flags --xla_gpu_enable_command_buffer=" ;;
+      cmdwhile) flags="$flags --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" ;;
+      pdl) flags="$flags --xla_gpu_enable_pdl=true" ;;
+      nopdl) flags="$flags --xla_gpu_enable_pdl=false" ;;
+      blockrw) flags="$flags --xla_gpu_experimental_enable_fusion_block_level_rewriter=true" ;;
+      softmax) flags="$flags --xla_gpu_experimental_enable_triton_softmax_priority_fusion=true" ;;
+      heroless) flags="$flags --xla_gpu_experimental_enable_triton_heroless_priority_fusion=true" ;;
       *) echo "unknown variant part $part"; exit 2 ;;
     esac
   done

@@ -129,8 +129,11 @@ def main():
     p.add_argument("--floor", action="store_true", help="no all-reduce at all (compute-only bound)")
     p.add_argument("--decode-chunk", type=int, default=8)
     p.add_argument("--fused-projections", action="store_true")
+    p.add_argument("--fold-norms", action="store_true")
     p.add_argument("--gemv", action="store_true", help="also time plain GEMV chains (bandwidth ceiling)")
-    p.add_argument("--hlo", action="store_true", help="write the optimised HLO of the decode loop")
+    p.add_argument("--hlo", action="store_true",
+                   help="dump the optimised HLO of the profiled decode loop (XLA's dump, same compile as the "
+                        "profile, so kernel names match) to OUT/hlo/")
     p.add_argument("--interconnect", choices=["nvlink", "pcie", "net", "hbw", "lbw"], default="nvlink",
                    help="the NCCL variables of launch/bench.py --interconnect")
     p.add_argument("--all-devices", action="store_true", help="print every local GPU's table, not only the first")
@@ -141,6 +144,9 @@ def main():
     spawned = maybe_spawn(args, os.path.abspath(__file__))
     if spawned is not None:
         return spawned
+    if args.hlo:  # before JAX starts: XLA reads its flags once
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={os.path.join(args.out, 'hlo')}"
+                                   " --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*decode.*").strip()
     from spd_jax.bench import set_interconnect
 
     set_interconnect(args.interconnect)
@@ -148,7 +154,6 @@ def main():
 
     ensure_devices(args)
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     maybe_initialize(args)
@@ -166,6 +171,10 @@ def main():
         from spd_jax.runtime import fuse_projections
 
         engine, params = fuse_projections(engine, params)
+    if args.fold_norms:
+        from spd_jax.runtime import fold_norms
+
+        engine, params = fold_norms(engine, params)
     from spd_jax.plan import SyncPlan
 
     L = cfg.n_layers
@@ -186,14 +195,8 @@ def main():
           f"tpot {r.decode_s * 1e3 / steps:.3f} ms, weights/device {wb / 1e9:.2f} GB "
           f"-> {wb / (r.decode_s / steps) / 1e9:.0f} GB/s effective")
     if args.hlo:
-        dec = gen._decode_fn(gcfg, args.new_tokens)
-        cache = engine.init_cache(1, 256)
-        txt = dec.lower(params, cache, jnp.zeros((1,), jnp.int32), engine.replicate(np.zeros(1, np.int32)),
-                        jnp.int32(128), jax.random.PRNGKey(0)).compile().as_text()
-        if main_proc:
-            with open(os.path.join(args.out, "decode_hlo.txt"), "w") as f:
-                f.write(txt)
-        say(f"wrote decode_hlo.txt ({len(txt)} chars)")
+        dumped = sorted(glob.glob(os.path.join(args.out, "hlo", "*decode*after_optimizations.txt")))
+        say(f"optimised HLO of the decode loop: {dumped}")
     import tempfile
 
     trace_dir = tempfile.mkdtemp(prefix=f"trace-p{jax.process_index()}-", dir=args.out)  # fresh per run: never re-read an old trace

@@ -36,6 +36,10 @@ def common_model_args(p: argparse.ArgumentParser) -> None:
                         "on this run's devices, at the sizes of 1/8/32/128/2048 tokens' hidden states")
     p.add_argument("--fused-projections", action="store_true", default=None,
                    help="q/k/v and gate/up as single GEMMs at inference (same maths, fewer kernels)")
+    p.add_argument("--fold-norms", action="store_true", default=None,
+                   help="RMSNorm models: fold each block's norm weights into the projections that read them, "
+                        "so the norm's 1/rms scales their outputs (two kernels fewer per block in decode; "
+                        "bf16 rounding of the folded weights)")
     from spd_jax.distributed import add_distributed_args
 
     add_distributed_args(p)
@@ -56,6 +60,7 @@ def run_config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None 
                  "checkpoint": getattr(args, "checkpoint", None),
                  "dtype": args.dtype, "emulate": args.emulate,
                  "fused_projections": getattr(args, "fused_projections", None),
+                 "fold_norms": getattr(args, "fold_norms", None),
                  "allreduce": getattr(args, "allreduce", None),
                  "allreduce_table": getattr(args, "allreduce_table", None), **(extra or {})}
     return load_run_config(args.config, overrides)

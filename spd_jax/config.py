@@ -280,6 +280,7 @@ class RunConfig:
     spd_attn_bias: Literal["full", "none"] = "full"  # see docs/design.md (OPT bias in the MLP input)
     emulate: bool = False  # run N-way TP on one device (vmap over shards) instead of N devices
     fused_projections: bool = False  # q/k/v and gate/up as single GEMMs at inference (runtime.fuse_projections)
+    fold_norms: bool = False  # RMSNorm weights folded into the projections at inference (runtime.fold_norms)
     # the block all-reduces: NCCL's psum, or a one-shot exchange for messages of at most allreduce_max_bytes
     # (spd_jax/collectives.py; `launch/bench.py --allreduce-methods` measures which is faster on a link), or
     # "auto": per message size, the method measured fastest in allreduce_table (a launch/bench.py --json result

@@ -124,4 +124,8 @@ def open_session(run: RunConfig, *, params: Params | None = None, verbose: bool 
         from spd_jax.runtime import fuse_projections
 
         engine, params = fuse_projections(engine, params)
+    if run.fold_norms:
+        from spd_jax.runtime import fold_norms
+
+        engine, params = fold_norms(engine, params)
     return Session(run, loaded, engine, params, plan, loaded.tokenizer())

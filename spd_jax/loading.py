@@ -245,8 +245,9 @@ def read_block(tensor: np.ndarray, ps: ParamSource, global_shape, index, dtype) 
 def load_params(engine: Engine, source: TensorSource, progress: Callable[[str], None] | None = None) -> Params:
     """Read every parameter of `engine.mdef` from `source`, directly into its shards."""
     mdef = engine.mdef
-    if mdef.fused:
-        raise WeightLoadError("load weights into the unfused model, then runtime.fuse_projections")
+    if mdef.fused or mdef.norms_folded:
+        raise WeightLoadError("load weights into the unfused, unfolded model, then runtime.fuse_projections / "
+                              "runtime.fold_norms")
     srcs = param_sources(mdef, getattr(source, "naming", "hf"))
     names = source.names()
     np_dtype = np.dtype(mdef.dtype)

@@ -133,6 +133,11 @@ class Norm(nnx.Module):
         self.bias = param(jnp.zeros((d,), dtype), ParamInfo(axes, **_leaf_names(names, "bias"))) \
             if kind == "layer" else None
 
+    def inv_rms(self, x):
+        """RMSNorm's 1 / rms(x) in float32, [..., 1] (the late-scaled norm: see Block)."""
+        xf = x.astype(jnp.float32)
+        return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+
     def __call__(self, x):
         xf = x.astype(jnp.float32)
         if self.bias is None:
@@ -223,20 +228,27 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def project_qkv(self, h_btd):
+    def project_qkv(self, h_btd, scale_bt1=None):
+        """q, k, v of h; `scale_bt1` (late norm): multiply each projection by this per-row scale before its bias."""
         b, t, _ = h_btd.shape
         hd = self.head_dim
+
+        def proj(lin):
+            if scale_bt1 is None:
+                return lin(h_btd)
+            return _add((lin(h_btd, add_bias=False) * scale_bt1).astype(h_btd.dtype), lin.bias())
+
         if not self.fused:
-            return (self.q(h_btd).reshape(b, t, -1, hd), self.k(h_btd).reshape(b, t, -1, hd),
-                    self.v(h_btd).reshape(b, t, -1, hd))
-        y = self.qkv(h_btd).reshape(b, t, -1, hd)
+            return (proj(self.q).reshape(b, t, -1, hd), proj(self.k).reshape(b, t, -1, hd),
+                    proj(self.v).reshape(b, t, -1, hd))
+        y = proj(self.qkv).reshape(b, t, -1, hd)
         kl = y.shape[2] // (self.group + 2)  # local kv heads
         hl = self.group * kl
         return y[:, :, :hl], y[:, :, hl:hl + kl], y[:, :, hl + kl:]
 
-    def heads(self, h_btd, rope_cs):
+    def heads(self, h_btd, rope_cs, scale_bt1=None):
         """q [B,T,H,hd], k, v [B,T,K,hd] of the normed input: projections, q/k norms, RoPE."""
-        q, k, v = self.project_qkv(h_btd)
+        q, k, v = self.project_qkv(h_btd, scale_bt1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope_cs is not None:
@@ -253,14 +265,14 @@ class Attention(nnx.Module):
         return matmul(o_btf, self.o.w[...][rows])
 
     def __call__(self, h_btd, rope_cs, mask_bts, kv_cache, cache_index, attend_cache: int, shadow: bool = False,
-                 kv_range=None):
+                 kv_range=None, scale_bt1=None):
         """Returns (Y_i: this shard's partial o-projection, no bias, new kv cache or None).
 
         shadow: the second of the T = 2 rows is a copy of the first (`Transformer`'s shadow row); only the
         first is written to the cache. kv_range: (start_b, end_b) cache slots each sequence attends to:
         decode attention by the Pallas kernel (`kernels.decode_attention`) over the whole cache instead
         of `attention_core` with the mask."""
-        q, k, v = self.heads(h_btd, rope_cs)
+        q, k, v = self.heads(h_btd, rope_cs, scale_bt1)
         new_cache = None
         if kv_cache is not None:
             kw, vw = (k[:, :1], v[:, :1]) if shadow else (k, v)
@@ -296,8 +308,17 @@ class MLP(nnx.Module):
                 self.up = Linear(d, f, axes=("embed", "ffn"), bias=False, dtype=dtype, names=names("up"))
             self.down = Linear(f, d, axes=("ffn", "embed"), bias=False, dtype=dtype, names=names("down"))
 
-    def __call__(self, h_btd, part: slice | None = None):
+    def __call__(self, h_btd, part: slice | None = None, scale_bt1=None):
         act = ACTIVATIONS[self.kind]
+        if scale_bt1 is not None:  # late norm (RMSNorm families): the projections' outputs take the 1/rms scale
+            if self.kind != "swiglu" or part is not None:
+                raise ValueError("the late-scaled norm is defined for the SwiGLU MLP of the whole shard only")
+            sc = lambda y: (y * scale_bt1).astype(h_btd.dtype)  # noqa: E731
+            if self.fused:
+                gu = sc(self.gate_up(h_btd))
+                fl = gu.shape[-1] // 2
+                return self.down(act(gu[..., :fl]) * gu[..., fl:], add_bias=False)
+            return self.down(act(sc(self.gate(h_btd))) * sc(self.up(h_btd)), add_bias=False)
         if self.kind == "relu":
             return self.fc2(act(self.fc1(h_btd, part=part)), add_bias=False, part=part)
         if self.fused:
@@ -321,8 +342,14 @@ def _add(x, b):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layout: TPLayout, dtype, fused: bool = False, index: int = 0):
+    def __init__(self, cfg: ModelConfig, layout: TPLayout, dtype, fused: bool = False, index: int = 0,
+                 norms_folded: bool = False):
+        """norms_folded: the RMSNorm weights of the two norms live in the projections that read them
+        (runtime.fold_norms), and the norms' 1/rms scales those projections' outputs (see `__call__`)."""
         fam = cfg.family
+        if norms_folded and fam.norm != "rms":
+            raise ValueError(f"folded norms need RMSNorm; the {fam.name} family uses {fam.norm} norm")
+        self.late_norm = norms_folded
         self.attn_norm = Norm(cfg.hidden, kind=fam.norm, eps=cfg.norm_eps, dtype=dtype,
                               names=fam.names("attn_norm", index))
         self.attn = Attention(cfg, layout, dtype, fused, index)
@@ -335,21 +362,36 @@ class Block(nnx.Module):
         m = x_btd + y_btd
         if bias == "full":
             m = _add(m, self.attn.o.bias())
-        return self.mlp(self.mlp_norm(m), part=part)
+        return self._mlp(m, part)
+
+    def _mlp(self, h_btd, part: slice | None = None):
+        """The MLP of LN2(h): the norm before the projections, or (folded norms) its 1/rms after them."""
+        if self.late_norm:
+            return self.mlp(h_btd, part=part, scale_bt1=self.mlp_norm.inv_rms(h_btd))
+        return self.mlp(self.mlp_norm(h_btd), part=part)
 
     def __call__(self, x_btd, rope_cs, mask_bts, kv_cache, cache_index, *, mode: str, bias: str = "full",
                  attend_cache: int = 0, allreduce: AllReduce = PSUM, shadow: bool = False, one_row: bool = False,
                  kv_range=None):
         """mode: "sync" (two all-reduces), "spd" (one) or "none" (the floor: sync maths, no collective).
         shadow: T = 2 identical rows (see Transformer); one_row: its all-reduces carry the first row only;
-        kv_range: decode attention by the kernel over these cache slots (see Attention)."""
-        y, new_cache = self.attn(self.attn_norm(x_btd), rope_cs, mask_bts, kv_cache, cache_index, attend_cache,
-                                 shadow, kv_range)
+        kv_range: decode attention by the kernel over these cache slots (see Attention).
+
+        With folded norms, RMSNorm(x) @ W = (x @ (g * W)) / rms(x): the projections read the residual
+        stream x itself, their weights carry g, and 1/rms(x) (one reduction) scales their outputs, where
+        XLA fuses it into the kernels that already consume them. That removes the normalised-activation
+        kernel in front of each normed projection (two per block; docs/performance.md, session 12)."""
+        if self.late_norm:
+            y, new_cache = self.attn(x_btd, rope_cs, mask_bts, kv_cache, cache_index, attend_cache, shadow, kv_range,
+                                     scale_bt1=self.attn_norm.inv_rms(x_btd))
+        else:
+            y, new_cache = self.attn(self.attn_norm(x_btd), rope_cs, mask_bts, kv_cache, cache_index, attend_cache,
+                                     shadow, kv_range)
         b_o, b_out = self.attn.o.bias(), self.mlp.out_bias()
         if mode != "spd":  # two sync points
             on = mode == "sync"
             h = _add(x_btd + psum(y, on, allreduce, one_row), b_o)
-            z = self.mlp(self.mlp_norm(h))
+            z = self._mlp(h)
             return _add(h + psum(z, on, allreduce, one_row), b_out), new_cache
         z = self.spd_mlp(x_btd, y, bias)  # one sync point: the MLP sees only this shard's attention partial
         out = _add(_add(x_btd + psum(y + z, True, allreduce, one_row), b_o), b_out)
@@ -370,15 +412,17 @@ class LMHead(nnx.Module):
 class Transformer(nnx.Module):
     """Decoder-only LM (the families of spd_jax.arch). `__call__` runs one TP shard; see module docstring."""
 
-    def __init__(self, cfg: ModelConfig, layout: TPLayout, dtype=jnp.float32, fused: bool = False):
-        """fused: q/k/v and gate/up as single projections (an inference layout, see runtime.fuse_projections)."""
+    def __init__(self, cfg: ModelConfig, layout: TPLayout, dtype=jnp.float32, fused: bool = False,
+                 norms_folded: bool = False):
+        """fused: q/k/v and gate/up as single projections (an inference layout, see runtime.fuse_projections);
+        norms_folded: the blocks' RMSNorm weights folded into their projections (runtime.fold_norms)."""
         fam = cfg.family
         self.cfg = cfg
         self.embed = Embedding(layout.vocab, cfg.hidden, dtype, fam.names("embed"))
         self.pos_embed = param(jnp.zeros((cfg.max_position + 2, cfg.hidden), dtype),  # OPT: learned, offset 2
                                ParamInfo(("positions", "embed"), **_leaf_names(fam.names("pos_embed"), "weight"))) \
             if fam.positions == "learned" else None
-        self.layers = nnx.List([Block(cfg, layout, dtype, fused, i) for i in range(cfg.n_layers)])
+        self.layers = nnx.List([Block(cfg, layout, dtype, fused, i, norms_folded) for i in range(cfg.n_layers)])
         self.final_norm = Norm(cfg.hidden, kind=fam.norm, eps=cfg.norm_eps, dtype=dtype, names=fam.names("final_norm"))
         self.lm_head = None if cfg.tie_embeddings else LMHead(cfg.hidden, layout.vocab, dtype, fam.names("lm_head"))
 

@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from spd_jax.arch import ParamInfo
-from spd_jax.config import ModelConfig
+from spd_jax.config import ConfigError, ModelConfig
 from spd_jax.model import Transformer
 from spd_jax.plan import SyncPlan
 from spd_jax.sharding import TP_AXIS, TPLayout, make_mesh, named, spec_of
@@ -83,6 +83,7 @@ class ModelDef:
     abstract: Params  # pure dict of ShapeDtypeStruct with global shapes
     dtype: Any
     fused: bool = False  # q/k/v and gate/up stored as single projections (inference layout)
+    norms_folded: bool = False  # the blocks' RMSNorm weights folded into their projections (inference layout)
     infos: Params = dataclasses.field(default=None, compare=False)  # pure dict of arch.ParamInfo
 
     @property
@@ -109,12 +110,13 @@ class ModelDef:
         return (batch, max_len, self.layout.kv_heads, self.cfg.head_dim)
 
 
-def build_model_def(cfg: ModelConfig, tp: int, dtype: str | Any = "float32", fused: bool = False) -> ModelDef:
+def build_model_def(cfg: ModelConfig, tp: int, dtype: str | Any = "float32", fused: bool = False,
+                    norms_folded: bool = False) -> ModelDef:
     dt = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     layout = TPLayout(cfg, tp)
-    abs_model = nnx.eval_shape(lambda: Transformer(cfg, layout, dt, fused))
+    abs_model = nnx.eval_shape(lambda: Transformer(cfg, layout, dt, fused, norms_folded))
     graphdef, state = nnx.split(abs_model)
-    return ModelDef(cfg, layout, graphdef, nnx.to_pure_dict(state), dt, fused, param_infos(state))
+    return ModelDef(cfg, layout, graphdef, nnx.to_pure_dict(state), dt, fused, norms_folded, param_infos(state))
 
 
 # ----------------------------------------------------------------------------- shard stacking (emulation)
@@ -349,7 +351,7 @@ def fuse_projections(engine: Engine, params: Params) -> tuple[Engine, Params]:
     mdef = engine.mdef
     if mdef.fused:
         return engine, params
-    fmdef = build_model_def(mdef.cfg, mdef.tp, mdef.dtype, fused=True)
+    fmdef = build_model_def(mdef.cfg, mdef.tp, mdef.dtype, fused=True, norms_folded=mdef.norms_folded)
     fused_engine = dataclasses.replace(engine, mdef=fmdef)
     finfos = fmdef.infos["layers"][0]
     fn = jax.jit(engine.sharded(lambda lp: _fuse_layer(lp, finfos), (mdef.specs()["layers"][0],),
@@ -365,3 +367,49 @@ def fuse_projections(engine: Engine, params: Params) -> tuple[Engine, Params]:
                 x.delete()
     out["layers"] = layers
     return fused_engine, out
+
+
+# ----------------------------------------------------------------------------- folded norms
+
+# the projections that read each block norm's output, in either projection layout
+_NORMED = {"attn_norm": ("attn", ("q", "k", "v", "qkv")), "mlp_norm": ("mlp", ("gate", "up", "gate_up"))}
+
+
+def _fold_layer(lp: Params) -> Params:
+    """One block's params (one shard's view): each projection reading a norm's output gets that norm's weight
+    on its input rows (W <- g[:, None] * W, rounded once to the weight dtype), and the norm's weight becomes 1."""
+    out = jax.tree.map(lambda x: x, lp)
+    for norm, (owner, names) in _NORMED.items():
+        g = lp[norm]["scale"].astype(jnp.float32)
+        for name in names:
+            if name in lp[owner]:
+                w = lp[owner][name]["w"]
+                out[owner][name]["w"] = (g[:, None] * w.astype(jnp.float32)).astype(w.dtype)
+        out[norm]["scale"] = jnp.ones_like(lp[norm]["scale"])
+    return out
+
+
+def fold_norms(engine: Engine, params: Params) -> tuple[Engine, Params]:
+    """The same model with each block's two RMSNorm weights folded into the projections that read them.
+
+    RMSNorm(x) @ W = (x @ (g * W)) / rms(x): the folded model (`model.Block`, norms_folded) runs the
+    projections on the residual stream itself and scales their outputs by 1/rms, which removes the kernel
+    that wrote the normalised activation in front of q/k/v and gate/up (two kernels per block in batch-1
+    decode; measured in docs/performance.md, session 12). The folded weights are rounded once to the weight
+    dtype, so in bfloat16 the logits differ from the unfolded model's by bf16 rounding. RMSNorm families only
+    (LLaMA, Qwen, Mistral); an inference layout like `fuse_projections` (the SPD pipeline, head grouping
+    and checkpoints use the unfolded model), composable with it in either order. Runs per block on each
+    shard, donating the unfolded block; `params` must not be used afterwards.
+    """
+    mdef = engine.mdef
+    if mdef.norms_folded:
+        return engine, params
+    if mdef.cfg.family.norm != "rms":
+        raise ConfigError(f"--fold-norms needs an RMSNorm model; the {mdef.cfg.family.name} family uses "
+                          f"{mdef.cfg.family.norm} norm (its mean subtraction cannot move behind the projections)")
+    fmdef = build_model_def(mdef.cfg, mdef.tp, mdef.dtype, fused=mdef.fused, norms_folded=True)
+    spec = mdef.specs()["layers"][0]
+    fn = jax.jit(engine.sharded(_fold_layer, (spec,), spec), donate_argnums=0)
+    out = {k: v for k, v in params.items() if k != "layers"}
+    out["layers"] = {i: fn(params["layers"][i]) for i in sorted(params["layers"])}
+    return dataclasses.replace(engine, mdef=fmdef), out

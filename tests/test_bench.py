@@ -208,11 +208,11 @@ def test_transformers_tp_peer_runs_sharded_and_bench_reports_ratios_to_it(tmp_pa
     r = subprocess.run([sys.executable, str(ROOT / "launch/bench.py"), "--shape", "tiny", "--tp", "2",
                         "--prompt-len", "8", "--new-tokens", "4", "--repeats", "2", "--spd-ratios", "0,1",
                         "--dtype", "float32", "--peer-json", str(peer), "--json", str(out),
-                        "--compile-cache", str(cache), "--fused-projections"],
+                        "--compile-cache", str(cache), "--fused-projections", "--fold-norms"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     d = json.loads(out.read_text())
-    assert d["fused_projections"] is True
+    assert d["fused_projections"] is True and d["fold_norms"] is True
     assert p["config"] == "eager, dynamic cache"
     for row in d["rows"]:
         ratios = row["vs_peers"]["TP 2 eager, dynamic cache"]

@@ -35,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--fused-projections", action="store_true",
                    help="q/k/v and gate/up as single GEMMs (runtime.fuse_projections)")
+    p.add_argument("--fold-norms", action="store_true",
+                   help="RMSNorm weights folded into the projections, 1/rms after them (runtime.fold_norms)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--decode-chunk", type=int, default=8, help="decode steps between stop-condition checks")
     p.add_argument("--attend-window", type=int, default=256,
@@ -152,6 +154,10 @@ def main(argv=None) -> int:
         from spd_jax.runtime import fuse_projections
 
         engine, params = fuse_projections(engine, params)
+    if args.fold_norms:
+        from spd_jax.runtime import fold_norms
+
+        engine, params = fold_norms(engine, params)
     from spd_jax.collectives import AUTO, AUTO_MARGIN, DEFAULT_MAX_BYTES, METHODS, AllReduce, choice_table
     from spd_jax.config import ConfigError
 
@@ -227,7 +233,7 @@ def main(argv=None) -> int:
         "new_tokens": args.new_tokens, "dtype": args.dtype, "decode_chunk": args.decode_chunk,
         "attend_window": args.attend_window, "shadow_row": not args.no_shadow_row,
         "attention_kernel": args.attention_kernel,
-        "fused_projections": args.fused_projections, "compile_s": compile_s, "interconnect": args.interconnect,
+        "fused_projections": args.fused_projections, "fold_norms": args.fold_norms, "compile_s": compile_s, "interconnect": args.interconnect,
         "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
         "nccl_env": {k: os.environ.get(k) for k in NCCL_KEYS}, "random_weights": True,
         "nccl_tuning": {k: v for k, v in os.environ.items()  # what the user set beyond the link mode (ALGO, PROTO...)

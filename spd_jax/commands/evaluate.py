@@ -101,7 +101,8 @@ def main(argv=None) -> int:
         windows = contiguous_sequences(eval_stream(src, tok, eos, split), args.ppl_len, args.ppl_tokens)
         out["perplexity"] = {"source": src, "split": split, "tokens": int(windows.size), "window": args.ppl_len,
                              "value": perplexity(scorer, windows)}
-        if (sess.plan.any_spd or run.checkpoint) and not args.no_agreement and not run.fused_projections:
+        if (sess.plan.any_spd or run.checkpoint) and not args.no_agreement and not run.fused_projections \
+                and not run.fold_norms:
             from spd_jax.evaluation import divergence_from_reference
             from spd_jax.loading import load_params
 

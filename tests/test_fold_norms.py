@@ -1,0 +1,89 @@
+"""Folded RMSNorm weights (an inference layout, runtime.fold_norms): the same logits as transformers at
+TP 1/2/4/8, alone and with fused projections, the norms' weights no longer read, SPD generation unchanged,
+LayerNorm models refused."""
+
+import chex
+import numpy as np
+import pytest
+from test_model_reference import _ref_logits
+
+from spd_jax.config import ConfigError, GenerationConfig
+from spd_jax.generate import Generator
+from spd_jax.loading import load_params, open_model
+from spd_jax.plan import SyncPlan
+from spd_jax.runtime import Engine, build_model_def, fold_norms, fuse_projections
+
+
+def _compare(engine, params, ref_model, vocab, seed):
+    tokens = np.random.RandomState(seed).randint(3, vocab, size=(2, 11)).astype(np.int32)
+    pad = np.array([0, 5], np.int32)
+    ref = _ref_logits(ref_model, tokens, pad)
+    ours = np.asarray(engine.logits(params, tokens, pad))
+    for b in range(2):
+        chex.assert_trees_all_close(ours[b, pad[b]:], ref[b, pad[b]:], atol=3e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind,tp,fuse", [("llama", 1, None), ("llama", 4, "after"), ("qwen2", 2, None),
+                                          ("qwen2", 8, "before"), ("qwen3", 2, None), ("mistral", 4, None)])
+def test_folded_logits_match_transformers(tiny_models, kind, tp, fuse):
+    """qwen2: q/k/v biases (added after the 1/rms scale); qwen3: q/k norms; fused in either order."""
+    path, ref_model = tiny_models[kind]
+    lm = open_model(path)
+    engine = Engine.create(build_model_def(lm.cfg, tp))
+    params = load_params(engine, lm.source)
+    if fuse == "before":
+        engine, params = fuse_projections(engine, params)
+    engine, params = fold_norms(engine, params)
+    if fuse == "after":
+        engine, params = fuse_projections(engine, params)
+    assert engine.mdef.norms_folded and engine.mdef.fused == (fuse is not None)
+    _compare(engine, params, ref_model, lm.cfg.vocab_size, tp)
+
+
+def test_folded_weights_and_the_norm_weights_are_not_read(tiny_models):
+    path, ref_model = tiny_models["llama"]
+    lm = open_model(path)
+    engine = Engine.create(build_model_def(lm.cfg, 2))
+    params = load_params(engine, lm.source)
+    g1 = np.asarray(params["layers"][0]["attn_norm"]["scale"], np.float32)
+    g2 = np.asarray(params["layers"][0]["mlp_norm"]["scale"], np.float32)
+    q, up = np.asarray(params["layers"][0]["attn"]["q"]["w"]), np.asarray(params["layers"][0]["mlp"]["up"]["w"])
+    assert not np.allclose(g1, 1.0)  # the tiny models' norm weights are perturbed, so folding matters
+    feng, fp = fold_norms(engine, params)
+    chex.assert_trees_all_close(np.asarray(fp["layers"][0]["attn"]["q"]["w"]), g1[:, None] * q, rtol=1e-6)
+    chex.assert_trees_all_close(np.asarray(fp["layers"][0]["mlp"]["up"]["w"]), g2[:, None] * up, rtol=1e-6)
+    chex.assert_trees_all_equal(np.asarray(fp["layers"][0]["attn_norm"]["scale"]), np.ones_like(g1))
+    # folded weights with unit norm weights would also be right if the norm ran in front of the projections;
+    # the folded model must not read the block norms' weights at all: any value there leaves the logits alone
+    fp["layers"] = {i: {**lp, "attn_norm": {"scale": lp["attn_norm"]["scale"] * 7.0},
+                        "mlp_norm": {"scale": lp["mlp_norm"]["scale"] * 0.25}} for i, lp in fp["layers"].items()}
+    _compare(feng, fp, ref_model, lm.cfg.vocab_size, 3)
+
+
+def test_folded_spd_generation_equals_unfolded(tiny_models):
+    lm = open_model(tiny_models["llama3"][0])
+    gen = GenerationConfig(max_new_tokens=7, stop_at_eos=False)
+    modes = (True, False, True)[: lm.cfg.n_layers] + (False,) * max(0, lm.cfg.n_layers - 3)
+    out = []
+    for fold in (False, True):
+        eng = Engine.create(build_model_def(lm.cfg, 2), emulate=True)
+        params = load_params(eng, lm.source)
+        if fold:
+            eng, params = fold_norms(eng, params)
+        plan = SyncPlan.from_flags(modes)
+        out.append(Generator(eng, params, plan).generate([[4, 9, 12, 3], [7, 7]], gen).tokens)
+        toks = np.asarray([[4, 9, 12, 3, 8, 2]], np.int32)
+        out.append(np.asarray(eng.logits(params, toks, np.zeros(1, np.int32), plan)))
+    assert out[0] == out[2]
+    chex.assert_trees_all_close(out[1], out[3], atol=3e-5, rtol=1e-4)
+
+
+def test_fold_norms_refuses_layernorm_and_loading_into_a_folded_model(tiny_models):
+    lm = open_model(tiny_models["opt"][0])
+    engine = Engine.create(build_model_def(lm.cfg, 2))
+    with pytest.raises(ConfigError, match="RMSNorm"):
+        fold_norms(engine, load_params(engine, lm.source))
+    llama = open_model(tiny_models["llama"][0])
+    folded = Engine.create(build_model_def(llama.cfg, 1, norms_folded=True))
+    with pytest.raises(Exception, match="unfolded"):
+        load_params(folded, llama.source)
