@@ -18,7 +18,6 @@
 #   pdl / nopdl   programmatic dependent launch on / off (--xla_gpu_enable_pdl; Hopper: a kernel's launch
 #                 overlaps the previous kernel's tail)
 #   blockrw       XLA's block-level fusion rewriter (--xla_gpu_experimental_enable_fusion_block_level_rewriter)
-#   softmax       Triton softmax fusions in priority fusion (--xla_gpu_experimental_enable_triton_softmax_priority_fusion)
 #   heroless      Triton heroless priority fusion (--xla_gpu_experimental_enable_triton_heroless_priority_fusion)
 #   fold          --fold-norms (RMSNorm weights folded into the projections, 1/rms applied after them)
 #   a+b           both options
@@ -49,7 +48,6 @@ for v in $variants; do
       pdl) flags="$flags --xla_gpu_enable_pdl=true" ;;
       nopdl) flags="$flags --xla_gpu_enable_pdl=false" ;;
       blockrw) flags="$flags --xla_gpu_experimental_enable_fusion_block_level_rewriter=true" ;;
-      softmax) flags="$flags --xla_gpu_experimental_enable_triton_softmax_priority_fusion=true" ;;
       heroless) flags="$flags --xla_gpu_experimental_enable_triton_heroless_priority_fusion=true" ;;
       *) echo "unknown variant part $part"; exit 2 ;;
     esac
