@@ -310,24 +310,21 @@ class MLP(nnx.Module):
 
     def __call__(self, h_btd, part: slice | None = None, scale_bt1=None):
         act = ACTIVATIONS[self.kind]
-        if scale_bt1 is not None:  # late norm (RMSNorm families): the projections' outputs take the 1/rms scale
-            if self.kind != "swiglu" or part is not None:
-                raise ValueError("the late-scaled norm is defined for the SwiGLU MLP of the whole shard only")
-            sc = lambda y: (y * scale_bt1).astype(h_btd.dtype)  # noqa: E731
-            if self.fused:
-                gu = sc(self.gate_up(h_btd))
-                fl = gu.shape[-1] // 2
-                return self.down(act(gu[..., :fl]) * gu[..., fl:], add_bias=False)
-            return self.down(act(sc(self.gate(h_btd))) * sc(self.up(h_btd)), add_bias=False)
+        if scale_bt1 is not None and (self.kind != "swiglu" or part is not None):
+            raise ValueError("the late-scaled norm is defined for the SwiGLU MLP of the whole shard only")
         if self.kind == "relu":
             return self.fc2(act(self.fc1(h_btd, part=part)), add_bias=False, part=part)
+        # late norm (RMSNorm families, runtime.fold_norms): the projections' outputs take the 1/rms scale
+        sc = (lambda y: y) if scale_bt1 is None else (lambda y: (y * scale_bt1).astype(h_btd.dtype))  # noqa: E731
         if self.fused:
             if part is not None:
                 raise ValueError("a shard slice of the fused layout is not defined (use the unfused model)")
-            gu = self.gate_up(h_btd)
+            gu = sc(self.gate_up(h_btd))
             fl = gu.shape[-1] // 2
-            return self.down(act(gu[..., :fl]) * gu[..., fl:], add_bias=False)
-        return self.down(act(self.gate(h_btd, part=part)) * self.up(h_btd, part=part), add_bias=False, part=part)
+            g, u = gu[..., :fl], gu[..., fl:]
+        else:
+            g, u = sc(self.gate(h_btd, part=part)), sc(self.up(h_btd, part=part))
+        return self.down(act(g) * u, add_bias=False, part=part)
 
     def out_bias(self):
         return self.fc2.bias() if self.kind == "relu" else None

@@ -5,22 +5,15 @@ LayerNorm models refused."""
 import chex
 import numpy as np
 import pytest
-from test_model_reference import _ref_logits
+from test_fused import compare_to_reference, spd_outputs_with_and_without
 
-from spd_jax.config import ConfigError, GenerationConfig
-from spd_jax.generate import Generator
+from spd_jax.config import ConfigError
 from spd_jax.loading import load_params, open_model
-from spd_jax.plan import SyncPlan
 from spd_jax.runtime import Engine, build_model_def, fold_norms, fuse_projections
 
 
 def _compare(engine, params, ref_model, vocab, seed):
-    tokens = np.random.RandomState(seed).randint(3, vocab, size=(2, 11)).astype(np.int32)
-    pad = np.array([0, 5], np.int32)
-    ref = _ref_logits(ref_model, tokens, pad)
-    ours = np.asarray(engine.logits(params, tokens, pad))
-    for b in range(2):
-        chex.assert_trees_all_close(ours[b, pad[b]:], ref[b, pad[b]:], atol=3e-5, rtol=1e-4)
+    compare_to_reference(engine, params, ref_model, vocab, seed, atol=3e-5)
 
 
 @pytest.mark.parametrize("kind,tp,fuse", [("llama", 1, None), ("llama", 4, "after"), ("qwen2", 2, None),
@@ -61,19 +54,7 @@ def test_folded_weights_and_the_norm_weights_are_not_read(tiny_models):
 
 
 def test_folded_spd_generation_equals_unfolded(tiny_models):
-    lm = open_model(tiny_models["llama3"][0])
-    gen = GenerationConfig(max_new_tokens=7, stop_at_eos=False)
-    modes = (True, False, True)[: lm.cfg.n_layers] + (False,) * max(0, lm.cfg.n_layers - 3)
-    out = []
-    for fold in (False, True):
-        eng = Engine.create(build_model_def(lm.cfg, 2), emulate=True)
-        params = load_params(eng, lm.source)
-        if fold:
-            eng, params = fold_norms(eng, params)
-        plan = SyncPlan.from_flags(modes)
-        out.append(Generator(eng, params, plan).generate([[4, 9, 12, 3], [7, 7]], gen).tokens)
-        toks = np.asarray([[4, 9, 12, 3, 8, 2]], np.int32)
-        out.append(np.asarray(eng.logits(params, toks, np.zeros(1, np.int32), plan)))
+    out = spd_outputs_with_and_without(open_model(tiny_models["llama3"][0]), fold_norms, [[4, 9, 12, 3], [7, 7]])
     assert out[0] == out[2]
     chex.assert_trees_all_close(out[1], out[3], atol=3e-5, rtol=1e-4)
 
