@@ -5,7 +5,8 @@
 # Our runs use one process per GPU (`launch/bench.py --spawn TP`, as deployed); SPAWN=0 drives all GPUs
 # from one process instead (a labelled comparison). The first interconnect should be nvlink: the later
 # modes' runs get its JSON as --link-reference, so each says whether its small all-reduces really were
-# slower. PEER=0 skips the peers (LLaMA shapes only); PEER_COMPILED=1 (default) also runs transformers'
+# slower; LINK_REFERENCE=JSON gives them an nvlink run of an earlier call (same machine, same TP) when
+# this call runs no nvlink. PEER=0 skips the peers (LLaMA shapes only); PEER_COMPILED=1 (default) also runs transformers'
 # static-cache + torch.compile configuration; PEER_CONFIGS="compiled" runs that one alone. The XLA compilation cache makes later interconnects reuse
 # the first one's compiled programs. DEADLINE (epoch seconds) caps every step's timeout so the whole
 # script ends before it; COMPILE_THREADS (default 6) is passed to launch/bench.py.
@@ -48,7 +49,7 @@ fi
 floor=--floor; [ "$tp" = 1 ] && floor= && ics=nvlink
 spawn=(); [ "${SPAWN:-1}" = 1 ] && [ "$tp" -gt 1 ] && spawn=(--spawn "$tp")
 layout=$([ ${#spawn[@]} -gt 0 ] && echo 1proc || echo 1procall)
-ref=()
+ref=(); [ -n "${LINK_REFERENCE:-}" ] && ref=(--link-reference "$LINK_REFERENCE")
 for ic in $ics; do
   json="$out/$shape-tp$tp-$ic-$layout.json"
   NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT NCCL_DEBUG_FILE="$out/nccl-$shape-tp$tp-$ic-$layout.%p.log" \
