@@ -167,14 +167,9 @@ def main():
     mdef = build_model_def(cfg, args.tp, "bfloat16")
     engine = Engine.create(mdef)
     params = random_params(engine)
-    if args.fused_projections:
-        from spd_jax.runtime import fuse_projections
+    from spd_jax.runtime import inference_layout
 
-        engine, params = fuse_projections(engine, params)
-    if args.fold_norms:
-        from spd_jax.runtime import fold_norms
-
-        engine, params = fold_norms(engine, params)
+    engine, params = inference_layout(engine, params, fused=args.fused_projections, fold=args.fold_norms)
     from spd_jax.plan import SyncPlan
 
     L = cfg.n_layers

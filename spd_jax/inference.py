@@ -120,12 +120,7 @@ def open_session(run: RunConfig, *, params: Params | None = None, verbose: bool 
             nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(mdef.abstract))
             print(f"loaded {n} tensors ({nbytes / 2**20:.0f} MiB as {run.dtype}) from {loaded.path.name} in "
                   f"{time.time() - t0:.1f} s", file=sys.stderr)
-    if run.fused_projections:
-        from spd_jax.runtime import fuse_projections
+    from spd_jax.runtime import inference_layout
 
-        engine, params = fuse_projections(engine, params)
-    if run.fold_norms:
-        from spd_jax.runtime import fold_norms
-
-        engine, params = fold_norms(engine, params)
+    engine, params = inference_layout(engine, params, fused=run.fused_projections, fold=run.fold_norms)
     return Session(run, loaded, engine, params, plan, loaded.tokenizer())

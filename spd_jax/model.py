@@ -141,8 +141,7 @@ class Norm(nnx.Module):
     def __call__(self, x):
         xf = x.astype(jnp.float32)
         if self.bias is None:
-            xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-            return self.scale[...] * xf.astype(x.dtype)
+            return self.scale[...] * (xf * self.inv_rms(x)).astype(x.dtype)
         mu = jnp.mean(xf, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
         xf = (xf - mu) * jax.lax.rsqrt(var + self.eps)
@@ -378,12 +377,9 @@ class Block(nnx.Module):
         stream x itself, their weights carry g, and 1/rms(x) (one reduction) scales their outputs, where
         XLA fuses it into the kernels that already consume them. That removes the normalised-activation
         kernel in front of each normed projection (two per block; docs/performance.md, session 12)."""
-        if self.late_norm:
-            y, new_cache = self.attn(x_btd, rope_cs, mask_bts, kv_cache, cache_index, attend_cache, shadow, kv_range,
-                                     scale_bt1=self.attn_norm.inv_rms(x_btd))
-        else:
-            y, new_cache = self.attn(self.attn_norm(x_btd), rope_cs, mask_bts, kv_cache, cache_index, attend_cache,
-                                     shadow, kv_range)
+        h, scale = (x_btd, self.attn_norm.inv_rms(x_btd)) if self.late_norm else (self.attn_norm(x_btd), None)
+        y, new_cache = self.attn(h, rope_cs, mask_bts, kv_cache, cache_index, attend_cache, shadow, kv_range,
+                                 scale_bt1=scale)
         b_o, b_out = self.attn.o.bias(), self.mlp.out_bias()
         if mode != "spd":  # two sync points
             on = mode == "sync"

@@ -413,3 +413,13 @@ def fold_norms(engine: Engine, params: Params) -> tuple[Engine, Params]:
     out = {k: v for k, v in params.items() if k != "layers"}
     out["layers"] = {i: fn(params["layers"][i]) for i in sorted(params["layers"])}
     return dataclasses.replace(engine, mdef=fmdef), out
+
+
+def inference_layout(engine: Engine, params: Params, *, fused: bool = False,
+                     fold: bool = False) -> tuple[Engine, Params]:
+    """The inference layouts a run asked for (--fused-projections, --fold-norms), applied to loaded params."""
+    if fused:
+        engine, params = fuse_projections(engine, params)
+    if fold:
+        engine, params = fold_norms(engine, params)
+    return engine, params

@@ -150,14 +150,9 @@ def main(argv=None) -> int:
     params = random_params(engine)
     jax.block_until_ready(params)
     phase("random weights in their shards")
-    if args.fused_projections:
-        from spd_jax.runtime import fuse_projections
+    from spd_jax.runtime import inference_layout
 
-        engine, params = fuse_projections(engine, params)
-    if args.fold_norms:
-        from spd_jax.runtime import fold_norms
-
-        engine, params = fold_norms(engine, params)
+    engine, params = inference_layout(engine, params, fused=args.fused_projections, fold=args.fold_norms)
     from spd_jax.collectives import AUTO, AUTO_MARGIN, DEFAULT_MAX_BYTES, METHODS, AllReduce, choice_table
     from spd_jax.config import ConfigError
 
