@@ -20,6 +20,8 @@
 #   blockrw       XLA's block-level fusion rewriter (--xla_gpu_experimental_enable_fusion_block_level_rewriter)
 #   heroless      Triton heroless priority fusion (--xla_gpu_experimental_enable_triton_heroless_priority_fusion)
 #   fold          --fold-norms (RMSNorm weights folded into the projections, 1/rms applied after them)
+#   nosplitk      every Triton GEMM without split-K (--xla_gpu_experimental_force_split_k=1): no partial-sum
+#                 kernels after the projections, fewer thread blocks per GEMM
 #   a+b           both options
 # Every variant runs sync, SPD on all blocks and the no-all-reduce floor, and measures HBM read bandwidth,
 # so each row has its own per-block overhead. BENCH_ARGS go to every run. SPAWN=0 drives all GPUs from one
@@ -43,6 +45,7 @@ for v in $variants; do
       merge) flags="$flags --xla_gpu_dot_merger_threshold_mb=256" ;;
       oneshot) flags="$flags --xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true" ;;
       fold) extra+=(--fold-norms) ;;
+      nosplitk) flags="$flags --xla_gpu_experimental_force_split_k=1" ;;
       nocmdbuf) flags="$flags --xla_gpu_enable_command_buffer=" ;;
       cmdwhile) flags="$flags --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" ;;
       pdl) flags="$flags --xla_gpu_enable_pdl=true" ;;
