@@ -37,17 +37,6 @@ def fits(shape) -> bool:
     return m % (TILE_ROWS * LANES) == 0 and m // (TILE_ROWS * LANES) <= MAX_BLOCKS * MAX_TILES
 
 
-def reference(x, axis_name):
-    import jax
-    import jax.numpy as jnp
-
-    stacked = jax.lax.all_gather(x, axis_name, axis=0, tiled=False)
-    acc = stacked[0].astype(jnp.float32)
-    for i in range(1, stacked.shape[0]):
-        acc = acc + stacked[i].astype(jnp.float32)
-    return acc.astype(x.dtype)
-
-
 def p2p_allreduce(x, axis_name):
     import jax
     import jax.numpy as jnp
@@ -107,6 +96,7 @@ def main(argv=None) -> int:
     from jax.sharding import PartitionSpec as P
 
     from spd_jax.bench import host_times
+    from spd_jax.collectives import gather_sum as reference  # all-gather + float32 sum in rank order
     from spd_jax.distributed import is_main_process, to_host
     from spd_jax.sharding import make_mesh
 
