@@ -14,7 +14,7 @@
 # The peer's random checkpoint goes to PEER_DIR (default: /dev/shm when it has room for it, else /tmp: a
 # 70B checkpoint is 138 GB, and memory is faster to write and read than disk); PEER_REPEATS (default 3).
 # Every step prints its wall time ("-- 123 s: ..."). BENCH_ARGS (word-split) go to every launch/bench.py run,
-# e.g. BENCH_ARGS="--fused-projections" or "--new-tokens 256".
+# e.g. BENCH_ARGS="--no-fused-projections" or "--new-tokens 256".
 set -uo pipefail
 out=${1:-/tmp/bench}; shape=${2:-llama2-7b}; tp=${3:-2}; ratios=${4:-0,0.5,1}; ics=${5:-nvlink}
 mkdir -p "$out"; export PYTHONPATH=$PWD PYTHONUNBUFFERED=1

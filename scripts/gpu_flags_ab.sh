@@ -2,8 +2,13 @@
 # A/B of decode-path options on one shape: same machine, same call, one process per GPU. RANDOM weights.
 # Usage: bash scripts/gpu_flags_ab.sh OUT [SHAPE] [TP] [VARIANTS]
 # VARIANTS (space-separated, default "default fused cmdbuf cmdbuf+fused"):
-#   default       the shipped decode path
-#   fused         --fused-projections (q/k/v and gate/up as one GEMM each)
+#   default       the shipped decode path (since session 15: fused projections, folded norms on RMSNorm shapes,
+#                 decode attention by the Pallas kernel on CUDA GPUs)
+#   old           the shipped path before session 15: nofused+nofold+xla
+#   fused         --fused-projections (q/k/v and gate/up as one GEMM each; on by default since session 15)
+#   nofused       --no-fused-projections
+#   nofold        --no-fold-norms
+#   xla           decode attention by XLA's masked attention (--attention-kernel xla)
 #   noshadow      batch-1 decode on one row, each product padded to two (--no-shadow-row; before session 8)
 #   pallas        decode attention by the Pallas kernel (--attention-kernel pallas, spd_jax/kernels.py)
 #   cmdbuf        XLA command buffers (CUDA graphs) over fusions, GEMMs and the decode loop itself
@@ -19,7 +24,7 @@
 #                 overlaps the previous kernel's tail)
 #   blockrw       XLA's block-level fusion rewriter (--xla_gpu_experimental_enable_fusion_block_level_rewriter)
 #   heroless      Triton heroless priority fusion (--xla_gpu_experimental_enable_triton_heroless_priority_fusion)
-#   fold          --fold-norms (RMSNorm weights folded into the projections, 1/rms applied after them)
+#   fold          --fold-norms (RMSNorm weights folded into the projections, 1/rms applied after them; default)
 #   nosplitk      every Triton GEMM without split-K (--xla_gpu_experimental_force_split_k=1): no partial-sum
 #                 kernels after the projections, fewer thread blocks per GEMM
 #   a+b           both options
@@ -38,6 +43,10 @@ for v in $variants; do
     case $part in
       default) ;;
       fused) extra+=(--fused-projections) ;;
+      nofused) extra+=(--no-fused-projections) ;;
+      nofold) extra+=(--no-fold-norms) ;;
+      xla) extra+=(--attention-kernel xla) ;;
+      old) extra+=(--no-fused-projections --no-fold-norms --attention-kernel xla) ;;
       noshadow) extra+=(--no-shadow-row) ;;
       pallas) extra+=(--attention-kernel pallas) ;;
       cmdbuf) flags="$flags $CB" ;;

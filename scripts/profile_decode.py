@@ -130,6 +130,8 @@ def main():
     p.add_argument("--decode-chunk", type=int, default=8)
     p.add_argument("--fused-projections", action="store_true")
     p.add_argument("--fold-norms", action="store_true")
+    p.add_argument("--attention-kernel", choices=["xla", "pallas"], default="xla",
+                   help="decode attention: XLA's masked attention or the Pallas kernel (spd_jax/kernels.py)")
     p.add_argument("--gemv", action="store_true", help="also time plain GEMV chains (bandwidth ceiling)")
     p.add_argument("--hlo", action="store_true",
                    help="dump the optimised HLO of the profiled decode loop (XLA's dump, same compile as the "
@@ -175,7 +177,8 @@ def main():
     L = cfg.n_layers
     plan = SyncPlan.floor(L) if args.floor else SyncPlan.all_spd(L) if args.spd else SyncPlan.sync(L)
     gen = Generator(engine, params, plan)
-    gcfg = GenerationConfig(max_new_tokens=args.new_tokens, stop_at_eos=False, decode_chunk=args.decode_chunk)
+    gcfg = GenerationConfig(max_new_tokens=args.new_tokens, stop_at_eos=False, decode_chunk=args.decode_chunk,
+                            attention_kernel=args.attention_kernel)
     prompt = [list(np.random.RandomState(0).randint(3, cfg.vocab_size, size=128))]
     gen.generate(prompt, gcfg)
     r = gen.generate(prompt, gcfg)
@@ -186,7 +189,7 @@ def main():
     main_proc = jax.process_index() == 0
     say = print if main_proc else (lambda *a, **k: None)
     say(f"# {layout}")
-    say(f"# {args.shape} tp={args.tp} spd={args.spd} floor={args.floor} fused={args.fused_projections} chunk={args.decode_chunk} on {jax.devices()[0].device_kind}: "
+    say(f"# {args.shape} tp={args.tp} spd={args.spd} floor={args.floor} fused={args.fused_projections} fold={args.fold_norms} attention={args.attention_kernel} chunk={args.decode_chunk} on {jax.devices()[0].device_kind}: "
           f"tpot {r.decode_s * 1e3 / steps:.3f} ms, weights/device {wb / 1e9:.2f} GB "
           f"-> {wb / (r.decode_s / steps) / 1e9:.0f} GB/s effective")
     if args.hlo:

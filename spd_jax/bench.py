@@ -196,7 +196,7 @@ class Timing:
 
 
 def bench_generation_config(new_tokens: int, decode_chunk: int = 8, attend_window: int = 256,
-                            shadow_row: bool = True, attention_kernel: str = "xla") -> GenerationConfig:
+                            shadow_row: bool = True, attention_kernel: str = "auto") -> GenerationConfig:
     return GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False, decode_chunk=decode_chunk,
                             attend_window=attend_window, shadow_row=shadow_row, attention_kernel=attention_kernel)
 
@@ -230,7 +230,7 @@ def compile_generators(gens: list[Generator], cfg: GenerationConfig, prompt_len:
 
 def time_generation(gen: Generator, batch: int, prompt_len: int, new_tokens: int, repeats: int, label: str,
                     decode_chunk: int = 8, attend_window: int = 256, shadow_row: bool = True,
-                    attention_kernel: str = "xla") -> Timing:
+                    attention_kernel: str = "auto") -> Timing:
     cfg = bench_generation_config(new_tokens, decode_chunk, attend_window, shadow_row, attention_kernel)
     rng = np.random.RandomState(0)
     prompts = [list(rng.randint(3, gen.cfg.vocab_size, size=prompt_len)) for _ in range(batch)]

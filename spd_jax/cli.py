@@ -34,12 +34,14 @@ def common_model_args(p: argparse.ArgumentParser) -> None:
                    help="with --allreduce auto: a launch/bench.py --json result of this link and TP degree, measured "
                         "with --allreduce-methods psum,gather,a2a; or 'measure': time psum, gather and a2a at start-up "
                         "on this run's devices, at the sizes of 1/8/32/128/2048 tokens' hidden states")
-    p.add_argument("--fused-projections", action="store_true", default=None,
-                   help="q/k/v and gate/up as single GEMMs at inference (same maths, fewer kernels)")
-    p.add_argument("--fold-norms", action="store_true", default=None,
+    p.add_argument("--fused-projections", action=argparse.BooleanOptionalAction, default=None,
+                   help="q/k/v and gate/up as single GEMMs at inference (same maths, fewer kernels); default: on "
+                        "for generation, off for evaluation")
+    p.add_argument("--fold-norms", action=argparse.BooleanOptionalAction, default=None,
                    help="RMSNorm models: fold each block's norm weights into the projections that read them, "
                         "so the norm's 1/rms scales their outputs (two kernels fewer per block in decode; "
-                        "bf16 rounding of the folded weights)")
+                        "bf16 rounding of the folded weights); default: on for generation of RMSNorm models, "
+                        "off for evaluation")
     from spd_jax.distributed import add_distributed_args
 
     add_distributed_args(p)

@@ -241,9 +241,10 @@ class GenerationConfig:
     # batch-1 decode runs its blocks on two identical rows (no pad/slice kernels around each projection;
     # see model.Transformer); False = one row, each product padded to two rows
     shadow_row: bool = True
-    # decode attention: "xla" (masked attention in plain JAX) or "pallas" (JAX's Pallas GQA decode kernel over
-    # the filled cache slots; spd_jax.kernels; not yet measured on GPUs, so not the default)
-    attention_kernel: str = "xla"
+    # decode attention: "xla" (masked attention in plain JAX), "pallas" (our Pallas kernel over the filled cache
+    # slots, spd_jax.kernels) or "auto": the kernel on CUDA GPUs where it applies, else "xla"
+    # (kernels.resolve_attention_kernel; docs/performance.md, session 15)
+    attention_kernel: str = "auto"
 
     def validate(self) -> None:
         check_types(self, "generation")
@@ -257,8 +258,8 @@ class GenerationConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.decode_chunk < 1:
             raise ConfigError(f"decode_chunk must be >= 1, got {self.decode_chunk}")
-        if self.attention_kernel not in ("xla", "pallas"):
-            raise ConfigError(f"attention_kernel must be 'xla' or 'pallas', got {self.attention_kernel!r}")
+        if self.attention_kernel not in ("auto", "xla", "pallas"):
+            raise ConfigError(f"attention_kernel must be 'auto', 'xla' or 'pallas', got {self.attention_kernel!r}")
         if self.attend_window < 0:
             raise ConfigError(f"attend_window must be >= 0 (0 = the whole cache), got {self.attend_window}")
 
@@ -279,8 +280,12 @@ class RunConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     spd_attn_bias: Literal["full", "none"] = "full"  # see docs/design.md (OPT bias in the MLP input)
     emulate: bool = False  # run N-way TP on one device (vmap over shards) instead of N devices
-    fused_projections: bool = False  # q/k/v and gate/up as single GEMMs at inference (runtime.fuse_projections)
-    fold_norms: bool = False  # RMSNorm weights folded into the projections at inference (runtime.fold_norms)
+    # inference layouts (runtime.inference_layout): q/k/v and gate/up as single GEMMs (runtime.fuse_projections),
+    # RMSNorm weights folded into the projections (runtime.fold_norms). None = the session's default: on for
+    # generation (fold where the family uses RMSNorm; the fastest decode measured, docs/performance.md), off for
+    # evaluation (the reference layout)
+    fused_projections: bool | None = None
+    fold_norms: bool | None = None
     # the block all-reduces: NCCL's psum, or a one-shot exchange for messages of at most allreduce_max_bytes
     # (spd_jax/collectives.py; `launch/bench.py --allreduce-methods` measures which is faster on a link), or
     # "auto": per message size, the method measured fastest in allreduce_table (a launch/bench.py --json result

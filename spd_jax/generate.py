@@ -22,6 +22,7 @@ import numpy as np
 
 from spd_jax.config import ConfigError, GenerationConfig
 from spd_jax.distributed import to_host
+from spd_jax.kernels import resolve_attention_kernel
 from spd_jax.plan import SyncPlan
 from spd_jax.runtime import Engine, Params
 
@@ -146,7 +147,7 @@ class Generator:
         if key not in self._decode:
             windows = attention_windows(t_pad, max_new, max_len, gen.attend_window)
             fwds = {w: self.engine.forward(self.plan, attend_cache=True if w == max_len else w, with_cache=True,
-                                           shadow_row=gen.shadow_row, attention_kernel=gen.attention_kernel)
+                                           shadow_row=gen.shadow_row, attention_kernel=self.attention_kernel(gen))
                     for _, _, w in windows}
             eos = jnp.asarray(self.cfg.eos_token_ids or (-1,), jnp.int32)
 
@@ -243,12 +244,17 @@ class Generator:
             seqs.append(seq)
         return GenerationResult(seqs, done.tolist(), lengths, ttft, decode_s, int(to_host(n)))
 
+    def attention_kernel(self, gen: GenerationConfig) -> str:
+        """The decode attention this generation runs: `gen.attention_kernel` with "auto" resolved for this
+        device and model (`kernels.resolve_attention_kernel`)."""
+        return resolve_attention_kernel(gen.attention_kernel, self.cfg.head_dim)
+
     def _padded_lengths(self, longest_prompt: int, gen: GenerationConfig) -> tuple[int, int]:
         """(prompt length padded to the bucket, KV-cache length): the shape class compiled for. With the
         Pallas decode-attention kernel the cache is a multiple of 128 slots (at most 112 more), so that
         the kernel always loops over 128-slot blocks (`kernels.split_plan`)."""
         t_pad = _round_up(longest_prompt, self.bucket)
-        slots = KERNEL_CACHE_MULTIPLE if gen.attention_kernel == "pallas" else self.bucket
+        slots = KERNEL_CACHE_MULTIPLE if self.attention_kernel(gen) == "pallas" else self.bucket
         return t_pad, _round_up(t_pad + gen.max_new_tokens, slots)
 
     @staticmethod

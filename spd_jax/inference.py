@@ -94,7 +94,11 @@ def resolve_plan(run: RunConfig, n_layers: int, mesh=None, hidden: int | None = 
     return plan.using(how)
 
 
-def open_session(run: RunConfig, *, params: Params | None = None, verbose: bool = False) -> Session:
+def open_session(run: RunConfig, *, params: Params | None = None, verbose: bool = False,
+                 default_layout: bool = True) -> Session:
+    """Load a run's model, plan and weights. default_layout: apply the inference layouts the run does not
+    mention (fused projections, folded RMSNorms; `runtime.layout_choice`): True for generation, False for
+    evaluation, which keeps the reference layout unless asked."""
     loaded = open_model(run.model)
     mdef = build_model_def(loaded.cfg, run.tp, run.dtype)
     engine = Engine.create(mdef, emulate=run.emulate)
@@ -120,7 +124,9 @@ def open_session(run: RunConfig, *, params: Params | None = None, verbose: bool 
             nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(mdef.abstract))
             print(f"loaded {n} tensors ({nbytes / 2**20:.0f} MiB as {run.dtype}) from {loaded.path.name} in "
                   f"{time.time() - t0:.1f} s", file=sys.stderr)
-    from spd_jax.runtime import inference_layout
+    from spd_jax.runtime import inference_layout, layout_choice
 
-    engine, params = inference_layout(engine, params, fused=run.fused_projections, fold=run.fold_norms)
+    fused, fold = layout_choice(loaded.cfg, run.fused_projections, run.fold_norms, default_layout)
+    engine, params = inference_layout(engine, params, fused=fused, fold=fold)
+    run = dataclasses.replace(run, fused_projections=fused, fold_norms=fold)
     return Session(run, loaded, engine, params, plan, loaded.tokenizer())

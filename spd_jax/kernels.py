@@ -1,14 +1,16 @@
 """Custom kernels for the decode path, each with the pure-JAX path as its reference and fallback.
 
-`decode_attention`: one decode step's attention over the KV cache with the kernel of JAX's own Pallas GQA
-decode attention (`jax.experimental.pallas.ops.gpu.decode_attention`: flash-decoding, the cache split
-into up to 16 chunks that run in parallel and are combined at the end). We call its kernel body with
-our own `pallas_call`, whose outputs carry the mesh-axis (vma) types that `jax.shard_map(check_vma=True)`
-requires; the partial outputs stay float32 until the combine. It reads only the slots [start, end) of each
-sequence, so its cost follows the filled context rather than the allocated cache, and it replaces the
-masked score GEMM, softmax reductions and value GEMM of `model.attention_core` by one kernel (plus the
-split combine). On GPUs it compiles through Pallas' Triton lowering; on other backends it runs in
-Pallas' interpreter (tests), which is slow and only meant for checking equality with the reference.
+`decode_attention`: one decode step's attention over the KV cache, our own Pallas kernel (Triton lowering
+on GPUs). One program per (sequence x kv head, block of 16 query heads, chunk of the cache) reads the
+[B, S, K, hd] cache in place and loops only over the blocks overlapping the sequence's attended slots
+[start, end), so its cost follows the filled context rather than the allocated cache. Caches of at most
+`SINGLE_PASS_MAX` slots are one chunk and the kernel writes the normalised output itself: a block's decode
+attention is one kernel instead of XLA's five (score GEMM, mask, exponential, convert, value GEMM);
+longer caches split into chunks that run in parallel (flash-decoding) and are combined in float32. Its
+outputs carry the mesh-axis (vma) types that `jax.shard_map(check_vma=True)` requires. On other backends it
+runs in Pallas' interpreter (tests), which is slow and only meant for checking equality with the
+reference. `resolve_attention_kernel` turns a config's "auto" into the kernel on CUDA GPUs where it
+applies (measured faster than XLA's attention on H200: docs/performance.md, session 15).
 """
 
 from __future__ import annotations
@@ -19,7 +21,34 @@ import math
 import jax
 import jax.numpy as jnp
 
-ATTENTION_KERNELS = ("xla", "pallas")
+from spd_jax.config import ConfigError
+
+ATTENTION_KERNELS = ("xla", "pallas")  # what the model runs
+KERNEL_CHOICES = ("auto",) + ATTENTION_KERNELS  # what a config may ask for; "auto": `resolve_attention_kernel`
+MIN_COMPUTE_CAPABILITY = 8.0  # Triton's bf16 dot (Ampere and newer)
+
+# Caches of at most this many slots are attended in one pass per (sequence, kv head): no split, no combine
+# kernels. Longer caches are split by `split_plan` (flash-decoding). Measured on H200: docs/performance.md.
+SINGLE_PASS_MAX = 512
+NUM_WARPS, NUM_STAGES = 4, 2
+# Tuning for benchmarks, e.g. SPD_JAX_ATTENTION_TUNE="block_k=256,num_warps=8,num_stages=1,single_pass_max=512"
+# (each key optional; arguments of `decode_attention` take precedence).
+TUNE_ENV = "SPD_JAX_ATTENTION_TUNE"
+_TUNE_KEYS = ("block_k", "num_warps", "num_stages", "single_pass_max")
+
+
+def tuning_from_env() -> dict[str, int]:
+    """The kernel settings named in $SPD_JAX_ATTENTION_TUNE ("key=int,..."), checked."""
+    import os
+
+    text = os.environ.get(TUNE_ENV, "").strip()
+    out = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, _, val = item.partition("=")
+        if key not in _TUNE_KEYS or not val.strip().isdigit():
+            raise ValueError(f"${TUNE_ENV}: expected comma-separated key=int with keys {_TUNE_KEYS}, got {item!r}")
+        out[key] = int(val)
+    return out
 
 
 def split_plan(cache_len: int, target_splits: int = 16) -> tuple[int, int]:
@@ -43,65 +72,173 @@ def split_plan(cache_len: int, target_splits: int = 16) -> tuple[int, int]:
     return k_splits, block_k
 
 
+def kernel_supports(head_dim: int) -> bool:
+    """Triton's dot needs a power-of-two head dimension of 16..256 (LLaMA, Mistral, OPT, Qwen: 64 or 128)."""
+    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+
+
+def choose_attention_kernel(name: str, head_dim: int, platform: str, compute_capability: str | None) -> str:
+    """"xla" or "pallas" for a config's `attention_kernel` on a device of this platform ("gpu", "cpu", ...)
+    and CUDA compute capability ("9.0"; None off CUDA). "auto" is the kernel on CUDA GPUs of compute
+    capability >= 8.0 where the head dimension suits it (docs/performance.md, session 15: 2-3% faster
+    decode on H200), else XLA's attention; an explicit "pallas" on a GPU with a head dimension the kernel
+    cannot take is an error."""
+    if name not in KERNEL_CHOICES:
+        raise ConfigError(f"attention_kernel must be one of {KERNEL_CHOICES}, got {name!r}")
+    if name == "xla":
+        return name
+    if name == "pallas":  # off GPUs Pallas' interpreter runs it (tests): any head dimension
+        if platform == "gpu" and not kernel_supports(head_dim):
+            raise ConfigError(f"the Pallas decode-attention kernel needs a power-of-two head dimension of 16..256, "
+                              f"this model has {head_dim}: use --attention-kernel xla (or auto)")
+        return name
+    try:
+        cc = float(compute_capability) if compute_capability else 0.0
+    except ValueError:  # not a CUDA capability ("gfx90a" on ROCm)
+        cc = 0.0
+    return "pallas" if platform == "gpu" and cc >= MIN_COMPUTE_CAPABILITY and kernel_supports(head_dim) else "xla"
+
+
+def resolve_attention_kernel(name: str, head_dim: int) -> str:
+    """`choose_attention_kernel` for this process' first device."""
+    dev = jax.devices()[0]
+    return choose_attention_kernel(name, head_dim, dev.platform, getattr(dev, "compute_capability", None))
+
+
 def _out_shape(like, shape, dtype):
     """An output shape that varies over the mesh axes `like` varies over: inside `jax.shard_map` with
-    check_vma a kernel's outputs must say so (JAX's own wrapper of this kernel does not)."""
+    check_vma a kernel's outputs must say so (the wrappers of JAX's own Pallas ops do not)."""
     return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
 
 
-def _decode_attention_one(q_hd, k_sd, v_sd, start, end, *, k_splits: int, block_k: int, block_h: int = 16,
-                          num_warps: int = 4, num_stages: int = 2):
-    """One sequence and kv head: q [G, hd] (its query heads), k/v [S, hd]. The kernel body is JAX's
-    (`decode_attention.attn_forward_kernel`); the call and the final combine follow JAX's
-    `decode_attn_unbatched`, with vma-typed outputs."""
+def _attention_kernel(q_ref, k_ref, v_ref, start_ref, end_ref, *out_refs, sm_scale: float, block_k: int,
+                      block_h: int, n_q: int, chunk: int, normalise: bool, masked: bool):
+    """One program: one sequence, one kv head, up to `block_h` of its query heads, one chunk of the cache.
+
+    q_ref [>= block_h rows (masked), hd]; k_ref/v_ref [chunk, hd] (this kv head's slots of the chunk, read in
+    place from the [B, S, K, hd] cache); start_ref/end_ref: this sequence's attended slots [start, end).
+    Online softmax over the blocks of the chunk that overlap [start, end) only. normalise: one chunk, so
+    write softmax(q k^T) v itself (out_refs = (o,)); else the unnormalised float32 partials (o, l, m) for
+    the combine in `decode_attention`. masked: q and the outputs have fewer than `block_h` rows, so loads and
+    stores are masked to the `n_q` real ones (False: the caller padded them, as for Pallas' interpreter)."""
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
-    from jax.experimental.pallas.ops.gpu.decode_attention import attn_forward_kernel
 
-    g, d = q_hd.shape
-    s = k_sd.shape[0]
-    chunk = s // k_splits
-    k = k_sd.reshape(k_splits, chunk, d)
-    v = v_sd.reshape(k_splits, chunk, d)
-    kernel = functools.partial(attn_forward_kernel, sm_scale=1.0 / math.sqrt(d), block_k=block_k,
-                               block_h=block_h, num_heads=g)
-    o, l, m = pl.pallas_call(
-        kernel,
-        grid=(pl.cdiv(g, block_h), k_splits),
-        in_specs=[pl.BlockSpec((block_h, d), lambda i, j: (i, 0)),
-                  pl.BlockSpec((None, chunk, d), lambda i, j: (j, 0, 0)),
-                  pl.BlockSpec((None, chunk, d), lambda i, j: (j, 0, 0)),
-                  pl.BlockSpec((), lambda i, j: ()),
-                  pl.BlockSpec((), lambda i, j: ())],
-        out_specs=[pl.BlockSpec((None, block_h, d), lambda i, j: (j, i, 0)),
-                   pl.BlockSpec((None, block_h), lambda i, j: (j, i)),
-                   pl.BlockSpec((None, block_h), lambda i, j: (j, i))],
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        out_shape=[_out_shape(q_hd, (k_splits, g, d), jnp.float32),
-                   _out_shape(q_hd, (k_splits, g), jnp.float32),
-                   _out_shape(q_hd, (k_splits, g), jnp.float32)],
-        interpret=jax.default_backend() != "gpu",
-        name="spd_decode_attention",
-    )(q_hd, k, v, start, end)
-    m_next = lax.optimization_barrier(m.max(axis=0))  # JAX's wrapper: the barrier avoids NaNs after fusion
-    corr = jnp.exp(m - m_next[None])
-    o = (o.astype(jnp.float32) * corr[:, :, None]).sum(axis=0)
-    l_next = (l * corr).sum(axis=0)
-    return o / (l_next[:, None] + jnp.finfo(jnp.float32).eps)
+    i_h, j = pl.program_id(1), pl.program_id(2)
+    hd = q_ref.shape[-1]
+    rows = pl.ds(0, block_h)
+    row_ok = jnp.arange(block_h) < n_q - i_h * block_h
+    q = plgpu.load(q_ref.at[rows, :], mask=row_ok[:, None]) if masked else q_ref[rows, :]
+
+    def store(ref, x, mask):
+        if masked:
+            plgpu.store(ref, x, mask=mask)
+        else:
+            ref[...] = x
+
+    base = j * chunk
+    start, end = start_ref[()], end_ref[()]
+    lo = jnp.maximum(start - base, 0) // block_k
+    hi = jnp.minimum(pl.cdiv(end - base, block_k), chunk // block_k)
+    neg = jnp.finfo(jnp.float32).min
+
+    def body(i, carry):
+        o, m, l = carry
+        slots = pl.ds(i * block_k, block_k)
+        s = plgpu.dot(q, k_ref[slots, :], trans_b=True) * sm_scale  # [block_h, block_k] float32
+        idx = base + i * block_k + jnp.arange(block_k)
+        s = jnp.where(((idx >= start) & (idx < end))[None, :], s, neg)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        corr = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[:, None])
+        v = v_ref[slots, :]
+        return o * corr[:, None] + plgpu.dot(p.astype(v.dtype), v), m_new, l * corr + p.sum(axis=1)
+
+    init = (jnp.zeros((block_h, hd), jnp.float32), jnp.full((block_h,), neg, jnp.float32),
+            jnp.zeros((block_h,), jnp.float32))
+    o, m, l = lax.fori_loop(lo, hi, body, init)
+    if normalise:  # the first block overlapping [start, end) holds an attended slot, so l > 0
+        (o_ref,) = out_refs
+        store(o_ref.at[rows, :], (o / l[:, None]).astype(o_ref.dtype), row_ok[:, None])
+    else:
+        o_ref, l_ref, m_ref = out_refs
+        store(o_ref.at[rows, :], o, row_ok[:, None])
+        store(l_ref.at[rows], l, row_ok)
+        store(m_ref.at[rows], m, row_ok)
 
 
-def decode_attention(q_bthd, k_bskd, v_bskd, start_b, end_b):
+def decode_attention(q_bthd, k_bskd, v_bskd, start_b, end_b, *, single_pass_max: int | None = None,
+                     block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                     interpret: bool | None = None):
     """Attention of one decode position per sequence over cache slots [start_b, end_b) -> [B, T, H * hd].
 
     q_bthd: [B, T, H, hd] where the T rows are identical (T = 1, or the shadow row's 2); k/v: the layer's
     cache [B, S, K, hd] with this step's k/v already written; start_b/end_b: [B] int32 (end > start).
-    GQA: q head h uses kv head h // (H / K), as in `model.attention_probs`."""
+    GQA: q head h uses kv head h // (H / K), as in `model.attention_probs`.
+
+    One program per (sequence, kv head, block of 16 query heads, chunk of the cache), reading the cache in
+    place (no transposed copy). Caches of at most `single_pass_max` slots (default `SINGLE_PASS_MAX`) are
+    one chunk: the kernel normalises and writes the output itself, so a decode step's attention is one
+    kernel. Longer caches split into chunks by `split_plan`, combined here in float32. block_k (slots per
+    loop iteration, a power of two >= 16 dividing the chunk; default the plan's), num_warps, num_stages:
+    Triton settings; each unset one comes from $SPD_JAX_ATTENTION_TUNE, else the defaults above."""
+    from jax import lax
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
     b, t, h, d = q_bthd.shape
-    kh = k_bskd.shape[2]
-    k_splits, block_k = split_plan(k_bskd.shape[1])
-    one = functools.partial(_decode_attention_one, k_splits=k_splits, block_k=block_k)
-    q = q_bthd[:, 0].reshape(b, kh, h // kh, d)
-    per_head = jax.vmap(one, in_axes=(0, 1, 1, None, None))  # over kv heads: k/v [S, K, hd] -> [S, hd]
-    o = jax.vmap(per_head)(q, k_bskd, v_bskd, start_b, end_b)  # [B, K, G, hd] float32
+    s_len, kh = k_bskd.shape[1], k_bskd.shape[2]
+    g = h // kh
+    env = tuning_from_env()
+    pick = lambda arg, key, default: arg if arg is not None else env.get(key, default)  # noqa: E731
+    single = pick(single_pass_max, "single_pass_max", SINGLE_PASS_MAX)
+    num_warps, num_stages = pick(num_warps, "num_warps", NUM_WARPS), pick(num_stages, "num_stages", NUM_STAGES)
+    k_splits, plan_block = (1, split_plan(s_len)[1]) if s_len <= single else split_plan(s_len)
+    chunk = s_len // k_splits
+    block_k = pick(block_k, "block_k", plan_block)
+    if block_k < 16 or block_k & (block_k - 1) or chunk % block_k:
+        raise ValueError(f"block_k must be a power of two >= 16 dividing the chunk of {chunk} slots, got {block_k}")
+    block_h = 16  # Triton's dot needs >= 16 rows: the G query heads of a kv head are padded (masked) to 16
+    n_hb = pl.cdiv(g, block_h)
+    q = q_bthd[:, 0].reshape(b, kh, g, d)
+    if interpret is None:  # Pallas' interpreter off GPUs (tests); False lowers for GPUs (the lowering test)
+        interpret = jax.default_backend() != "gpu"
+    g_rows = g
+    if interpret:  # Pallas' interpreter cannot pad a masked load past the array under check_vma: pad q
+        g_rows = n_hb * block_h  # (on GPUs the masked loads and stores read and write only the G rows)
+        q = jnp.concatenate([q, jnp.zeros((b, kh, g_rows - g, d), q.dtype) + jnp.zeros_like(q[:, :, :1])], axis=2)
+    normalise = k_splits == 1
+    kernel = functools.partial(_attention_kernel, sm_scale=1.0 / math.sqrt(d), block_k=block_k,
+                               block_h=block_h, n_q=g, chunk=chunk, normalise=normalise,
+                               masked=not interpret)
+    # grid: (sequence x kv head, query-head block, chunk); the index maps read the [B, S, K, hd] cache in place
+    kv_spec = pl.BlockSpec((None, chunk, None, d), lambda bk, i, j: (bk // kh, j, bk % kh, 0))
+    in_specs = [pl.BlockSpec((None, None, block_h, d), lambda bk, i, j: (bk // kh, bk % kh, i, 0)),
+                kv_spec, kv_spec,
+                pl.BlockSpec((None,), lambda bk, i, j: (bk // kh,)),
+                pl.BlockSpec((None,), lambda bk, i, j: (bk // kh,))]
+    if normalise:
+        out_specs = [pl.BlockSpec((None, None, block_h, d), lambda bk, i, j: (bk // kh, bk % kh, i, 0))]
+        out_shape = [_out_shape(q, (b, kh, g_rows, d), v_bskd.dtype)]
+    else:
+        out_specs = [pl.BlockSpec((None, None, None, block_h, d), lambda bk, i, j: (bk // kh, bk % kh, j, i, 0)),
+                     pl.BlockSpec((None, None, None, block_h), lambda bk, i, j: (bk // kh, bk % kh, j, i)),
+                     pl.BlockSpec((None, None, None, block_h), lambda bk, i, j: (bk // kh, bk % kh, j, i))]
+        out_shape = [_out_shape(q, (b, kh, k_splits, g_rows, d), jnp.float32),
+                     _out_shape(q, (b, kh, k_splits, g_rows), jnp.float32),
+                     _out_shape(q, (b, kh, k_splits, g_rows), jnp.float32)]
+    outs = pl.pallas_call(
+        kernel, grid=(b * kh, n_hb, k_splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret, name="spd_decode_attention",
+    )(q, k_bskd, v_bskd, start_b.astype(jnp.int32), end_b.astype(jnp.int32))
+    if normalise:
+        o = outs[0]
+    else:  # flash-decoding's combine of the chunks, in float32
+        o_part, l_part, m_part = outs
+        m_max = lax.optimization_barrier(m_part.max(axis=2))  # as JAX's wrapper: no NaNs after fusion
+        corr = jnp.exp(m_part - m_max[:, :, None])
+        o = (o_part * corr[..., None]).sum(axis=2) / (l_part * corr).sum(axis=2)[..., None]
+    o = o[:, :, :g]
     return jnp.broadcast_to(o.reshape(b, 1, h * d), (b, t, h * d)).astype(v_bskd.dtype)

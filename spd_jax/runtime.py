@@ -415,6 +415,15 @@ def fold_norms(engine: Engine, params: Params) -> tuple[Engine, Params]:
     return dataclasses.replace(engine, mdef=fmdef), out
 
 
+def layout_choice(cfg, fused: bool | None, fold: bool | None, default: bool) -> tuple[bool, bool]:
+    """(fused, fold) for a run that asked for `fused`/`fold` (None: not said). Unsaid layouts take `default`,
+    folding only where the family uses RMSNorm (so "on by default" never refuses OPT); an explicit
+    --fold-norms on a LayerNorm model stays an error (`fold_norms`)."""
+    fused = default if fused is None else fused
+    fold = (default and cfg.family.norm == "rms") if fold is None else fold
+    return bool(fused), bool(fold)
+
+
 def inference_layout(engine: Engine, params: Params, *, fused: bool = False,
                      fold: bool = False) -> tuple[Engine, Params]:
     """The inference layouts a run asked for (--fused-projections, --fold-norms), applied to loaded params."""

@@ -135,6 +135,8 @@ def test_bench_runs_end_to_end_and_reports_measured_numbers(tmp_path):
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     d = json.loads(out.read_text())
+    # unsaid layouts are the shipped decode path: fused + folded (tiny is RMSNorm), attention resolved for CPU
+    assert (d["fused_projections"], d["fold_norms"], d["attention_kernel"]) == (True, True, "xla")
     for k in ("shape", "tp", "batch", "prompt_len", "new_tokens", "dtype", "interconnect", "device", "n_devices",
               "jax", "weight_bytes_per_device", "allreduce", "rows", "random_weights", "compile_s"):
         assert k in d, k

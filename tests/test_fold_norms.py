@@ -68,3 +68,26 @@ def test_fold_norms_refuses_layernorm_and_loading_into_a_folded_model(tiny_model
     folded = Engine.create(build_model_def(llama.cfg, 1, norms_folded=True))
     with pytest.raises(Exception, match="unfolded"):
         load_params(folded, llama.source)
+
+
+def test_generation_sessions_default_to_the_fast_layouts_evaluation_to_the_reference(tiny_models):
+    """Unsaid layouts: generation (launch/infer.py) fuses and folds (fold only on RMSNorm families, so OPT is
+    not refused), evaluation keeps the reference layout; an explicit --no-... wins; the session's RunConfig
+    says what was applied (the embedded SmolLM2, a LLaMA-family RMSNorm model)."""
+    from spd_jax.config import RunConfig
+    from spd_jax.inference import open_session
+    from spd_jax.runtime import layout_choice
+
+    llama, opt = open_model(tiny_models["llama"][0]).cfg, open_model(tiny_models["opt"][0]).cfg
+    assert layout_choice(llama, None, None, True) == (True, True)
+    assert layout_choice(opt, None, None, True) == (True, False)
+    assert layout_choice(llama, None, None, False) == (False, False)
+    assert layout_choice(llama, False, None, True) == (False, True)
+    assert layout_choice(llama, None, False, True) == (True, False)
+    assert layout_choice(opt, None, True, True) == (True, True)  # asked for: fold_norms then refuses OPT
+    for extra, default, want in [({}, True, (True, True)), ({}, False, (False, False)),
+                                 ({"fused_projections": False}, True, (False, True)),
+                                 ({"fold_norms": True}, False, (False, True))]:
+        sess = open_session(RunConfig(model="embedded", tp=3, emulate=True, **extra), default_layout=default)
+        assert (sess.engine.mdef.fused, sess.engine.mdef.norms_folded) == want, (extra, default)
+        assert (sess.run.fused_projections, sess.run.fold_norms) == want

@@ -55,20 +55,49 @@ def _numpy_attention(q, k, v, start, end):
     return out
 
 
-@pytest.mark.parametrize("t", [1, 2])
-def test_decode_attention_equals_numpy_reference(t):
+@pytest.mark.parametrize("t,g,s,single_pass_max", [
+    (1, 3, 64, None),   # one pass: the kernel normalises and writes the output itself
+    (2, 3, 64, None),   # the shadow row's two identical query rows
+    (1, 3, 256, 0),     # split into chunks (split_plan: 2 x 128 slots), combined in float32
+    (1, 1, 272, 0),     # 17 chunks of one 16-slot block; MHA (one query head per kv head)
+    (1, 20, 64, None),  # 20 query heads per kv head: two programs of 16 (masked) rows each
+])
+def test_decode_attention_equals_numpy_reference(t, g, s, single_pass_max):
     import jax.numpy as jnp
 
     rng = np.random.RandomState(0)
-    b, s, kh, g, d = 3, 64, 2, 3, 16
+    b, kh, d = 3, 2, 16
     q1 = rng.randn(b, 1, kh * g, d).astype(np.float32)
     q = np.repeat(q1, t, axis=1)  # T identical rows (the shadow row)
     k, v = rng.randn(b, s, kh, d).astype(np.float32), rng.randn(b, s, kh, d).astype(np.float32)
-    start, end = np.array([0, 5, 17], np.int32), np.array([1, 40, 64], np.int32)
+    # a single slot, a range starting and ending inside blocks, the whole cache
+    start, end = np.array([0, 5, 0], np.int32), np.array([1, s - 23, s], np.int32)
     out = np.asarray(decode_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(start),
-                                      jnp.asarray(end)))
+                                      jnp.asarray(end), single_pass_max=single_pass_max))
     chex.assert_shape(out, (b, t, kh * g * d))
     np.testing.assert_allclose(out, _numpy_attention(q, k, v, start, end), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("s,kh,g,single_pass_max", [(256, 32, 1, None), (256, 8, 8, 0), (2176, 4, 20, None)])
+def test_gpu_kernel_lowers_to_one_triton_call(s, kh, g, single_pass_max):
+    """The GPU path (masked loads and stores, which Pallas' interpreter above does not run) lowers through
+    Pallas' Triton backend for CUDA, one kernel per call, for LLaMA-2-7B / 70B-like heads in both plans.
+    Lowering is what a CPU can check; the kernel's numbers on a GPU are in docs/performance.md."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    f = functools.partial(decode_attention, interpret=False, single_pass_max=single_pass_max)
+    bf = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
+    i32 = jax.ShapeDtypeStruct((1,), jnp.int32)
+    triton = "__gpu$xla.gpu.triton"
+    exp = jax.export.export(jax.jit(f), platforms=["cuda"],
+                            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(
+        bf(1, 2, kh * g, 128), bf(1, s, kh, 128), bf(1, s, kh, 128), i32, i32)
+    text = exp.mlir_module()
+    assert text.count(f"custom_call @{triton}") == 1
+    assert "spd_decode_attention" in text
 
 
 @pytest.mark.parametrize("kind,tp", [("llama", 2), ("mistral", 2), ("opt", 1)])
@@ -128,3 +157,52 @@ def test_generation_config_refuses_unknown_kernel():
 
     with pytest.raises(ConfigError, match="attention_kernel"):
         GenerationConfig(attention_kernel="triton").validate()
+
+
+def test_auto_picks_the_kernel_on_cuda_gpus_where_it_applies():
+    from spd_jax.kernels import choose_attention_kernel, resolve_attention_kernel
+
+    assert choose_attention_kernel("auto", 128, "gpu", "9.0") == "pallas"  # H100 / H200
+    assert choose_attention_kernel("auto", 64, "gpu", "8.0") == "pallas"   # A100
+    assert choose_attention_kernel("auto", 128, "gpu", "7.0") == "xla"     # V100: no bf16 Triton dot
+    assert choose_attention_kernel("auto", 128, "gpu", "gfx90a") == "xla"  # ROCm
+    assert choose_attention_kernel("auto", 80, "gpu", "9.0") == "xla"      # head_dim not a power of two
+    assert choose_attention_kernel("auto", 128, "cpu", None) == "xla"
+    assert choose_attention_kernel("xla", 128, "gpu", "9.0") == "xla"
+    assert choose_attention_kernel("pallas", 128, "cpu", None) == "pallas"  # Pallas' interpreter (tests)
+    with pytest.raises(ValueError, match="power-of-two head dimension"):
+        choose_attention_kernel("pallas", 96, "gpu", "9.0")
+    with pytest.raises(ValueError, match="attention_kernel"):
+        choose_attention_kernel("triton", 128, "gpu", "9.0")
+    assert resolve_attention_kernel("auto", 128) == "xla"  # this CPU
+
+
+def test_generation_default_is_auto_and_resolves_per_device(tiny_models):
+    lm = open_model(tiny_models["llama"][0])
+    eng = Engine.create(build_model_def(lm.cfg, 1))
+    g = Generator(eng, load_params(eng, lm.source), SyncPlan.sync(lm.cfg.n_layers))
+    assert GenerationConfig().attention_kernel == "auto"
+    assert g.attention_kernel(GenerationConfig()) == "xla"  # on this CPU
+    assert g.attention_kernel(GenerationConfig(attention_kernel="pallas")) == "pallas"
+
+
+def test_tuning_from_the_environment_changes_the_kernel_not_the_result(monkeypatch):
+    """$SPD_JAX_ATTENTION_TUNE (benchmarks' knob) sets block size and plan; a bad value is refused."""
+    import jax.numpy as jnp
+
+    rng = np.random.RandomState(1)
+    q = rng.randn(1, 1, 2, 16).astype(np.float32)
+    k, v = rng.randn(1, 256, 2, 16).astype(np.float32), rng.randn(1, 256, 2, 16).astype(np.float32)
+    start, end = np.array([3], np.int32), np.array([200], np.int32)
+    want = _numpy_attention(q, k, v, start, end)
+    args = [jnp.asarray(a) for a in (q, k, v, start, end)]
+    monkeypatch.setenv("SPD_JAX_ATTENTION_TUNE", "block_k=32,single_pass_max=0")  # split: 2 chunks of 128 slots
+    np.testing.assert_allclose(np.asarray(decode_attention(*args)), want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(decode_attention(*args, block_k=16)), want, atol=1e-5, rtol=1e-5)
+    monkeypatch.setenv("SPD_JAX_ATTENTION_TUNE", "block_k=32")  # one pass over 256 slots in 32-slot blocks
+    np.testing.assert_allclose(np.asarray(decode_attention(*args)), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="block_k must be a power of two"):
+        decode_attention(*args, block_k=48)
+    monkeypatch.setenv("SPD_JAX_ATTENTION_TUNE", "warps=8")
+    with pytest.raises(ValueError, match="SPD_JAX_ATTENTION_TUNE"):
+        decode_attention(*args)

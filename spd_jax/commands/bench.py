@@ -33,16 +33,18 @@ def parse_args(argv=None):
                    help="a bench JSON of the same shape/TP under nvlink: checks that this mode's small all-reduces "
                         "really are slower, and says so in the output")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--fused-projections", action="store_true",
-                   help="q/k/v and gate/up as single GEMMs (runtime.fuse_projections)")
-    p.add_argument("--fold-norms", action="store_true",
-                   help="RMSNorm weights folded into the projections, 1/rms after them (runtime.fold_norms)")
+    p.add_argument("--fused-projections", action=argparse.BooleanOptionalAction, default=None,
+                   help="q/k/v and gate/up as single GEMMs (runtime.fuse_projections); on unless --no-fused-projections")
+    p.add_argument("--fold-norms", action=argparse.BooleanOptionalAction, default=None,
+                   help="RMSNorm weights folded into the projections, 1/rms after them (runtime.fold_norms); on for "
+                        "RMSNorm shapes unless --no-fold-norms")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--decode-chunk", type=int, default=8, help="decode steps between stop-condition checks")
     p.add_argument("--attend-window", type=int, default=256,
                    help="decode attends over the filled cache in windows doubling from this (0: the whole cache)")
-    p.add_argument("--attention-kernel", choices=["xla", "pallas"], default="xla",
-                   help="decode attention: masked attention in JAX, or JAX's Pallas GQA decode kernel (spd_jax.kernels)")
+    p.add_argument("--attention-kernel", choices=["auto", "xla", "pallas"], default="auto",
+                   help="decode attention: masked attention in JAX, our Pallas kernel (spd_jax.kernels), or auto: the "
+                        "kernel on CUDA GPUs where it applies (the default)")
     p.add_argument("--no-shadow-row", action="store_true",
                    help="batch-1 decode on one row (each product padded to two) instead of two identical rows")
     p.add_argument("--compile-threads", type=int, default=4,
@@ -150,8 +152,11 @@ def main(argv=None) -> int:
     params = random_params(engine)
     jax.block_until_ready(params)
     phase("random weights in their shards")
-    from spd_jax.runtime import inference_layout
+    from spd_jax.kernels import resolve_attention_kernel
+    from spd_jax.runtime import inference_layout, layout_choice
 
+    args.fused_projections, args.fold_norms = layout_choice(cfg, args.fused_projections, args.fold_norms, True)
+    args.attention_kernel = resolve_attention_kernel(args.attention_kernel, cfg.head_dim)  # what runs, in the JSON
     engine, params = inference_layout(engine, params, fused=args.fused_projections, fold=args.fold_norms)
     from spd_jax.collectives import AUTO, AUTO_MARGIN, DEFAULT_MAX_BYTES, METHODS, AllReduce, choice_table
     from spd_jax.config import ConfigError

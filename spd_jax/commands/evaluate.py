@@ -89,7 +89,7 @@ def main(argv=None) -> int:
 
     maybe_initialize(args)
     run = run_config_from_args(args)
-    sess = open_session(run)
+    sess = open_session(run, default_layout=False)
     tok, cfg = sess.tokenizer, sess.cfg
     scorer = Scorer(sess.engine, sess.params, sess.plan, batch_size=args.batch_size)
     out = {"model": str(sess.loaded.path), "tp": run.tp, "emulate": run.emulate,

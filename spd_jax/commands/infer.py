@@ -25,8 +25,9 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--decode-chunk", type=int, help="decode steps between checks of the stop condition (default 8)")
-    p.add_argument("--attention-kernel", choices=["xla", "pallas"],
-                   help="decode attention: masked attention in JAX (default) or JAX's Pallas GQA decode kernel")
+    p.add_argument("--attention-kernel", choices=["auto", "xla", "pallas"],
+                   help="decode attention: masked attention in JAX, our Pallas kernel (spd_jax.kernels), or auto "
+                        "(default): the kernel on CUDA GPUs where it applies")
     p.add_argument("--attend-window", type=int,
                    help="decode attends over the filled cache in windows doubling from this many slots (default 256; "
                         "0: the whole allocated cache)")
