@@ -8,6 +8,7 @@ attention in a chain of 32 layers' caches (so nothing stays in L2), both run sid
 
   python scripts/check_attention_kernel.py            # LLaMA-2-7B (TP 1, 2, 4) and 70B-like heads
   python scripts/check_attention_kernel.py --sweep    # Triton settings of the kernel, 7B TP 1 heads
+  python scripts/check_attention_kernel.py --append   # the cache-writing kernel of the decode path
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from spd_jax.kernels import decode_attention  # noqa: E402
+from spd_jax.kernels import decode_attention, decode_attention_append  # noqa: E402
 from spd_jax.model import attention_core  # noqa: E402
 
 LAYERS = 32
@@ -106,9 +107,34 @@ def sweep():
         case(256, 32, 1, 200, time_xla=i in (0, len(SWEEP) - 1), **tune)
 
 
+def check_append(slots, kh, g, slot, single_pass_max=None, d=128):
+    """The cache-writing kernel (the decode path's): its output against the float32 reference over the cache
+    with this step's k/v written, and its caches against XLA's dynamic_update_slice, bit for bit."""
+    ks = jax.random.split(jax.random.PRNGKey(slots + g), 5)
+    bf = lambda k, shape: jax.random.normal(k, shape, jnp.float32).astype(jnp.bfloat16)  # noqa: E731
+    q = jnp.repeat(bf(ks[0], (1, 1, kh * g, d)), 2, axis=1)
+    kn, vn = bf(ks[1], (1, 1, kh, d)), bf(ks[2], (1, 1, kh, d))
+    kc, vc = bf(ks[3], (1, slots, kh, d)), bf(ks[4], (1, slots, kh, d))
+    start = jnp.array([0], jnp.int32)
+    f = jax.jit(lambda *a: decode_attention_append(*a, single_pass_max=single_pass_max))
+    out, k2, v2 = f(q, kn, vn, kc, vc, start, jnp.int32(slot))
+    ck = jax.lax.dynamic_update_slice(kc, kn, (0, slot, 0, 0))
+    cv = jax.lax.dynamic_update_slice(vc, vn, (0, slot, 0, 0))
+    err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - reference(q, ck, cv, start, jnp.array([slot + 1])))))
+    same = bool(jnp.array_equal(k2, ck) and jnp.array_equal(v2, cv))
+    print(f"| append | {slots} | {slot + 1} | {kh} | {g} | {err:.2e} | caches {'equal' if same else 'DIFFER'} |",
+          flush=True)
+    return err if same else float("inf")
+
+
 def main():
     if "--sweep" in sys.argv:
         return sweep()
+    if "--append" in sys.argv:
+        worst = max(check_append(*c) for c in [(256, 32, 1, 199), (256, 8, 8, 130), (2176, 32, 1, 2099),
+                                               (256, 32, 1, 0), (256, 16, 1, 255)])
+        print(f"largest append-kernel error {worst:.2e}: {'OK' if worst < 2e-2 else 'TOO LARGE or caches differ'}")
+        return 0 if worst < 2e-2 else 1
     print(f"# {jax.devices()[0].device_kind}, JAX {jax.__version__}; times are one attention in a chain of "
           f"{LAYERS} (us, includes the chain's add)")
     print("| cache slots | filled | kv heads | q heads per kv | kernel plan | max err kernel | max err XLA | "

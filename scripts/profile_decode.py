@@ -128,10 +128,13 @@ def main():
     p.add_argument("--spd", action="store_true", help="all blocks in SPD mode")
     p.add_argument("--floor", action="store_true", help="no all-reduce at all (compute-only bound)")
     p.add_argument("--decode-chunk", type=int, default=8)
-    p.add_argument("--fused-projections", action="store_true")
-    p.add_argument("--fold-norms", action="store_true")
-    p.add_argument("--attention-kernel", choices=["xla", "pallas"], default="xla",
-                   help="decode attention: XLA's masked attention or the Pallas kernel (spd_jax/kernels.py)")
+    p.add_argument("--fused-projections", action=argparse.BooleanOptionalAction, default=True,
+                   help="on by default, as in launch/bench.py")
+    p.add_argument("--fold-norms", action=argparse.BooleanOptionalAction, default=None,
+                   help="on by default for RMSNorm shapes, as in launch/bench.py")
+    p.add_argument("--attention-kernel", choices=["auto", "xla", "pallas"], default="auto",
+                   help="decode attention: XLA's masked attention, the Pallas kernel (spd_jax/kernels.py), or auto "
+                        "(the kernel on CUDA GPUs; the default)")
     p.add_argument("--gemv", action="store_true", help="also time plain GEMV chains (bandwidth ceiling)")
     p.add_argument("--hlo", action="store_true",
                    help="dump the optimised HLO of the profiled decode loop (XLA's dump, same compile as the "
@@ -169,8 +172,12 @@ def main():
     mdef = build_model_def(cfg, args.tp, "bfloat16")
     engine = Engine.create(mdef)
     params = random_params(engine)
-    from spd_jax.runtime import inference_layout
+    from spd_jax.runtime import inference_layout, layout_choice
 
+    args.fused_projections, args.fold_norms = layout_choice(cfg, args.fused_projections, args.fold_norms, True)
+    from spd_jax.kernels import resolve_attention_kernel
+
+    args.attention_kernel = resolve_attention_kernel(args.attention_kernel, cfg.head_dim)  # what runs
     engine, params = inference_layout(engine, params, fused=args.fused_projections, fold=args.fold_norms)
     from spd_jax.plan import SyncPlan
 

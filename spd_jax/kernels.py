@@ -7,8 +7,13 @@ on GPUs). One program per (sequence x kv head, block of 16 query heads, chunk of
 `SINGLE_PASS_MAX` slots are one chunk and the kernel writes the normalised output itself: a block's decode
 attention is one kernel instead of XLA's five (score GEMM, mask, exponential, convert, value GEMM);
 longer caches split into chunks that run in parallel (flash-decoding) and are combined in float32. Its
-outputs carry the mesh-axis (vma) types that `jax.shard_map(check_vma=True)` requires. On other backends it
-runs in Pallas' interpreter (tests), which is slow and only meant for checking equality with the
+outputs carry the mesh-axis (vma) types that `jax.shard_map(check_vma=True)` requires.
+
+`decode_attention_append`, the decode path's form: the same kernel also writes the step's k/v into the
+cache (aliased, so in place) and takes them from registers for the new slot, so XLA computes the step's
+q, k and v as one array (one kernel) instead of a RoPE kernel for q and two cache-update kernels.
+
+On other backends both run in Pallas' interpreter (tests), which is slow and only meant for checking equality with the
 reference. `resolve_attention_kernel` turns a config's "auto" into the kernel on CUDA GPUs where it
 applies (measured faster than XLA's attention on H200: docs/performance.md, session 15).
 """
@@ -242,3 +247,163 @@ def decode_attention(q_bthd, k_bskd, v_bskd, start_b, end_b, *, single_pass_max:
         o = (o_part * corr[..., None]).sum(axis=2) / (l_part * corr).sum(axis=2)[..., None]
     o = o[:, :, :g]
     return jnp.broadcast_to(o.reshape(b, 1, h * d), (b, t, h * d)).astype(v_bskd.dtype)
+
+
+def _append_kernel(qkv_ref, k_ref, v_ref, start_ref, slot_ref, *out_refs, sm_scale: float, block_k: int,
+                   block_h: int, g: int, g_rows: int, n_hb: int, chunk: int, k_splits: int, normalise: bool,
+                   masked: bool):
+    """`_attention_kernel` for a step whose own k/v are not yet in the cache: attends over the cache slots
+    [start, slot) plus the new k/v (from registers), and writes the new k/v into slot `slot` of the cache
+    (outputs aliased to the cache inputs), once per (sequence, kv head).
+
+    qkv_ref [g_rows + 2, hd]: this sequence's and kv head's new q heads (g real rows of g_rows), then its
+    new k and v rows (static offsets: no row offset depends on the program id when n_hb = 1)."""
+    from jax import lax
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    i_h, j = pl.program_id(1), pl.program_id(2)
+    hd = qkv_ref.shape[-1]
+    row_ok = jnp.arange(block_h) < g - i_h * block_h
+    q_rows = pl.ds(i_h * block_h if n_hb > 1 else 0, block_h)
+    q = plgpu.load(qkv_ref.at[q_rows, :], mask=row_ok[:, None]) if masked else qkv_ref[q_rows, :]
+    k_new = qkv_ref[pl.ds(g_rows, 1), :]  # [1, hd]
+    v_new = qkv_ref[pl.ds(g_rows + 1, 1), :]
+    *o_refs, k_out, v_out = out_refs
+    base = j * chunk
+    start, slot = start_ref[()], slot_ref[()]
+
+    @pl.when((i_h == 0) & (j == slot // chunk))
+    def _():  # the cache write of this step (the loop below never reads slot `slot`)
+        k_out[pl.ds(slot - base, 1), :] = k_new.astype(k_out.dtype)
+        v_out[pl.ds(slot - base, 1), :] = v_new.astype(v_out.dtype)
+
+    lo = jnp.maximum(start - base, 0) // block_k
+    hi = jnp.minimum(pl.cdiv(slot - base, block_k), chunk // block_k)
+    neg = jnp.finfo(jnp.float32).min
+
+    def body(i, carry):
+        o, m, l = carry
+        slots = pl.ds(i * block_k, block_k)
+        s = plgpu.dot(q, k_ref[slots, :], trans_b=True) * sm_scale  # [block_h, block_k] float32
+        idx = base + i * block_k + jnp.arange(block_k)
+        s = jnp.where(((idx >= start) & (idx < slot))[None, :], s, neg)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        corr = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[:, None])
+        v = v_ref[slots, :]
+        return o * corr[:, None] + plgpu.dot(p.astype(v.dtype), v), m_new, l * corr + p.sum(axis=1)
+
+    init = (jnp.zeros((block_h, hd), jnp.float32), jnp.full((block_h,), neg, jnp.float32),
+            jnp.zeros((block_h,), jnp.float32))
+    o, m, l = lax.fori_loop(lo, hi, body, init)
+    last = j == k_splits - 1
+
+    def new_slot(_, carry):  # the new slot, in the last chunk only (a one-trip loop: Pallas' interpreter
+        o, m, l = carry      # under shard_map refuses constants mixed with varying values outside loops)
+        s_new = (q.astype(jnp.float32) * k_new.astype(jnp.float32)).sum(axis=1) * sm_scale  # [block_h]
+        m2 = jnp.where(last, jnp.maximum(m, s_new), m)
+        corr = jnp.exp(m - m2)
+        p_new = jnp.where(last, jnp.exp(s_new - m2), 0.0)
+        return o * corr[:, None] + p_new[:, None] * v_new.astype(jnp.float32), m2, l * corr + p_new
+
+    o, m2, l = lax.fori_loop(0, 1, new_slot, (o, m, l))
+    rows = pl.ds(0, block_h)
+
+    def store(ref, x, mask):
+        if masked:
+            plgpu.store(ref, x, mask=mask)
+        else:
+            ref[...] = x
+
+    if normalise:  # the new slot is always attended, so l > 0
+        (o_ref,) = o_refs
+        store(o_ref.at[rows, :], (o / l[:, None]).astype(o_ref.dtype), row_ok[:, None])
+    else:
+        o_ref, l_ref, m_ref = o_refs
+        store(o_ref.at[rows, :], o, row_ok[:, None])
+        store(l_ref.at[rows], l, row_ok)
+        store(m_ref.at[rows], m2, row_ok)
+
+
+def decode_attention_append(q_bthd, k_btkd, v_btkd, k_cache, v_cache, start_b, slot, *,
+                            single_pass_max: int | None = None, block_k: int | None = None,
+                            num_warps: int | None = None, num_stages: int | None = None,
+                            interpret: bool | None = None):
+    """A decode step's cache write and attention in one kernel -> (out [B, T, H * hd], k_cache, v_cache).
+
+    q/k/v: this step's projections [B, T, heads, hd] after RoPE (the T rows identical; row 0 is used and
+    written); k_cache/v_cache [B, S, K, hd]: the layer's cache before this step; start_b [B]: each
+    sequence's first attended slot; slot: the cache slot of this step (scalar; every sequence attends
+    [start_b, slot]). The new k/v are written into `slot` by the kernel (the caches are aliased to its
+    outputs, so in the decode loop the update is in place), and the attention takes them from registers,
+    so XLA computes q, k and v of the step as one array (one fusion instead of a RoPE kernel for q and two
+    cache-update kernels). Same plan and settings as `decode_attention`."""
+    from jax import lax
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    b, t, h, d = q_bthd.shape
+    s_len, kh = k_cache.shape[1], k_cache.shape[2]
+    g = h // kh
+    env = tuning_from_env()
+    pick = lambda arg, key, default: arg if arg is not None else env.get(key, default)  # noqa: E731
+    single = pick(single_pass_max, "single_pass_max", SINGLE_PASS_MAX)
+    num_warps, num_stages = pick(num_warps, "num_warps", NUM_WARPS), pick(num_stages, "num_stages", NUM_STAGES)
+    k_splits, plan_block = (1, split_plan(s_len)[1]) if s_len <= single else split_plan(s_len)
+    chunk = s_len // k_splits
+    block_k = pick(block_k, "block_k", plan_block)
+    if block_k < 16 or block_k & (block_k - 1) or chunk % block_k:
+        raise ValueError(f"block_k must be a power of two >= 16 dividing the chunk of {chunk} slots, got {block_k}")
+    block_h = 16
+    n_hb = pl.cdiv(g, block_h)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    # per kv head: its G query heads, then its new k and v (one concatenation: one XLA fusion with RoPE)
+    parts = [q_bthd[:, 0].reshape(b, kh, g, d)]
+    g_rows = g
+    if interpret:  # as in `decode_attention`: no masked loads in the interpreter, so pad q's rows with zeros
+        g_rows = n_hb * block_h
+        parts.append(jnp.zeros((b, kh, g_rows - g, d), q_bthd.dtype) + jnp.zeros_like(parts[0][:, :, :1]))
+    parts += [k_btkd[:, 0, :, None].astype(q_bthd.dtype), v_btkd[:, 0, :, None].astype(q_bthd.dtype)]
+    qkv = jnp.concatenate(parts, axis=2)  # [B, K, g_rows + 2, hd]
+    normalise = k_splits == 1
+    kernel = functools.partial(_append_kernel, sm_scale=1.0 / math.sqrt(d), block_k=block_k, block_h=block_h,
+                               g=g, g_rows=g_rows, n_hb=n_hb, chunk=chunk, k_splits=k_splits, normalise=normalise,
+                               masked=not interpret)
+    kv_spec = pl.BlockSpec((None, chunk, None, d), lambda bk, i, j: (bk // kh, j, bk % kh, 0))
+    seq_spec = pl.BlockSpec((None,), lambda bk, i, j: (bk // kh,))
+    in_specs = [pl.BlockSpec((None, None, g_rows + 2, d), lambda bk, i, j: (bk // kh, bk % kh, 0, 0)),
+                kv_spec, kv_spec, seq_spec, seq_spec]
+    if normalise:
+        o_specs = [pl.BlockSpec((None, None, block_h, d), lambda bk, i, j: (bk // kh, bk % kh, i, 0))]
+        o_shapes = [_out_shape(qkv, (b, kh, g_rows, d), v_cache.dtype)]
+    else:
+        o_specs = [pl.BlockSpec((None, None, None, block_h, d), lambda bk, i, j: (bk // kh, bk % kh, j, i, 0)),
+                   pl.BlockSpec((None, None, None, block_h), lambda bk, i, j: (bk // kh, bk % kh, j, i)),
+                   pl.BlockSpec((None, None, None, block_h), lambda bk, i, j: (bk // kh, bk % kh, j, i))]
+        o_shapes = [_out_shape(qkv, (b, kh, k_splits, g_rows, d), jnp.float32),
+                    _out_shape(qkv, (b, kh, k_splits, g_rows), jnp.float32),
+                    _out_shape(qkv, (b, kh, k_splits, g_rows), jnp.float32)]
+    n_o = len(o_shapes)
+    slot_b = jnp.broadcast_to(jnp.asarray(slot, jnp.int32), (b,))
+    outs = pl.pallas_call(
+        kernel, grid=(b * kh, n_hb, k_splits), in_specs=in_specs,
+        out_specs=o_specs + [kv_spec, kv_spec],
+        out_shape=o_shapes + [_out_shape(k_cache, k_cache.shape, k_cache.dtype),
+                              _out_shape(v_cache, v_cache.shape, v_cache.dtype)],
+        input_output_aliases={1: n_o, 2: n_o + 1},
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret, name="spd_decode_attention_append",
+    )(qkv, k_cache, v_cache, start_b.astype(jnp.int32), slot_b)
+    *o_outs, k_new_cache, v_new_cache = outs
+    if normalise:
+        o = o_outs[0]
+    else:
+        o_part, l_part, m_part = o_outs
+        m_max = lax.optimization_barrier(m_part.max(axis=2))
+        corr = jnp.exp(m_part - m_max[:, :, None])
+        o = (o_part * corr[..., None]).sum(axis=2) / (l_part * corr).sum(axis=2)[..., None]
+    o = o[:, :, :g]
+    out = jnp.broadcast_to(o.reshape(b, 1, h * d), (b, t, h * d)).astype(v_cache.dtype)
+    return out, k_new_cache, v_new_cache

@@ -30,7 +30,7 @@ from flax import nnx
 from spd_jax.arch import ParamInfo
 from spd_jax.collectives import PSUM, AllReduce
 from spd_jax.config import ModelConfig, RopeConfig
-from spd_jax.kernels import ATTENTION_KERNELS, decode_attention
+from spd_jax.kernels import ATTENTION_KERNELS, decode_attention_append
 from spd_jax.plan import SyncPlan
 from spd_jax.sharding import TP_AXIS, TPLayout
 
@@ -268,18 +268,19 @@ class Attention(nnx.Module):
         """Returns (Y_i: this shard's partial o-projection, no bias, new kv cache or None).
 
         shadow: the second of the T = 2 rows is a copy of the first (`Transformer`'s shadow row); only the
-        first is written to the cache. kv_range: (start_b, end_b) cache slots each sequence attends to:
-        decode attention by the Pallas kernel (`kernels.decode_attention`) over the whole cache instead
-        of `attention_core` with the mask."""
+        first is written to the cache. kv_range: (start_b, end_b) cache slots each sequence attends to
+        (end_b = cache_index + 1): the Pallas kernel (`kernels.decode_attention_append`) writes this step's
+        k/v into the cache and attends over the whole cache, instead of `attention_core` with the mask."""
         q, k, v = self.heads(h_btd, rope_cs, scale_bt1)
         new_cache = None
+        if kv_cache is not None and kv_range is not None:  # the kernel writes this step's k/v and attends
+            o, ck, cv = decode_attention_append(q, k, v, kv_cache["k"], kv_cache["v"], kv_range[0], cache_index)
+            return self.output(o), {"k": ck, "v": cv}
         if kv_cache is not None:
             kw, vw = (k[:, :1], v[:, :1]) if shadow else (k, v)
             ck = jax.lax.dynamic_update_slice(kv_cache["k"], kw.astype(kv_cache["k"].dtype), (0, cache_index, 0, 0))
             cv = jax.lax.dynamic_update_slice(kv_cache["v"], vw.astype(kv_cache["v"].dtype), (0, cache_index, 0, 0))
             new_cache = {"k": ck, "v": cv}
-            if kv_range is not None:
-                return self.output(decode_attention(q, ck, cv, *kv_range)), new_cache
             if attend_cache:  # the first `attend_cache` slots (Transformer resolves True to the whole cache)
                 k, v = ck[:, :attend_cache], cv[:, :attend_cache]
         return self.output(attention_core(q, k, v, mask_bts)), new_cache

@@ -10,7 +10,7 @@ from jaxpr_util import count_primitives
 
 from spd_jax.config import GenerationConfig
 from spd_jax.generate import Generator
-from spd_jax.kernels import decode_attention, split_plan
+from spd_jax.kernels import decode_attention, decode_attention_append, split_plan
 from spd_jax.loading import load_params, open_model
 from spd_jax.plan import SyncPlan
 from spd_jax.runtime import Engine, build_model_def
@@ -78,6 +78,36 @@ def test_decode_attention_equals_numpy_reference(t, g, s, single_pass_max):
     np.testing.assert_allclose(out, _numpy_attention(q, k, v, start, end), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("t,g,s,slot,single_pass_max", [
+    (1, 3, 64, 40, None),   # one pass
+    (2, 3, 256, 200, 0),    # split into two chunks; the new slot in the second
+    (1, 1, 256, 100, 0),    # the new slot in the first of two chunks (the second attends nothing)
+    (1, 20, 64, 63, None),  # two programs of query heads; the last slot of the cache
+    (1, 2, 64, 0, None),    # the first token: only the new slot is attended
+])
+def test_append_kernel_writes_the_cache_and_equals_numpy_reference(t, g, s, slot, single_pass_max):
+    """The decode path's kernel: attends over [start, slot) of the old cache plus this step's k/v, and returns
+    the cache with k/v written into `slot` (equal, bit for bit, to writing row 0 of the step there)."""
+    import jax.numpy as jnp
+
+    rng = np.random.RandomState(2)
+    b, kh, d = 3, 2, 16
+    q = np.repeat(rng.randn(b, 1, kh * g, d).astype(np.float32), t, axis=1)
+    k_new = np.repeat(rng.randn(b, 1, kh, d).astype(np.float32), t, axis=1)
+    v_new = np.repeat(rng.randn(b, 1, kh, d).astype(np.float32), t, axis=1)
+    k, v = rng.randn(b, s, kh, d).astype(np.float32), rng.randn(b, s, kh, d).astype(np.float32)
+    start = np.minimum(np.array([0, 5, slot], np.int32), slot)  # the last sequence attends its new slot only
+    out, k2, v2 = decode_attention_append(*(jnp.asarray(a) for a in (q, k_new, v_new, k, v, start)), jnp.int32(slot),
+                                          single_pass_max=single_pass_max)
+    k_want, v_want = k.copy(), v.copy()
+    k_want[:, slot], v_want[:, slot] = k_new[:, 0], v_new[:, 0]
+    np.testing.assert_array_equal(np.asarray(k2), k_want)
+    np.testing.assert_array_equal(np.asarray(v2), v_want)
+    chex.assert_shape(out, (b, t, kh * g * d))
+    np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k_want, v_want, start, np.full(b, slot + 1)),
+                               atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("s,kh,g,single_pass_max", [(256, 32, 1, None), (256, 8, 8, 0), (2176, 4, 20, None)])
 def test_gpu_kernel_lowers_to_one_triton_call(s, kh, g, single_pass_max):
     """The GPU path (masked loads and stores, which Pallas' interpreter above does not run) lowers through
@@ -88,16 +118,23 @@ def test_gpu_kernel_lowers_to_one_triton_call(s, kh, g, single_pass_max):
     import jax
     import jax.numpy as jnp
 
-    f = functools.partial(decode_attention, interpret=False, single_pass_max=single_pass_max)
     bf = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
     i32 = jax.ShapeDtypeStruct((1,), jnp.int32)
     triton = "__gpu$xla.gpu.triton"
-    exp = jax.export.export(jax.jit(f), platforms=["cuda"],
-                            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(
-        bf(1, 2, kh * g, 128), bf(1, s, kh, 128), bf(1, s, kh, 128), i32, i32)
-    text = exp.mlir_module()
-    assert text.count(f"custom_call @{triton}") == 1
-    assert "spd_decode_attention" in text
+
+    def lower(fn, *args):
+        return jax.export.export(jax.jit(fn), platforms=["cuda"],
+                                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(*args).mlir_module()
+
+    text = lower(functools.partial(decode_attention, interpret=False, single_pass_max=single_pass_max),
+                 bf(1, 2, kh * g, 128), bf(1, s, kh, 128), bf(1, s, kh, 128), i32, i32)
+    assert text.count(f"custom_call @{triton}") == 1 and "spd_decode_attention" in text
+    # the decode path's kernel, which also writes the step's k/v into the (aliased) cache
+    text = lower(functools.partial(decode_attention_append, interpret=False, single_pass_max=single_pass_max),
+                 bf(1, 2, kh * g, 128), bf(1, 2, kh, 128), bf(1, 2, kh, 128), bf(1, s, kh, 128), bf(1, s, kh, 128),
+                 i32, jax.ShapeDtypeStruct((), jnp.int32))
+    assert text.count(f"custom_call @{triton}") == 1 and "spd_decode_attention_append" in text
+    assert "output_operand_aliases" in text  # the caches are updated in place
 
 
 @pytest.mark.parametrize("kind,tp", [("llama", 2), ("mistral", 2), ("opt", 1)])
