@@ -20,6 +20,7 @@ applies (measured faster than XLA's attention on H200: docs/performance.md, sess
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -116,34 +117,64 @@ def _out_shape(like, shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
 
 
-def _attention_kernel(q_ref, k_ref, v_ref, start_ref, end_ref, *out_refs, sm_scale: float, block_k: int,
-                      block_h: int, n_q: int, chunk: int, normalise: bool, masked: bool):
-    """One program: one sequence, one kv head, up to `block_h` of its query heads, one chunk of the cache.
+BLOCK_H = 16  # Triton's dot needs >= 16 rows: the G query heads of a kv head are padded (masked) to 16
 
-    q_ref [>= block_h rows (masked), hd]; k_ref/v_ref [chunk, hd] (this kv head's slots of the chunk, read in
-    place from the [B, S, K, hd] cache); start_ref/end_ref: this sequence's attended slots [start, end).
-    Online softmax over the blocks of the chunk that overlap [start, end) only. normalise: one chunk, so
-    write softmax(q k^T) v itself (out_refs = (o,)); else the unnormalised float32 partials (o, l, m) for
-    the combine in `decode_attention`. masked: q and the outputs have fewer than `block_h` rows, so loads and
-    stores are masked to the `n_q` real ones (False: the caller padded them, as for Pallas' interpreter)."""
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    k_splits: int  # chunks of the cache, one program each (1: the kernel normalises itself)
+    chunk: int  # slots per chunk
+    block_k: int  # slots per loop iteration
+    num_warps: int
+    num_stages: int
+    n_hb: int  # programs of BLOCK_H query heads per kv head
+    interpret: bool  # Pallas' interpreter (off GPUs): q rows padded instead of masked loads and stores
+
+    @property
+    def normalise(self) -> bool:
+        return self.k_splits == 1
+
+
+def _plan(s_len: int, g: int, single_pass_max, block_k, num_warps, num_stages, interpret) -> _Plan:
+    """The kernel's plan for a cache of `s_len` slots and `g` query heads per kv head: arguments, else
+    $SPD_JAX_ATTENTION_TUNE, else the defaults (SINGLE_PASS_MAX, `split_plan`, NUM_WARPS, NUM_STAGES)."""
+    from jax.experimental import pallas as pl
+
+    env = tuning_from_env()
+    pick = lambda arg, key, default: arg if arg is not None else env.get(key, default)  # noqa: E731
+    single = pick(single_pass_max, "single_pass_max", SINGLE_PASS_MAX)
+    k_splits, plan_block = (1, split_plan(s_len)[1]) if s_len <= single else split_plan(s_len)
+    chunk = s_len // k_splits
+    block_k = pick(block_k, "block_k", plan_block)
+    if block_k < 16 or block_k & (block_k - 1) or chunk % block_k:
+        raise ValueError(f"block_k must be a power of two >= 16 dividing the chunk of {chunk} slots, got {block_k}")
+    if interpret is None:  # Pallas' interpreter off GPUs (tests); False lowers for GPUs (the lowering test)
+        interpret = jax.default_backend() != "gpu"
+    return _Plan(k_splits, chunk, block_k, pick(num_warps, "num_warps", NUM_WARPS),
+                 pick(num_stages, "num_stages", NUM_STAGES), pl.cdiv(g, BLOCK_H), interpret)
+
+
+def _pad_rows(x, rows: int, axis: int):
+    """x with zero rows appended along `axis` up to `rows` (zeros that vary over x's mesh axes)."""
+    shape = list(x.shape)
+    shape[axis] = rows - x.shape[axis]
+    zero = jnp.zeros_like(jax.lax.slice_in_dim(x, 0, 1, axis=axis))
+    return jnp.concatenate([x, jnp.zeros(shape, x.dtype) + zero], axis=axis)
+
+
+def _load_q(ref, rows, row_ok, masked: bool):
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.load(ref.at[rows, :], mask=row_ok[:, None]) if masked else ref[rows, :]
+
+
+def _attend_chunk(q, k_ref, v_ref, base: int, start, end, *, sm_scale: float, block_k: int, chunk: int):
+    """Online softmax of q [BLOCK_H, hd] over the slots [start, end) of this chunk (slots base..base+chunk),
+    visiting only the blocks of `block_k` slots that overlap them -> (o float32 unnormalised, m, l)."""
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
-    i_h, j = pl.program_id(1), pl.program_id(2)
-    hd = q_ref.shape[-1]
-    rows = pl.ds(0, block_h)
-    row_ok = jnp.arange(block_h) < n_q - i_h * block_h
-    q = plgpu.load(q_ref.at[rows, :], mask=row_ok[:, None]) if masked else q_ref[rows, :]
-
-    def store(ref, x, mask):
-        if masked:
-            plgpu.store(ref, x, mask=mask)
-        else:
-            ref[...] = x
-
-    base = j * chunk
-    start, end = start_ref[()], end_ref[()]
     lo = jnp.maximum(start - base, 0) // block_k
     hi = jnp.minimum(pl.cdiv(end - base, block_k), chunk // block_k)
     neg = jnp.finfo(jnp.float32).min
@@ -151,7 +182,7 @@ def _attention_kernel(q_ref, k_ref, v_ref, start_ref, end_ref, *out_refs, sm_sca
     def body(i, carry):
         o, m, l = carry
         slots = pl.ds(i * block_k, block_k)
-        s = plgpu.dot(q, k_ref[slots, :], trans_b=True) * sm_scale  # [block_h, block_k] float32
+        s = plgpu.dot(q, k_ref[slots, :], trans_b=True) * sm_scale  # [BLOCK_H, block_k] float32
         idx = base + i * block_k + jnp.arange(block_k)
         s = jnp.where(((idx >= start) & (idx < end))[None, :], s, neg)
         m_new = jnp.maximum(m, s.max(axis=1))
@@ -160,17 +191,136 @@ def _attention_kernel(q_ref, k_ref, v_ref, start_ref, end_ref, *out_refs, sm_sca
         v = v_ref[slots, :]
         return o * corr[:, None] + plgpu.dot(p.astype(v.dtype), v), m_new, l * corr + p.sum(axis=1)
 
-    init = (jnp.zeros((block_h, hd), jnp.float32), jnp.full((block_h,), neg, jnp.float32),
-            jnp.zeros((block_h,), jnp.float32))
-    o, m, l = lax.fori_loop(lo, hi, body, init)
+    hd = q.shape[-1]
+    init = (jnp.zeros((BLOCK_H, hd), jnp.float32), jnp.full((BLOCK_H,), neg, jnp.float32),
+            jnp.zeros((BLOCK_H,), jnp.float32))
+    return lax.fori_loop(lo, hi, body, init)
+
+
+def _store_result(o_refs, o, m, l, row_ok, *, normalise: bool, masked: bool):
+    """normalise: softmax(q k^T) v into o_refs = (o,); else the float32 partials into (o, l, m)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    rows = pl.ds(0, BLOCK_H)
+
+    def store(ref, x, mask):
+        if masked:
+            plgpu.store(ref, x, mask=mask)
+        else:
+            ref[...] = x
+
     if normalise:  # the first block overlapping [start, end) holds an attended slot, so l > 0
-        (o_ref,) = out_refs
+        (o_ref,) = o_refs
         store(o_ref.at[rows, :], (o / l[:, None]).astype(o_ref.dtype), row_ok[:, None])
     else:
-        o_ref, l_ref, m_ref = out_refs
+        o_ref, l_ref, m_ref = o_refs
         store(o_ref.at[rows, :], o, row_ok[:, None])
         store(l_ref.at[rows], l, row_ok)
         store(m_ref.at[rows], m, row_ok)
+
+
+def _attention_kernel(q_ref, k_ref, v_ref, start_ref, end_ref, *out_refs, sm_scale: float, block_k: int,
+                      n_q: int, chunk: int, normalise: bool, masked: bool):
+    """One program: one sequence, one kv head, up to BLOCK_H of its query heads, one chunk of the cache.
+
+    q_ref [>= BLOCK_H rows (masked), hd]; k_ref/v_ref [chunk, hd] (this kv head's slots of the chunk, read in
+    place from the [B, S, K, hd] cache); start_ref/end_ref: this sequence's attended slots [start, end).
+    masked: q and the outputs have fewer than BLOCK_H rows, so loads and stores are masked to the `n_q`
+    real ones (False: the caller padded them, as for Pallas' interpreter)."""
+    from jax.experimental import pallas as pl
+
+    i_h, j = pl.program_id(1), pl.program_id(2)
+    row_ok = jnp.arange(BLOCK_H) < n_q - i_h * BLOCK_H
+    q = _load_q(q_ref, pl.ds(0, BLOCK_H), row_ok, masked)
+    o, m, l = _attend_chunk(q, k_ref, v_ref, j * chunk, start_ref[()], end_ref[()], sm_scale=sm_scale,
+                            block_k=block_k, chunk=chunk)
+    _store_result(out_refs, o, m, l, row_ok, normalise=normalise, masked=masked)
+
+
+def _append_kernel(qkv_ref, k_ref, v_ref, start_ref, slot_ref, *out_refs, sm_scale: float, block_k: int,
+                   g: int, g_rows: int, n_hb: int, chunk: int, k_splits: int, normalise: bool, masked: bool):
+    """`_attention_kernel` for a step whose own k/v are not yet in the cache: attends over the cache slots
+    [start, slot) plus the new k/v (from registers), and writes the new k/v into slot `slot` of the cache
+    (outputs aliased to the cache inputs), once per (sequence, kv head).
+
+    qkv_ref [g_rows + 2, hd]: this sequence's and kv head's new q heads (g real rows of g_rows), then its
+    new k and v rows (static offsets: no row offset depends on the program id when n_hb = 1)."""
+    from jax import lax
+    from jax.experimental import pallas as pl
+
+    i_h, j = pl.program_id(1), pl.program_id(2)
+    row_ok = jnp.arange(BLOCK_H) < g - i_h * BLOCK_H
+    q = _load_q(qkv_ref, pl.ds(i_h * BLOCK_H if n_hb > 1 else 0, BLOCK_H), row_ok, masked)
+    k_new = qkv_ref[pl.ds(g_rows, 1), :]  # [1, hd]
+    v_new = qkv_ref[pl.ds(g_rows + 1, 1), :]
+    *o_refs, k_out, v_out = out_refs
+    base = j * chunk
+    start, slot = start_ref[()], slot_ref[()]
+
+    @pl.when((i_h == 0) & (j == slot // chunk))
+    def _():  # the cache write of this step (the attention below never reads slot `slot` from the cache)
+        k_out[pl.ds(slot - base, 1), :] = k_new.astype(k_out.dtype)
+        v_out[pl.ds(slot - base, 1), :] = v_new.astype(v_out.dtype)
+
+    o, m, l = _attend_chunk(q, k_ref, v_ref, base, start, slot, sm_scale=sm_scale, block_k=block_k, chunk=chunk)
+    last = j == k_splits - 1
+
+    def new_slot(_, carry):  # the new slot, in the last chunk only (a one-trip loop: Pallas' interpreter
+        o, m, l = carry      # under shard_map refuses constants mixed with varying values outside loops)
+        s_new = (q.astype(jnp.float32) * k_new.astype(jnp.float32)).sum(axis=1) * sm_scale  # [BLOCK_H]
+        m2 = jnp.where(last, jnp.maximum(m, s_new), m)
+        corr = jnp.exp(m - m2)
+        p_new = jnp.where(last, jnp.exp(s_new - m2), 0.0)
+        return o * corr[:, None] + p_new[:, None] * v_new.astype(jnp.float32), m2, l * corr + p_new
+
+    o, m, l = lax.fori_loop(0, 1, new_slot, (o, m, l))
+    _store_result(o_refs, o, m, l, row_ok, normalise=normalise, masked=masked)
+
+
+def _call(kernel, plan: _Plan, b: int, kh: int, g_rows: int, d: int, like, out_dtype, first_spec, args,
+          extra_shapes=(), aliases=None, name="spd_decode_attention"):
+    """The pallas_call of both kernels: grid (sequence x kv head, query-head block, chunk), the cache read in
+    place by its index maps, and the output (normalised, or the chunks' partials combined here in float32)
+    -> (out [B, K, g_rows, hd], *extra outputs: cache-shaped, written through the cache's block specs)."""
+    from jax import lax
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    kv_spec = pl.BlockSpec((None, plan.chunk, None, d), lambda bk, i, j: (bk // kh, j, bk % kh, 0))
+    seq_spec = pl.BlockSpec((None,), lambda bk, i, j: (bk // kh,))
+    if plan.normalise:
+        o_specs = [pl.BlockSpec((None, None, BLOCK_H, d), lambda bk, i, j: (bk // kh, bk % kh, i, 0))]
+        o_shapes = [_out_shape(like, (b, kh, g_rows, d), out_dtype)]
+    else:
+        o_specs = [pl.BlockSpec((None, None, None, BLOCK_H, d), lambda bk, i, j: (bk // kh, bk % kh, j, i, 0)),
+                   pl.BlockSpec((None, None, None, BLOCK_H), lambda bk, i, j: (bk // kh, bk % kh, j, i)),
+                   pl.BlockSpec((None, None, None, BLOCK_H), lambda bk, i, j: (bk // kh, bk % kh, j, i))]
+        parts = (b, kh, plan.k_splits, g_rows)
+        o_shapes = [_out_shape(like, parts + (d,), jnp.float32), _out_shape(like, parts, jnp.float32),
+                    _out_shape(like, parts, jnp.float32)]
+    n_o = len(o_shapes)
+    outs = pl.pallas_call(
+        kernel, grid=(b * kh, plan.n_hb, plan.k_splits),
+        in_specs=[first_spec, kv_spec, kv_spec, seq_spec, seq_spec],
+        out_specs=o_specs + [kv_spec] * len(extra_shapes), out_shape=o_shapes + list(extra_shapes),
+        input_output_aliases={k: n_o + v for k, v in (aliases or {}).items()},
+        compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages),
+        interpret=plan.interpret, name=name,
+    )(*args)
+    if plan.normalise:
+        return (outs[0], *outs[1:])
+    o_part, l_part, m_part = outs[:3]  # flash-decoding's combine of the chunks, in float32
+    m_max = lax.optimization_barrier(m_part.max(axis=2))  # as JAX's wrapper: no NaNs after fusion
+    corr = jnp.exp(m_part - m_max[:, :, None])
+    o = (o_part * corr[..., None]).sum(axis=2) / (l_part * corr).sum(axis=2)[..., None]
+    return (o, *outs[3:])
+
+
+def _merge_heads(o_bkgd, b: int, t: int, h: int, d: int, g: int, dtype):
+    """[B, K, >= G, hd] -> [B, T, H * hd] (q head h = k * G + g; the T identical rows)."""
+    o = o_bkgd[:, :, :g]
+    return jnp.broadcast_to(o.reshape(b, 1, h * d), (b, t, h * d)).astype(dtype)
 
 
 def decode_attention(q_bthd, k_bskd, v_bskd, start_b, end_b, *, single_pass_max: int | None = None,
@@ -188,142 +338,23 @@ def decode_attention(q_bthd, k_bskd, v_bskd, start_b, end_b, *, single_pass_max:
     kernel. Longer caches split into chunks by `split_plan`, combined here in float32. block_k (slots per
     loop iteration, a power of two >= 16 dividing the chunk; default the plan's), num_warps, num_stages:
     Triton settings; each unset one comes from $SPD_JAX_ATTENTION_TUNE, else the defaults above."""
-    from jax import lax
     from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plgpu
 
     b, t, h, d = q_bthd.shape
-    s_len, kh = k_bskd.shape[1], k_bskd.shape[2]
+    kh = k_bskd.shape[2]
     g = h // kh
-    env = tuning_from_env()
-    pick = lambda arg, key, default: arg if arg is not None else env.get(key, default)  # noqa: E731
-    single = pick(single_pass_max, "single_pass_max", SINGLE_PASS_MAX)
-    num_warps, num_stages = pick(num_warps, "num_warps", NUM_WARPS), pick(num_stages, "num_stages", NUM_STAGES)
-    k_splits, plan_block = (1, split_plan(s_len)[1]) if s_len <= single else split_plan(s_len)
-    chunk = s_len // k_splits
-    block_k = pick(block_k, "block_k", plan_block)
-    if block_k < 16 or block_k & (block_k - 1) or chunk % block_k:
-        raise ValueError(f"block_k must be a power of two >= 16 dividing the chunk of {chunk} slots, got {block_k}")
-    block_h = 16  # Triton's dot needs >= 16 rows: the G query heads of a kv head are padded (masked) to 16
-    n_hb = pl.cdiv(g, block_h)
+    plan = _plan(k_bskd.shape[1], g, single_pass_max, block_k, num_warps, num_stages, interpret)
     q = q_bthd[:, 0].reshape(b, kh, g, d)
-    if interpret is None:  # Pallas' interpreter off GPUs (tests); False lowers for GPUs (the lowering test)
-        interpret = jax.default_backend() != "gpu"
     g_rows = g
-    if interpret:  # Pallas' interpreter cannot pad a masked load past the array under check_vma: pad q
-        g_rows = n_hb * block_h  # (on GPUs the masked loads and stores read and write only the G rows)
-        q = jnp.concatenate([q, jnp.zeros((b, kh, g_rows - g, d), q.dtype) + jnp.zeros_like(q[:, :, :1])], axis=2)
-    normalise = k_splits == 1
-    kernel = functools.partial(_attention_kernel, sm_scale=1.0 / math.sqrt(d), block_k=block_k,
-                               block_h=block_h, n_q=g, chunk=chunk, normalise=normalise,
-                               masked=not interpret)
-    # grid: (sequence x kv head, query-head block, chunk); the index maps read the [B, S, K, hd] cache in place
-    kv_spec = pl.BlockSpec((None, chunk, None, d), lambda bk, i, j: (bk // kh, j, bk % kh, 0))
-    in_specs = [pl.BlockSpec((None, None, block_h, d), lambda bk, i, j: (bk // kh, bk % kh, i, 0)),
-                kv_spec, kv_spec,
-                pl.BlockSpec((None,), lambda bk, i, j: (bk // kh,)),
-                pl.BlockSpec((None,), lambda bk, i, j: (bk // kh,))]
-    if normalise:
-        out_specs = [pl.BlockSpec((None, None, block_h, d), lambda bk, i, j: (bk // kh, bk % kh, i, 0))]
-        out_shape = [_out_shape(q, (b, kh, g_rows, d), v_bskd.dtype)]
-    else:
-        out_specs = [pl.BlockSpec((None, None, None, block_h, d), lambda bk, i, j: (bk // kh, bk % kh, j, i, 0)),
-                     pl.BlockSpec((None, None, None, block_h), lambda bk, i, j: (bk // kh, bk % kh, j, i)),
-                     pl.BlockSpec((None, None, None, block_h), lambda bk, i, j: (bk // kh, bk % kh, j, i))]
-        out_shape = [_out_shape(q, (b, kh, k_splits, g_rows, d), jnp.float32),
-                     _out_shape(q, (b, kh, k_splits, g_rows), jnp.float32),
-                     _out_shape(q, (b, kh, k_splits, g_rows), jnp.float32)]
-    outs = pl.pallas_call(
-        kernel, grid=(b * kh, n_hb, k_splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret, name="spd_decode_attention",
-    )(q, k_bskd, v_bskd, start_b.astype(jnp.int32), end_b.astype(jnp.int32))
-    if normalise:
-        o = outs[0]
-    else:  # flash-decoding's combine of the chunks, in float32
-        o_part, l_part, m_part = outs
-        m_max = lax.optimization_barrier(m_part.max(axis=2))  # as JAX's wrapper: no NaNs after fusion
-        corr = jnp.exp(m_part - m_max[:, :, None])
-        o = (o_part * corr[..., None]).sum(axis=2) / (l_part * corr).sum(axis=2)[..., None]
-    o = o[:, :, :g]
-    return jnp.broadcast_to(o.reshape(b, 1, h * d), (b, t, h * d)).astype(v_bskd.dtype)
-
-
-def _append_kernel(qkv_ref, k_ref, v_ref, start_ref, slot_ref, *out_refs, sm_scale: float, block_k: int,
-                   block_h: int, g: int, g_rows: int, n_hb: int, chunk: int, k_splits: int, normalise: bool,
-                   masked: bool):
-    """`_attention_kernel` for a step whose own k/v are not yet in the cache: attends over the cache slots
-    [start, slot) plus the new k/v (from registers), and writes the new k/v into slot `slot` of the cache
-    (outputs aliased to the cache inputs), once per (sequence, kv head).
-
-    qkv_ref [g_rows + 2, hd]: this sequence's and kv head's new q heads (g real rows of g_rows), then its
-    new k and v rows (static offsets: no row offset depends on the program id when n_hb = 1)."""
-    from jax import lax
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plgpu
-
-    i_h, j = pl.program_id(1), pl.program_id(2)
-    hd = qkv_ref.shape[-1]
-    row_ok = jnp.arange(block_h) < g - i_h * block_h
-    q_rows = pl.ds(i_h * block_h if n_hb > 1 else 0, block_h)
-    q = plgpu.load(qkv_ref.at[q_rows, :], mask=row_ok[:, None]) if masked else qkv_ref[q_rows, :]
-    k_new = qkv_ref[pl.ds(g_rows, 1), :]  # [1, hd]
-    v_new = qkv_ref[pl.ds(g_rows + 1, 1), :]
-    *o_refs, k_out, v_out = out_refs
-    base = j * chunk
-    start, slot = start_ref[()], slot_ref[()]
-
-    @pl.when((i_h == 0) & (j == slot // chunk))
-    def _():  # the cache write of this step (the loop below never reads slot `slot`)
-        k_out[pl.ds(slot - base, 1), :] = k_new.astype(k_out.dtype)
-        v_out[pl.ds(slot - base, 1), :] = v_new.astype(v_out.dtype)
-
-    lo = jnp.maximum(start - base, 0) // block_k
-    hi = jnp.minimum(pl.cdiv(slot - base, block_k), chunk // block_k)
-    neg = jnp.finfo(jnp.float32).min
-
-    def body(i, carry):
-        o, m, l = carry
-        slots = pl.ds(i * block_k, block_k)
-        s = plgpu.dot(q, k_ref[slots, :], trans_b=True) * sm_scale  # [block_h, block_k] float32
-        idx = base + i * block_k + jnp.arange(block_k)
-        s = jnp.where(((idx >= start) & (idx < slot))[None, :], s, neg)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        corr = jnp.exp(m - m_new)
-        p = jnp.exp(s - m_new[:, None])
-        v = v_ref[slots, :]
-        return o * corr[:, None] + plgpu.dot(p.astype(v.dtype), v), m_new, l * corr + p.sum(axis=1)
-
-    init = (jnp.zeros((block_h, hd), jnp.float32), jnp.full((block_h,), neg, jnp.float32),
-            jnp.zeros((block_h,), jnp.float32))
-    o, m, l = lax.fori_loop(lo, hi, body, init)
-    last = j == k_splits - 1
-
-    def new_slot(_, carry):  # the new slot, in the last chunk only (a one-trip loop: Pallas' interpreter
-        o, m, l = carry      # under shard_map refuses constants mixed with varying values outside loops)
-        s_new = (q.astype(jnp.float32) * k_new.astype(jnp.float32)).sum(axis=1) * sm_scale  # [block_h]
-        m2 = jnp.where(last, jnp.maximum(m, s_new), m)
-        corr = jnp.exp(m - m2)
-        p_new = jnp.where(last, jnp.exp(s_new - m2), 0.0)
-        return o * corr[:, None] + p_new[:, None] * v_new.astype(jnp.float32), m2, l * corr + p_new
-
-    o, m2, l = lax.fori_loop(0, 1, new_slot, (o, m, l))
-    rows = pl.ds(0, block_h)
-
-    def store(ref, x, mask):
-        if masked:
-            plgpu.store(ref, x, mask=mask)
-        else:
-            ref[...] = x
-
-    if normalise:  # the new slot is always attended, so l > 0
-        (o_ref,) = o_refs
-        store(o_ref.at[rows, :], (o / l[:, None]).astype(o_ref.dtype), row_ok[:, None])
-    else:
-        o_ref, l_ref, m_ref = o_refs
-        store(o_ref.at[rows, :], o, row_ok[:, None])
-        store(l_ref.at[rows], l, row_ok)
-        store(m_ref.at[rows], m2, row_ok)
+    if plan.interpret:  # Pallas' interpreter cannot pad a masked load past the array under check_vma: pad q
+        g_rows = plan.n_hb * BLOCK_H  # (on GPUs the masked loads and stores read and write only the G rows)
+        q = _pad_rows(q, g_rows, axis=2)
+    kernel = functools.partial(_attention_kernel, sm_scale=1.0 / math.sqrt(d), block_k=plan.block_k, n_q=g,
+                               chunk=plan.chunk, normalise=plan.normalise, masked=not plan.interpret)
+    q_spec = pl.BlockSpec((None, None, BLOCK_H, d), lambda bk, i, j: (bk // kh, bk % kh, i, 0))
+    (o,) = _call(kernel, plan, b, kh, g_rows, d, q, v_bskd.dtype, q_spec,
+                 (q, k_bskd, v_bskd, start_b.astype(jnp.int32), end_b.astype(jnp.int32)))
+    return _merge_heads(o, b, t, h, d, g, v_bskd.dtype)
 
 
 def decode_attention_append(q_bthd, k_btkd, v_btkd, k_cache, v_cache, start_b, slot, *,
@@ -339,71 +370,29 @@ def decode_attention_append(q_bthd, k_btkd, v_btkd, k_cache, v_cache, start_b, s
     outputs, so in the decode loop the update is in place), and the attention takes them from registers,
     so XLA computes q, k and v of the step as one array (one fusion instead of a RoPE kernel for q and two
     cache-update kernels). Same plan and settings as `decode_attention`."""
-    from jax import lax
     from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plgpu
 
     b, t, h, d = q_bthd.shape
-    s_len, kh = k_cache.shape[1], k_cache.shape[2]
+    kh = k_cache.shape[2]
     g = h // kh
-    env = tuning_from_env()
-    pick = lambda arg, key, default: arg if arg is not None else env.get(key, default)  # noqa: E731
-    single = pick(single_pass_max, "single_pass_max", SINGLE_PASS_MAX)
-    num_warps, num_stages = pick(num_warps, "num_warps", NUM_WARPS), pick(num_stages, "num_stages", NUM_STAGES)
-    k_splits, plan_block = (1, split_plan(s_len)[1]) if s_len <= single else split_plan(s_len)
-    chunk = s_len // k_splits
-    block_k = pick(block_k, "block_k", plan_block)
-    if block_k < 16 or block_k & (block_k - 1) or chunk % block_k:
-        raise ValueError(f"block_k must be a power of two >= 16 dividing the chunk of {chunk} slots, got {block_k}")
-    block_h = 16
-    n_hb = pl.cdiv(g, block_h)
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+    plan = _plan(k_cache.shape[1], g, single_pass_max, block_k, num_warps, num_stages, interpret)
     # per kv head: its G query heads, then its new k and v (one concatenation: one XLA fusion with RoPE)
-    parts = [q_bthd[:, 0].reshape(b, kh, g, d)]
+    q = q_bthd[:, 0].reshape(b, kh, g, d)
     g_rows = g
-    if interpret:  # as in `decode_attention`: no masked loads in the interpreter, so pad q's rows with zeros
-        g_rows = n_hb * block_h
-        parts.append(jnp.zeros((b, kh, g_rows - g, d), q_bthd.dtype) + jnp.zeros_like(parts[0][:, :, :1]))
-    parts += [k_btkd[:, 0, :, None].astype(q_bthd.dtype), v_btkd[:, 0, :, None].astype(q_bthd.dtype)]
-    qkv = jnp.concatenate(parts, axis=2)  # [B, K, g_rows + 2, hd]
-    normalise = k_splits == 1
-    kernel = functools.partial(_append_kernel, sm_scale=1.0 / math.sqrt(d), block_k=block_k, block_h=block_h,
-                               g=g, g_rows=g_rows, n_hb=n_hb, chunk=chunk, k_splits=k_splits, normalise=normalise,
-                               masked=not interpret)
-    kv_spec = pl.BlockSpec((None, chunk, None, d), lambda bk, i, j: (bk // kh, j, bk % kh, 0))
-    seq_spec = pl.BlockSpec((None,), lambda bk, i, j: (bk // kh,))
-    in_specs = [pl.BlockSpec((None, None, g_rows + 2, d), lambda bk, i, j: (bk // kh, bk % kh, 0, 0)),
-                kv_spec, kv_spec, seq_spec, seq_spec]
-    if normalise:
-        o_specs = [pl.BlockSpec((None, None, block_h, d), lambda bk, i, j: (bk // kh, bk % kh, i, 0))]
-        o_shapes = [_out_shape(qkv, (b, kh, g_rows, d), v_cache.dtype)]
-    else:
-        o_specs = [pl.BlockSpec((None, None, None, block_h, d), lambda bk, i, j: (bk // kh, bk % kh, j, i, 0)),
-                   pl.BlockSpec((None, None, None, block_h), lambda bk, i, j: (bk // kh, bk % kh, j, i)),
-                   pl.BlockSpec((None, None, None, block_h), lambda bk, i, j: (bk // kh, bk % kh, j, i))]
-        o_shapes = [_out_shape(qkv, (b, kh, k_splits, g_rows, d), jnp.float32),
-                    _out_shape(qkv, (b, kh, k_splits, g_rows), jnp.float32),
-                    _out_shape(qkv, (b, kh, k_splits, g_rows), jnp.float32)]
-    n_o = len(o_shapes)
+    if plan.interpret:  # as in `decode_attention`: no masked loads in the interpreter, so pad q's rows
+        g_rows = plan.n_hb * BLOCK_H
+        q = _pad_rows(q, g_rows, axis=2)
+    qkv = jnp.concatenate([q, k_btkd[:, 0, :, None].astype(q.dtype), v_btkd[:, 0, :, None].astype(q.dtype)],
+                          axis=2)  # [B, K, g_rows + 2, hd]
+    kernel = functools.partial(_append_kernel, sm_scale=1.0 / math.sqrt(d), block_k=plan.block_k, g=g,
+                               g_rows=g_rows, n_hb=plan.n_hb, chunk=plan.chunk, k_splits=plan.k_splits,
+                               normalise=plan.normalise, masked=not plan.interpret)
+    qkv_spec = pl.BlockSpec((None, None, g_rows + 2, d), lambda bk, i, j: (bk // kh, bk % kh, 0, 0))
     slot_b = jnp.broadcast_to(jnp.asarray(slot, jnp.int32), (b,))
-    outs = pl.pallas_call(
-        kernel, grid=(b * kh, n_hb, k_splits), in_specs=in_specs,
-        out_specs=o_specs + [kv_spec, kv_spec],
-        out_shape=o_shapes + [_out_shape(k_cache, k_cache.shape, k_cache.dtype),
-                              _out_shape(v_cache, v_cache.shape, v_cache.dtype)],
-        input_output_aliases={1: n_o, 2: n_o + 1},
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret, name="spd_decode_attention_append",
-    )(qkv, k_cache, v_cache, start_b.astype(jnp.int32), slot_b)
-    *o_outs, k_new_cache, v_new_cache = outs
-    if normalise:
-        o = o_outs[0]
-    else:
-        o_part, l_part, m_part = o_outs
-        m_max = lax.optimization_barrier(m_part.max(axis=2))
-        corr = jnp.exp(m_part - m_max[:, :, None])
-        o = (o_part * corr[..., None]).sum(axis=2) / (l_part * corr).sum(axis=2)[..., None]
-    o = o[:, :, :g]
-    out = jnp.broadcast_to(o.reshape(b, 1, h * d), (b, t, h * d)).astype(v_cache.dtype)
-    return out, k_new_cache, v_new_cache
+    o, k_new_cache, v_new_cache = _call(
+        kernel, plan, b, kh, g_rows, d, qkv, v_cache.dtype, qkv_spec,
+        (qkv, k_cache, v_cache, start_b.astype(jnp.int32), slot_b),
+        extra_shapes=(_out_shape(k_cache, k_cache.shape, k_cache.dtype),
+                      _out_shape(v_cache, v_cache.shape, v_cache.dtype)),
+        aliases={1: 0, 2: 1}, name="spd_decode_attention_append")
+    return _merge_heads(o, b, t, h, d, g, v_cache.dtype), k_new_cache, v_new_cache
