@@ -243,3 +243,25 @@ def test_tuning_from_the_environment_changes_the_kernel_not_the_result(monkeypat
     monkeypatch.setenv("SPD_JAX_ATTENTION_TUNE", "warps=8")
     with pytest.raises(ValueError, match="SPD_JAX_ATTENTION_TUNE"):
         decode_attention(*args)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_the_default_gpu_decode_path_generates_what_the_reference_path_does(tiny_models, tp):
+    """The decode path `auto` gives on CUDA GPUs (fused projections + folded norms + the cache-writing kernel)
+    against the plain layout with XLA's attention: the same greedy tokens for a padded batch, SPD on half the
+    blocks (float32, so folding's rounding is far below the logit gaps)."""
+    from spd_jax.runtime import fold_norms, fuse_projections
+
+    lm = open_model(tiny_models["llama"][0])
+    L = lm.cfg.n_layers
+    plan = SyncPlan.from_flags(tuple(i % 2 == 0 for i in range(L)))
+    gen = GenerationConfig(max_new_tokens=12, stop_at_eos=False, decode_chunk=4)
+    prompts = [[5, 17, 33], [9, 8, 7, 6, 5, 4, 3, 22, 23]]
+    eng = Engine.create(build_model_def(lm.cfg, tp))
+    want = Generator(eng, load_params(eng, lm.source), plan).generate(prompts, dataclasses.replace(
+        gen, attention_kernel="xla")).tokens
+    feng, fparams = fuse_projections(eng, load_params(eng, lm.source))
+    feng, fparams = fold_norms(feng, fparams)
+    assert feng.mdef.fused and feng.mdef.norms_folded
+    got = Generator(feng, fparams, plan).generate(prompts, dataclasses.replace(gen, attention_kernel="pallas")).tokens
+    assert got == want
