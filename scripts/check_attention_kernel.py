@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -23,6 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from spd_jax.bench import host_times  # noqa: E402
 from spd_jax.kernels import decode_attention, decode_attention_append  # noqa: E402
 from spd_jax.model import attention_core  # noqa: E402
 
@@ -50,13 +50,7 @@ def xla_path(q, k, v, start, end):
 
 
 def timed(f, *args, repeats=20):
-    f(*args).block_until_ready()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(*args).block_until_ready()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+    return float(np.median(host_times(f, *args, repeats=repeats)))
 
 
 def case(slots, kh, g, filled, single_pass_max=None, t=2, d=128, time_xla=True, **tune):

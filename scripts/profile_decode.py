@@ -119,6 +119,8 @@ def gemv_ceiling(hidden: int, inter: int, layers: int):
 
 
 def main():
+    from spd_jax.config import ATTENTION_KERNEL_CHOICES
+
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="llama2-7b")
     p.add_argument("--tp", type=int, default=1)
@@ -132,7 +134,7 @@ def main():
                    help="on by default, as in launch/bench.py")
     p.add_argument("--fold-norms", action=argparse.BooleanOptionalAction, default=None,
                    help="on by default for RMSNorm shapes, as in launch/bench.py")
-    p.add_argument("--attention-kernel", choices=["auto", "xla", "pallas"], default="auto",
+    p.add_argument("--attention-kernel", choices=ATTENTION_KERNEL_CHOICES, default="auto",
                    help="decode attention: XLA's masked attention, the Pallas kernel (spd_jax/kernels.py), or auto "
                         "(the kernel on CUDA GPUs; the default)")
     p.add_argument("--gemv", action="store_true", help="also time plain GEMV chains (bandwidth ceiling)")

@@ -225,6 +225,9 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
 
 # ----------------------------------------------------------------------------- run configuration
 
+# GenerationConfig.attention_kernel: "auto" resolves per device (spd_jax.kernels.resolve_attention_kernel)
+ATTENTION_KERNEL_CHOICES = ("auto", "xla", "pallas")
+
 
 @dataclasses.dataclass
 class GenerationConfig:
@@ -258,7 +261,7 @@ class GenerationConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.decode_chunk < 1:
             raise ConfigError(f"decode_chunk must be >= 1, got {self.decode_chunk}")
-        if self.attention_kernel not in ("auto", "xla", "pallas"):
+        if self.attention_kernel not in ATTENTION_KERNEL_CHOICES:
             raise ConfigError(f"attention_kernel must be 'auto', 'xla' or 'pallas', got {self.attention_kernel!r}")
         if self.attend_window < 0:
             raise ConfigError(f"attend_window must be >= 0 (0 = the whole cache), got {self.attend_window}")

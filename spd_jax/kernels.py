@@ -27,10 +27,10 @@ import math
 import jax
 import jax.numpy as jnp
 
+from spd_jax.config import ATTENTION_KERNEL_CHOICES as KERNEL_CHOICES  # "auto" + ATTENTION_KERNELS
 from spd_jax.config import ConfigError
 
-ATTENTION_KERNELS = ("xla", "pallas")  # what the model runs
-KERNEL_CHOICES = ("auto",) + ATTENTION_KERNELS  # what a config may ask for; "auto": `resolve_attention_kernel`
+ATTENTION_KERNELS = ("xla", "pallas")  # what the model runs; a config may also ask for "auto"
 MIN_COMPUTE_CAPABILITY = 8.0  # Triton's bf16 dot (Ampere and newer)
 
 # Caches of at most this many slots are attended in one pass per (sequence, kv head): no split, no combine
@@ -154,12 +154,18 @@ def _plan(s_len: int, g: int, single_pass_max, block_k, num_warps, num_stages, i
                  pick(num_stages, "num_stages", NUM_STAGES), pl.cdiv(g, BLOCK_H), interpret)
 
 
-def _pad_rows(x, rows: int, axis: int):
-    """x with zero rows appended along `axis` up to `rows` (zeros that vary over x's mesh axes)."""
-    shape = list(x.shape)
-    shape[axis] = rows - x.shape[axis]
-    zero = jnp.zeros_like(jax.lax.slice_in_dim(x, 0, 1, axis=axis))
-    return jnp.concatenate([x, jnp.zeros(shape, x.dtype) + zero], axis=axis)
+def _q_by_kv_head(q_bthd, kh: int, plan: _Plan):
+    """Row 0 of q [B, T, H, hd] as [B, K, g_rows, hd] (the G query heads of each kv head) and g_rows. Pallas'
+    interpreter cannot pad a masked load past the array under check_vma, so there q's rows are padded with
+    zeros (that vary over q's mesh axes) to whole BLOCK_H blocks; on GPUs g_rows = G and the masked loads and
+    stores read and write only the G rows."""
+    b, _, h, d = q_bthd.shape
+    q = q_bthd[:, 0].reshape(b, kh, h // kh, d)
+    if not plan.interpret:
+        return q, h // kh
+    g_rows = plan.n_hb * BLOCK_H
+    zero = jnp.zeros_like(q[:, :, :1])
+    return jnp.concatenate([q, jnp.zeros((b, kh, g_rows - h // kh, d), q.dtype) + zero], axis=2), g_rows
 
 
 def _load_q(ref, rows, row_ok, masked: bool):
@@ -344,11 +350,7 @@ def decode_attention(q_bthd, k_bskd, v_bskd, start_b, end_b, *, single_pass_max:
     kh = k_bskd.shape[2]
     g = h // kh
     plan = _plan(k_bskd.shape[1], g, single_pass_max, block_k, num_warps, num_stages, interpret)
-    q = q_bthd[:, 0].reshape(b, kh, g, d)
-    g_rows = g
-    if plan.interpret:  # Pallas' interpreter cannot pad a masked load past the array under check_vma: pad q
-        g_rows = plan.n_hb * BLOCK_H  # (on GPUs the masked loads and stores read and write only the G rows)
-        q = _pad_rows(q, g_rows, axis=2)
+    q, g_rows = _q_by_kv_head(q_bthd, kh, plan)
     kernel = functools.partial(_attention_kernel, sm_scale=1.0 / math.sqrt(d), block_k=plan.block_k, n_q=g,
                                chunk=plan.chunk, normalise=plan.normalise, masked=not plan.interpret)
     q_spec = pl.BlockSpec((None, None, BLOCK_H, d), lambda bk, i, j: (bk // kh, bk % kh, i, 0))
@@ -377,11 +379,7 @@ def decode_attention_append(q_bthd, k_btkd, v_btkd, k_cache, v_cache, start_b, s
     g = h // kh
     plan = _plan(k_cache.shape[1], g, single_pass_max, block_k, num_warps, num_stages, interpret)
     # per kv head: its G query heads, then its new k and v (one concatenation: one XLA fusion with RoPE)
-    q = q_bthd[:, 0].reshape(b, kh, g, d)
-    g_rows = g
-    if plan.interpret:  # as in `decode_attention`: no masked loads in the interpreter, so pad q's rows
-        g_rows = plan.n_hb * BLOCK_H
-        q = _pad_rows(q, g_rows, axis=2)
+    q, g_rows = _q_by_kv_head(q_bthd, kh, plan)
     qkv = jnp.concatenate([q, k_btkd[:, 0, :, None].astype(q.dtype), v_btkd[:, 0, :, None].astype(q.dtype)],
                           axis=2)  # [B, K, g_rows + 2, hd]
     kernel = functools.partial(_append_kernel, sm_scale=1.0 / math.sqrt(d), block_k=plan.block_k, g=g,

@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from spd_jax.config import ATTENTION_KERNEL_CHOICES
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--decode-chunk", type=int, default=8, help="decode steps between stop-condition checks")
     p.add_argument("--attend-window", type=int, default=256,
                    help="decode attends over the filled cache in windows doubling from this (0: the whole cache)")
-    p.add_argument("--attention-kernel", choices=["auto", "xla", "pallas"], default="auto",
+    p.add_argument("--attention-kernel", choices=ATTENTION_KERNEL_CHOICES, default="auto",
                    help="decode attention: masked attention in JAX, our Pallas kernel (spd_jax.kernels), or auto: the "
                         "kernel on CUDA GPUs where it applies (the default)")
     p.add_argument("--no-shadow-row", action="store_true",

@@ -13,6 +13,7 @@ import argparse
 import json
 
 from spd_jax.cli import common_model_args, ensure_devices, run_config_from_args
+from spd_jax.config import ATTENTION_KERNEL_CHOICES
 
 
 def parse_args(argv=None):
@@ -25,7 +26,7 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--decode-chunk", type=int, help="decode steps between checks of the stop condition (default 8)")
-    p.add_argument("--attention-kernel", choices=["auto", "xla", "pallas"],
+    p.add_argument("--attention-kernel", choices=ATTENTION_KERNEL_CHOICES,
                    help="decode attention: masked attention in JAX, our Pallas kernel (spd_jax.kernels), or auto "
                         "(default): the kernel on CUDA GPUs where it applies")
     p.add_argument("--attend-window", type=int,
