@@ -25,6 +25,12 @@
 #   blockrw       XLA's block-level fusion rewriter (--xla_gpu_experimental_enable_fusion_block_level_rewriter)
 #   heroless      Triton heroless priority fusion (--xla_gpu_experimental_enable_triton_heroless_priority_fusion)
 #   fold          --fold-norms (RMSNorm weights folded into the projections, 1/rms applied after them; default)
+#   tmof          Triton multi-output fusions (--xla_gpu_unsupported_enable_triton_multi_output_fusion)
+#   alltriton     every fusion emitted by Triton (--xla_gpu_experimental_all_fusions_with_triton)
+#   fautotune     XLA's fusion autotuner (--xla_gpu_experimental_enable_fusion_autotuner)
+#   warpspec      Triton warp specialisation for GEMMs (--xla_gpu_experimental_enable_triton_warp_specialization)
+#   gemmv2        XLA's second GEMM fusion emitter (--xla_gpu_experimental_gemm_fusion_v2)
+#   unroll        loops inside command buffers unrolled (--xla_gpu_command_buffer_unroll_loops; with cmdwhile)
 #   nosplitk      every Triton GEMM without split-K (--xla_gpu_experimental_force_split_k=1): no partial-sum
 #                 kernels after the projections, fewer thread blocks per GEMM
 #   a+b           both options
@@ -54,6 +60,12 @@ for v in $variants; do
       merge) flags="$flags --xla_gpu_dot_merger_threshold_mb=256" ;;
       oneshot) flags="$flags --xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true" ;;
       fold) extra+=(--fold-norms) ;;
+      tmof) flags="$flags --xla_gpu_unsupported_enable_triton_multi_output_fusion=true" ;;
+      alltriton) flags="$flags --xla_gpu_experimental_all_fusions_with_triton=true" ;;
+      fautotune) flags="$flags --xla_gpu_experimental_enable_fusion_autotuner=true" ;;
+      warpspec) flags="$flags --xla_gpu_experimental_enable_triton_warp_specialization=true" ;;
+      gemmv2) flags="$flags --xla_gpu_experimental_gemm_fusion_v2=true" ;;
+      unroll) flags="$flags --xla_gpu_command_buffer_unroll_loops=true" ;;
       nosplitk) flags="$flags --xla_gpu_experimental_force_split_k=1" ;;
       nocmdbuf) flags="$flags --xla_gpu_enable_command_buffer=" ;;
       cmdwhile) flags="$flags --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" ;;
