@@ -17,6 +17,7 @@ Each is timed in a chain of 32 blocks with distinct weights (so nothing stays in
   python scripts/check_gemv_kernel.py            # equality, then XLA vs the kernel's default settings
   python scripts/check_gemv_kernel.py --sweep    # the kernel's settings
   python scripts/check_gemv_kernel.py --mosaic   # JAX's Mosaic GPU Hopper matmul as a GEMV, against XLA
+  python scripts/check_gemv_kernel.py --mosaic-waves   # the same with narrower CTA tiles (fuller waves)
 """
 
 from __future__ import annotations
@@ -246,16 +247,36 @@ def med_us(f, *args, repeats=30):
     return float(np.median(host_times(f, *args, repeats=repeats))) * 1e6
 
 
-def mosaic_probe():
-    """JAX's own Hopper matmul (Pallas Mosaic GPU: TMA loads, wgmma) as a GEMV, the row padded to 64: does
-    a TMA pipeline stream a projection's weight faster than XLA's GEMM? (No split-K: one CTA per 128
-    columns, so only shapes of >= ~132 column tiles fill the GPU.)"""
+MOSAIC_CONFIGS = [  # (label, rows of the padded row block, TuningConfig fields)
+    ("n64 k64 s4", 64, dict(tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=4, epi_tile_m=64)),
+    ("n64 k128 s4", 64, dict(tile_m=64, tile_n=64, tile_k=128, max_concurrent_steps=4, epi_tile_m=64)),
+    ("n64 k64 s8", 64, dict(tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=8, epi_tile_m=64)),
+    ("n128 k64 s4", 64, dict(tile_m=64, tile_n=128, tile_k=64, max_concurrent_steps=4, epi_tile_m=64)),
+]
+# The persistent kernel gives each of the GPU's SMs whole output tiles (two warpgroups' columns per CTA with
+# wg_dimension N): 22 016 columns in 128-column tiles are 172 tiles, 1.3 waves on 132 SMs. Narrower CTA tiles
+# fill the waves better.
+MOSAIC_WAVE_CONFIGS = [  # (64-column warpgroup tiles are the narrowest this kernel takes: its swizzle tile)
+    ("cta 128 cols (wg N) s4", 64, dict(tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=4, epi_tile_m=64)),
+    ("cta 64 cols (wg M) s4", 128, dict(tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=4, epi_tile_m=64,
+                                        wg_dimension="M")),
+    ("cta 64 cols (wg M) s8", 128, dict(tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=8, epi_tile_m=64,
+                                        wg_dimension="M")),
+    ("cta 64 cols (wg M) k128 s4", 128, dict(tile_m=64, tile_n=64, tile_k=128, max_concurrent_steps=4,
+                                             epi_tile_m=64, wg_dimension="M")),
+]
+
+
+def mosaic_probe(shapes=((D, 2 * F), (D, 3 * D), (D, D)), configs=MOSAIC_CONFIGS):
+    """JAX's own Hopper matmul (Pallas Mosaic GPU: TMA loads, wgmma) as a GEMV, the row padded to 64 (or 128)
+    rows: does a TMA pipeline stream a projection's weight faster than XLA's GEMM? (No split-K: whole output
+    tiles per CTA, so only shapes of >= ~132 tiles fill the GPU.)"""
     import dataclasses
 
     from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
 
     fields = {f.name for f in dataclasses.fields(hm.TuningConfig)}
-    for k, n in ((D, 2 * F), (D, 3 * D), (D, D)):
+    for k, n in shapes:
         wk = (jax.random.normal(jax.random.PRNGKey(k + n), (LAYERS, k, n), jnp.float32) * 0.02).astype(BF)
         x = (jax.random.normal(jax.random.PRNGKey(2), (1, k), jnp.float32)).astype(BF)
 
@@ -265,32 +286,36 @@ def mosaic_probe():
             return x
 
         tx = med_us(jax.jit(run_x), x, wk) / LAYERS
-        line = f"mosaic probe {k}x{n}: xla {tx:6.2f} us ({k * n * 2 / tx / 1e3:5.0f} GB/s)"
-        for tn, tk, steps in ((64, 64, 4), (64, 128, 4), (64, 64, 8), (128, 64, 4)):
-            kw = dict(tile_m=64, tile_n=tn, tile_k=tk, max_concurrent_steps=steps)
-            kw = {a: v for a, v in kw.items() if a in fields}
-            if "epi_tile_m" in fields:
-                kw["epi_tile_m"] = 64
+        print(f"mosaic probe {k}x{n}: xla {tx:6.2f} us ({k * n * 2 / tx / 1e3:5.0f} GB/s)", flush=True)
+        for label, rows, kw in configs:
+            if set(kw) - fields:
+                print(f"  mgpu {label}: skipped, this JAX's TuningConfig has no {sorted(set(kw) - fields)}")
+                continue
+            if "wg_dimension" in kw:
+                kw = {**kw, "wg_dimension": hm.MatmulDimension[kw["wg_dimension"]]}
             try:
                 cfg = hm.TuningConfig(**kw)
 
-                def run_m(x, ws, cfg=cfg):
-                    x64 = jnp.concatenate([x, jnp.zeros((63, k), x.dtype)], axis=0)
+                def run_m(x, ws, cfg=cfg, rows=rows):
+                    xp = jnp.concatenate([x, jnp.zeros((rows - 1, k), x.dtype)], axis=0)
                     for i in range(LAYERS):
-                        x64 = hm.matmul(x64, ws[i], None, cfg)[:, :k]
-                    return x64[:1]
+                        xp = hm.matmul(xp, ws[i], None, cfg)[:, :k]
+                    return xp[:1]
 
                 tm = med_us(jax.jit(run_m), x, wk) / LAYERS
-                line += f" | mgpu n{tn} k{tk} s{steps} {tm:6.2f} ({k * n * 2 / tm / 1e3:5.0f})"
+                print(f"  mgpu {label}: {tm:6.2f} us ({k * n * 2 / tm / 1e3:5.0f} GB/s, {tx / tm:.2f}x xla)",
+                      flush=True)
             except Exception as e:  # noqa: BLE001  (an API or a tiling this JAX refuses)
-                line += f" | mgpu n{tn} k{tk} s{steps} failed: {type(e).__name__}: {str(e)[:160]}"
-        print(line, flush=True)
+                print(f"  mgpu {label}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
         del wk
 
 
 def main():
     if "--mosaic" in sys.argv:
         return mosaic_probe()
+    if "--mosaic-waves" in sys.argv:
+        return mosaic_probe(shapes=((D, 2 * F),) if "--wide-only" in sys.argv else ((D, 2 * F), (D, 3 * D)),
+                            configs=MOSAIC_WAVE_CONFIGS)
     sweep = "--sweep" in sys.argv
     ws = weights(jax.random.PRNGKey(0))
     x1 = (jax.random.normal(jax.random.PRNGKey(1), (1, D), jnp.float32)).astype(BF)
