@@ -15,7 +15,7 @@ A "block" here is the default path's block without attention (q stands in for th
 Each is timed in a chain of 32 blocks with distinct weights (so nothing stays in L2), in this process.
 
   python scripts/check_gemv_kernel.py            # equality, then XLA vs the kernel's default settings
-  python scripts/check_gemv_kernel.py --sweep    # the kernel's settings
+  python scripts/check_gemv_kernel.py --sweep    # the kernel's settings (call 4's; --sweep-all: calls 1-4's)
   python scripts/check_gemv_kernel.py --mosaic   # JAX's Mosaic GPU Hopper matmul as a GEMV, against XLA
   python scripts/check_gemv_kernel.py --mosaic-waves   # the same with narrower CTA tiles (fuller waves)
 """
@@ -310,6 +310,26 @@ def mosaic_probe(shapes=((D, 2 * F), (D, 3 * D), (D, D)), configs=MOSAIC_CONFIGS
         del wk
 
 
+O4 = {"splits": 4, "block_n": 32}
+# (label, settings of every GEMV, of the o GEMV, of the down GEMV); the --sweep of call 4
+SWEEP = [("reduce", {"mode": "reduce"}, None, None), ("dot o,down splits4 bn32", {}, O4, O4),
+         ("dot bk256 stages2", {"block_k": 256, "num_stages": 2}, None, None),
+         ("dot bn64", {"block_n": 64}, None, None)]
+# the other settings of calls 1 and 3 (call 1 ran them in the "reduce" form, the only one then; here "dot")
+SWEEP_MORE = [
+    ("acc bk32", {"mode": "acc", "block_k": 32}, None, None), ("acc bk64", {"mode": "acc", "block_k": 64}, None, None),
+    ("stages2", {"num_stages": 2}, None, None), ("stages4", {"num_stages": 4}, None, None),
+    ("warps8", {"num_warps": 8}, None, None), ("warps8 bn256", {"num_warps": 8, "block_n": 256}, None, None),
+    ("bn256", {"block_n": 256}, None, None), ("bk64", {"block_k": 64}, None, None),
+    ("bk64 stages4", {"block_k": 64, "num_stages": 4}, None, None), ("bk256", {"block_k": 256}, None, None),
+    ("bn64 bk256", {"block_n": 64, "block_k": 256}, None, None),
+    ("splits1", {"splits": 1}, None, None), ("splits2", {"splits": 2}, None, None),
+    ("splits4", {"splits": 4}, None, None), ("splits8", {"splits": 8}, None, None),
+    ("o,down splits4 bn32 stages4", {"num_stages": 4}, {**O4, "num_stages": 4}, {**O4, "num_stages": 4}),
+    ("o,down splits8 bn64", {}, {"splits": 8, "block_n": 64}, {"splits": 8, "block_n": 64}),
+]
+
+
 def main():
     if "--mosaic" in sys.argv:
         return mosaic_probe()
@@ -357,34 +377,16 @@ def main():
         print(line, flush=True)
         del wk
     configs = [("default", {}, None, None)]
-    if sweep:
-        o4 = {"splits": 4, "block_n": 32}
-        configs += [
-            ("reduce", {"mode": "reduce"}, None, None),
-            ("dot o,down splits4 bn32", {}, o4, o4),
-            ("dot bk256 stages2", {"block_k": 256, "num_stages": 2}, None, None),
-            ("dot bn64", {"block_n": 64}, None, None),
-        ]
-    if False:
-        configs += [
-            ("stages2", {"num_stages": 2}, None, None), ("stages4", {"num_stages": 4}, None, None),
-            ("warps8", {"num_warps": 8}, None, None), ("bn64", {"block_n": 64}, None, None),
-            ("bn256", {"block_n": 256}, None, None), ("bk64", {"block_k": 64}, None, None),
-            ("bk256", {"block_k": 256}, None, None),
-            ("bn64 bk256", {"block_n": 64, "block_k": 256}, None, None),
-            ("splits1", {"splits": 1}, None, None), ("splits2", {"splits": 2}, None, None),
-            ("splits4", {"splits": 4}, None, None), ("splits8", {"splits": 8}, None, None),
-            ("o,down splits4 bn32", {}, {"splits": 4, "block_n": 32}, {"splits": 4, "block_n": 32}),
-            ("o,down splits8 bn64", {}, {"splits": 8, "block_n": 64}, {"splits": 8, "block_n": 64}),
-        ]
-    rows = []
+    if sweep or "--sweep-all" in sys.argv:
+        configs += SWEEP
+    if "--sweep-all" in sys.argv:
+        configs += SWEEP_MORE
     for name, tune, t_o, t_d in configs:
         try:
             t = med_us(chain(kernel_block, ws, tune, t_o, t_d), x1, ws)
         except Exception as e:  # a setting Triton cannot compile
             print(f"kernel {name:37s} failed: {type(e).__name__}: {str(e)[:200]}")
             continue
-        rows.append((name, t))
         print(f"kernel {name:37s} {t / LAYERS:7.2f} us/block  {wbytes / (t / LAYERS) / 1e3:7.0f} GB/s  "
               f"({t / t_x:.3f}x xla)")
     t_x2 = med_us(chain(xla_block, ws), x2, ws)
