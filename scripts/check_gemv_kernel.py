@@ -67,6 +67,12 @@ def _gemv_kernel(*refs, prologue: str, n_parts: int, k: int, block_k: int, nkb: 
     f32 = jnp.float32
     col, s = pl.program_id(0), pl.program_id(1)
     refs = list(refs)
+
+    def summed(ref, off, size=block_k, mask=None):  # sum over the producer's split-K partials [S', 1, K]
+        rd = lambda j: (ref[j, 0, pl.ds(off, size)] if mask is None else  # noqa: E731
+                        plgpu.load(ref.at[j, 0, pl.ds(off, size)], mask=mask, other=0.0)).astype(f32)
+        return sum((rd(j) for j in range(1, n_parts)), rd(0))
+
     if prologue == "x":
         x_ref, w_ref, o_ref = refs
 
@@ -78,22 +84,16 @@ def _gemv_kernel(*refs, prologue: str, n_parts: int, k: int, block_k: int, nkb: 
         w_ref, o_ref, *res_out = refs
 
         def load(off, size=block_k, mask=None):  # the residual stream's new value, rounded to its dtype
-            def rd(ref):                           # as the reference path rounds it
-                return (ref[...] if mask is None else plgpu.load(ref, mask=mask, other=0.0)).astype(f32)
-
-            x = rd(res_ref.at[0, pl.ds(off, size)])
-            for j in range(n_parts):
-                x = x + rd(parts_ref.at[j, 0, pl.ds(off, size)])
+            ref = res_ref.at[0, pl.ds(off, size)]  # as the reference path rounds it
+            x = (ref[...] if mask is None else plgpu.load(ref, mask=mask, other=0.0)).astype(f32)
+            if n_parts:
+                x = x + summed(parts_ref, off, size, mask)
             return x.astype(res_ref.dtype).astype(f32)
     else:  # swiglu: gate = columns [0, half) of the producer, up = [half, 2 half)
         parts_ref, w_ref, o_ref = refs
 
         def load(off):
-            g = parts_ref[0, 0, pl.ds(off, block_k)].astype(f32)
-            u = parts_ref[0, 0, pl.ds(half + off, block_k)].astype(f32)
-            for j in range(1, n_parts):
-                g = g + parts_ref[j, 0, pl.ds(off, block_k)].astype(f32)
-                u = u + parts_ref[j, 0, pl.ds(half + off, block_k)].astype(f32)
+            g, u = summed(parts_ref, off), summed(parts_ref, half + off)
             g, u = g.astype(w_ref.dtype).astype(f32), u.astype(w_ref.dtype).astype(f32)
             return g / (1.0 + jnp.exp(-g)) * u
 
