@@ -3,19 +3,25 @@
 XLA form of the default decode path (fused projections, folded norms, shadow row), for equality and time.
 RANDOM bf16 weights of LLaMA-2-7B's shapes, batch 1.
 
-An experiment, not part of the library: on H200 these kernels stream the weights at ~1.0-1.2 TB/s under
-every setting tried, a third of XLA's split-K GEMMs in the same chains (2.2-3.4 TB/s), so the kernels the
-prologues remove cannot pay for them (docs/performance.md, session 16; raw: docs/bench/s16/gemv.txt).
+An experiment, not part of the library. On H200 the kernels alone stream the weights at 2.9-4.1 TB/s, their
+best settings taking 3-11% longer than XLA's GEMM kernels (CUPTI, `profile_gemv.py --trace`), but a block of
+prologue kernels is still slower than XLA's: 131.7-134.3 against 122.9-123.4 us (docs/performance.md, session
+17). The gate/up GEMV's norm prologue costs ~10 us because every program re-reads all of o's split-K
+partials, and each Pallas kernel leaves a longer gap after it. Session 16's ~1.1 TB/s was wrong: its chains
+sliced one stacked weight array, which makes the same Pallas chain 1.9-2.5x slower and leaves XLA's GEMMs as
+they are, the cost of copying each slice into a buffer of its own before the custom call (see `rand_layers`).
 
 A "block" here is the default path's block without attention (q stands in for the attention output):
   XLA:    1/rms(x); qkv GEMM * 1/rms; o GEMM; h = x + o; 1/rms(h); gate/up GEMM * 1/rms; silu(g) * u;
           down GEMM; h + down                                        (about 10 kernels)
   kernel: gemv(norm: x) -> qkv; q -> gemv(x) -> o; gemv(norm: x + o) -> gate/up and h;
           gemv(swiglu) -> down; h + down                             (6 kernels)
-Each is timed in a chain of 32 blocks with distinct weights (so nothing stays in L2), in this process.
+Each is timed in a chain of 32 blocks with distinct weights (so nothing stays in L2; each weight an array of
+its own, as the model holds them), in this process.
 
   python scripts/check_gemv_kernel.py            # equality, then XLA vs the kernel's default settings
-  python scripts/check_gemv_kernel.py --sweep    # the kernel's settings (call 4's; --sweep-all: calls 1-4's)
+  python scripts/check_gemv_kernel.py --sweep    # the kernel's settings (call 4's; --sweep-all: calls 1-4's;
+                                                 # --tuned: per-shape settings, session 17)
   python scripts/check_gemv_kernel.py --mosaic   # JAX's Mosaic GPU Hopper matmul as a GEMV, against XLA
   python scripts/check_gemv_kernel.py --mosaic-waves   # the same with narrower CTA tiles (fuller waves)
 """
@@ -202,11 +208,20 @@ LAYERS, D, F, EPS = 32, 4096, 11008, 1e-5
 BF = jnp.bfloat16
 
 
+def rand_layers(key, shape, layers=LAYERS):
+    """`layers` random bf16 weights, each its own array, as the model holds them (a list of blocks). Slices
+    of one stacked array would not do: XLA fuses a slice into its own GEMM, but a Pallas kernel (a custom
+    call) on slices ran 1.9-2.5x slower (session 17, `profile_gemv.py --jax`), as a copy of each slice before
+    the call would make it (the HLO was not read)."""
+    return [(jax.random.normal(k, shape, jnp.float32) * 0.02).astype(BF) for k in jax.random.split(key, layers)]
+
+
 def weights(key, layers=LAYERS, d=D, f=F):
+    """A list of `layers` blocks' weights (dicts of separate arrays)."""
     ks = jax.random.split(key, 4)
-    mk = lambda k, s: (jax.random.normal(k, (layers, *s), jnp.float32) * 0.02).astype(BF)  # noqa: E731
-    return {"qkv": mk(ks[0], (d, 3 * d)), "o": mk(ks[1], (d, d)), "gu": mk(ks[2], (d, 2 * f)),
-            "down": mk(ks[3], (f, d))}
+    cols = {"qkv": rand_layers(ks[0], (d, 3 * d), layers), "o": rand_layers(ks[1], (d, d), layers),
+            "gu": rand_layers(ks[2], (d, 2 * f), layers), "down": rand_layers(ks[3], (f, d), layers)}
+    return [{name: col[i] for name, col in cols.items()} for i in range(layers)]
 
 
 def inv_rms(x):
@@ -225,12 +240,13 @@ def xla_block(x, w):
     return h + z
 
 
-def kernel_block(x, w, tune, tune_o=None, tune_down=None):
-    """x [1, D] -> [1, D] with the four GEMVs as kernels."""
+def kernel_block(x, w, tune, tune_o=None, tune_down=None, tune_gu=None):
+    """x [1, D] -> [1, D] with the four GEMVs as kernels (`tune`: the settings of q/k/v, and of the others
+    where theirs are None)."""
     qkv = gemv("norm", w["qkv"], res=x, eps=EPS, **tune)
     q = qkv.sum(0)[:, :D].astype(BF)  # stands in for the attention (one XLA fusion in both forms)
     o = gemv("x", w["o"], x=q, **(tune_o or tune))
-    gu, h = gemv("norm", w["gu"], res=x, parts=o, eps=EPS, **tune)
+    gu, h = gemv("norm", w["gu"], res=x, parts=o, eps=EPS, **(tune_gu or tune))
     z = gemv("swiglu", w["down"], parts=gu, half=w["gu"].shape[-1] // 2, **(tune_down or tune))
     return (h.astype(jnp.float32) + z.sum(0)).astype(BF)
 
@@ -238,7 +254,7 @@ def kernel_block(x, w, tune, tune_o=None, tune_down=None):
 def chain(block, ws, *tune):
     def run(x, ws):
         for i in range(LAYERS):
-            x = block(x, jax.tree.map(lambda a: a[i], ws), *tune)
+            x = block(x, ws[i], *tune)
         return x
     return jax.jit(run)
 
@@ -277,7 +293,7 @@ def mosaic_probe(shapes=((D, 2 * F), (D, 3 * D), (D, D)), configs=MOSAIC_CONFIGS
 
     fields = {f.name for f in dataclasses.fields(hm.TuningConfig)}
     for k, n in shapes:
-        wk = (jax.random.normal(jax.random.PRNGKey(k + n), (LAYERS, k, n), jnp.float32) * 0.02).astype(BF)
+        wk = rand_layers(jax.random.PRNGKey(k + n), (k, n))
         x = (jax.random.normal(jax.random.PRNGKey(2), (1, k), jnp.float32)).astype(BF)
 
         def run_x(x, ws):
@@ -330,6 +346,15 @@ SWEEP_MORE = [
 ]
 
 
+S2, BN64, RED = {"splits": 2}, {"block_n": 64}, {"mode": "reduce"}
+# each GEMV with its fastest setting of call 2 (session 17, the weights separate arrays): (label, q/k/v, o,
+# down, gate/up)
+TUNED = [("per shape: qkv bn64, o reduce, gu+down s2", BN64, RED, S2, S2),
+         ("bn64 everywhere, gu+down s2", BN64, BN64, {**BN64, **S2}, {**BN64, **S2}),
+         ("reduce bn64 bk256 s4 everywhere", {"mode": "reduce", "block_n": 64, "block_k": 256, "splits": 4},
+          None, None, None)]
+
+
 def main():
     if "--mosaic" in sys.argv:
         return mosaic_probe()
@@ -343,7 +368,7 @@ def main():
     dev = jax.devices()[0]
     print(f"# {dev.device_kind}, jax {jax.__version__}, LLaMA-2-7B shapes, random bf16 weights, {LAYERS} blocks")
     # equality: one block, both forms against a float32 evaluation of the same bf16 weights
-    w0 = jax.tree.map(lambda a: a[0], ws)
+    w0 = ws[0]
     ref = jax.jit(lambda x, w: xla_block(x.astype(jnp.float32), jax.tree.map(lambda a: a.astype(jnp.float32),
                                                                               w)))(x2, w0)[:, 0]
     ox = jax.jit(xla_block)(x2, w0)[:, 0].astype(jnp.float32)
@@ -351,11 +376,11 @@ def main():
     scale = float(jnp.abs(ref).max())
     print(f"equality, one block (max |out| {scale:.3f}): xla {float(jnp.abs(ox - ref).max()):.3e}, "
           f"kernel {float(jnp.abs(ok - ref).max()):.3e}, kernel vs xla {float(jnp.abs(ok - ox).max()):.3e}")
-    wbytes = sum(int(np.prod(a.shape[1:])) * 2 for a in ws.values())
+    wbytes = sum(int(np.prod(a.shape)) * 2 for a in ws[0].values())
     t_x = med_us(chain(xla_block, ws), x2, ws)
     print(f"{'xla':44s} {t_x / LAYERS:7.2f} us/block  {wbytes / (t_x / LAYERS) / 1e3:7.0f} GB/s")
     for k, n in ((D, 3 * D), (D, D), (D, 2 * F), (F, D)):  # one GEMV shape, chained
-        wk = (jax.random.normal(jax.random.PRNGKey(k + n), (LAYERS, k, n), jnp.float32) * 0.02).astype(BF)
+        wk = rand_layers(jax.random.PRNGKey(k + n), (k, n))
         nxt = lambda y, k=k: jnp.tile(y, (1, -(-k // y.shape[-1])))[:, :k].astype(BF)  # noqa: E731
 
         def run_x(x, ws, nxt=nxt):
@@ -381,9 +406,11 @@ def main():
         configs += SWEEP
     if "--sweep-all" in sys.argv:
         configs += SWEEP_MORE
-    for name, tune, t_o, t_d in configs:
+    if "--tuned" in sys.argv:
+        configs += TUNED
+    for name, tune, t_o, t_d, *t_gu in configs:
         try:
-            t = med_us(chain(kernel_block, ws, tune, t_o, t_d), x1, ws)
+            t = med_us(chain(kernel_block, ws, tune, t_o, t_d, *t_gu), x1, ws)
         except Exception as e:  # a setting Triton cannot compile
             print(f"kernel {name:37s} failed: {type(e).__name__}: {str(e)[:200]}")
             continue
