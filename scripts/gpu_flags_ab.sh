@@ -24,6 +24,9 @@
 #                 overlaps the previous kernel's tail)
 #   blockrw       XLA's block-level fusion rewriter (--xla_gpu_experimental_enable_fusion_block_level_rewriter)
 #   heroless      Triton heroless priority fusion (--xla_gpu_experimental_enable_triton_heroless_priority_fusion)
+#   noblockrw     the block-level fusion rewriter off (=false): the norms' sums of squares are Triton block-level
+#                 fusions in JAX 0.11's decode HLO, apart from the residual add that feeds them (session 17:
+#                 no change; XLA 0.11 no longer knows the Triton softmax-fusion flags of older XLAs)
 #   fold          --fold-norms (RMSNorm weights folded into the projections, 1/rms applied after them; default)
 #   tmof          Triton multi-output fusions (--xla_gpu_unsupported_enable_triton_multi_output_fusion)
 #   alltriton     every fusion emitted by Triton (--xla_gpu_experimental_all_fusions_with_triton)
@@ -73,6 +76,7 @@ for v in $variants; do
       nopdl) flags="$flags --xla_gpu_enable_pdl=false" ;;
       blockrw) flags="$flags --xla_gpu_experimental_enable_fusion_block_level_rewriter=true" ;;
       heroless) flags="$flags --xla_gpu_experimental_enable_triton_heroless_priority_fusion=true" ;;
+      noblockrw) flags="$flags --xla_gpu_experimental_enable_fusion_block_level_rewriter=false" ;;
       *) echo "unknown variant part $part"; exit 2 ;;
     esac
   done
