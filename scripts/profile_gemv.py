@@ -177,24 +177,44 @@ def triton_probe():
 
 
 # ----------------------------------------------------------------------------- JAX forms
+def shape_inputs(k, n, layers):
+    """`layers` random bf16 weights [k, n], each an array of its own, and one random bf16 row [1, k]."""
+    import jax
+    import jax.numpy as jnp
+    from check_gemv_kernel import rand_layers
+
+    ws = rand_layers(jax.random.PRNGKey(k + n), (k, n), layers)
+    return ws, jax.random.normal(jax.random.PRNGKey(1), (1, k), jnp.float32).astype(jnp.bfloat16)
+
+
+def next_row(y, k):
+    """A product's output [1, n] as the next product's bf16 row [1, k] (tiled or cut): the chains' glue."""
+    import jax.numpy as jnp
+
+    return jnp.tile(y, (1, -(-k // y.shape[-1])))[:, :k].astype(jnp.bfloat16)
+
+
+def header(what):
+    import jax
+
+    print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}: {what}", flush=True)
+
+
 def jax_probe(shapes=SHAPES, layers=32):
     """XLA's GEMM and the Pallas GEMV (two forms) in chains of `layers` products, the weights either separate
     arrays (as the model holds them) or slices of one stacked array (as session 16's chains held them)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from check_gemv_kernel import gemv, rand_layers
+    from check_gemv_kernel import gemv
 
     from spd_jax.bench import host_times
     from spd_jax.model import matmul
 
-    bf = jnp.bfloat16
-    print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}: chains of {layers} products, one row; "
-          "us per product (GB/s of weight reads)")
+    header(f"chains of {layers} products, one row; us per product (GB/s of weight reads)")
     for k, n in shapes:
-        ws = rand_layers(jax.random.PRNGKey(k + n), (k, n), layers)
-        x = jax.random.normal(jax.random.PRNGKey(1), (1, k), jnp.float32).astype(bf)
-        nxt = lambda y, k=k: jnp.tile(y, (1, -(-k // y.shape[-1])))[:, :k].astype(bf)  # noqa: E731
+        ws, x = shape_inputs(k, n, layers)
+        nxt = functools.partial(next_row, k=k)
 
         def xla(x, w, nxt=nxt):
             for i in range(layers):
@@ -232,18 +252,15 @@ def bare_probe(shapes=SHAPES, layers=32):
     """The Pallas GEMV alone, as call 1 timed Triton through PyTorch: `layers` products of one fixed row with
     distinct weights (separate arrays), no kernel between them; their outputs are summed once at the end."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    from check_gemv_kernel import gemv, rand_layers
+    from check_gemv_kernel import gemv
 
     from spd_jax.bench import host_times
 
-    bf = jnp.bfloat16
-    print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}: Pallas GEMV, {layers} products of one row "
-          "with distinct weights, nothing between them; us per product (GB/s of weight reads)")
+    header(f"Pallas GEMV, {layers} products of one row with distinct weights, nothing between them; us per "
+           "product (GB/s of weight reads)")
     for k, n in shapes:
-        ws = rand_layers(jax.random.PRNGKey(k + n), (k, n), layers)
-        x = jax.random.normal(jax.random.PRNGKey(1), (1, k), jnp.float32).astype(bf)
+        ws, x = shape_inputs(k, n, layers)
         for label, tune in BARE_CONFIGS:
             def run(x, ws, tune=tune):
                 return sum(gemv("x", w, x=x, **tune).sum(0) for w in ws)
@@ -296,17 +313,14 @@ def trace_probe(shapes=SHAPES, layers=32, out="/tmp/gemv_traces", configs=None):
     """Device time of each kernel (jax.profiler, CUPTI) in XLA's GEMM chain and in bare Pallas GEMV chains:
     the kernels alone, without launch gaps or the glue between products."""
     import jax
-    import jax.numpy as jnp
-    from check_gemv_kernel import gemv, rand_layers
+    from check_gemv_kernel import gemv
 
     from spd_jax.model import matmul
 
-    bf = jnp.bfloat16
-    print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}: kernel device times (CUPTI), chains of "
-          f"{layers} products, 3 runs; per kernel name: launches per product, mean us")
+    header(f"kernel device times (CUPTI), chains of {layers} products, 3 runs; per kernel name: launches per "
+           "product, mean us")
     for k, n in shapes:
-        ws = rand_layers(jax.random.PRNGKey(k + n), (k, n), layers)
-        x = jax.random.normal(jax.random.PRNGKey(1), (1, k), jnp.float32).astype(bf)
+        ws, x = shape_inputs(k, n, layers)
 
         def xla(x, ws):  # each product's row differs (no merged dots); the scaling fuses into the GEMM
             return sum(matmul(x * (1 + i / 64), w) for i, w in enumerate(ws))
@@ -346,9 +360,8 @@ def trace_blocks(out="/tmp/gemv_block_traces"):
     x1 = jax.random.normal(jax.random.PRNGKey(1), (1, ws[0]["o"].shape[0]), jnp.float32).astype(jnp.bfloat16)
     x2 = jnp.repeat(x1[:, None], 2, axis=1)
     wbytes = sum(int(np.prod(a.shape)) * 2 for a in ws[0].values())
-    print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}: {LAYERS} blocks; wall us per block (host, "
-          "median of 30), kernels' device time per block (CUPTI, 3 runs), the top kernels (launches per block, "
-          "mean us)")
+    header(f"{LAYERS} blocks; wall us per block (host, median of 30), kernels' device time per block (CUPTI, 3 "
+           "runs), the top kernels (launches per block, mean us)")
     runs = [("xla", chain(xla_block, ws), x2)] + [
         ("kernel " + label, chain(kernel_block, ws, *tunes), x1) for label, *tunes in BLOCK_CONFIGS]
     if "--only" in sys.argv:  # --only xla,bn64: the runs whose label ends with one of these
@@ -375,18 +388,14 @@ def xla_layout_probe():
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from check_gemv_kernel import rand_layers
 
     from spd_jax.bench import host_times
 
-    bf = jnp.bfloat16
-    print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}: XLA GEMM, one row, weight [K,N] vs [N,K], "
-          f"chains of 32 distinct weights; us per product")
+    header("XLA GEMM, one row, weight [K,N] vs [N,K], chains of 32 distinct weights; us per product")
     for k, n in SHAPES:
-        w = rand_layers(jax.random.PRNGKey(k + n), (k, n), 32)
+        w, x = shape_inputs(k, n, 32)
         wt = [a.T.copy() for a in w]
-        x = jax.random.normal(jax.random.PRNGKey(1), (1, k), jnp.float32).astype(bf)
-        nxt = lambda y, k=k: jnp.tile(y, (1, -(-k // y.shape[-1])))[:, :k].astype(bf)  # noqa: E731
+        nxt = functools.partial(next_row, k=k)
 
         two = lambda x: jnp.concatenate([x, jnp.zeros_like(x)], axis=0)  # noqa: E731  (model.matmul's 2 rows)
 
