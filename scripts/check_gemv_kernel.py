@@ -5,11 +5,11 @@ RANDOM bf16 weights of LLaMA-2-7B's shapes, batch 1.
 
 An experiment, not part of the library. On H200 the kernels alone stream the weights at 2.9-4.1 TB/s, their
 best settings taking 3-11% longer than XLA's GEMM kernels (CUPTI, `profile_gemv.py --trace`), but a block of
-prologue kernels is still slower than XLA's: 131.7-134.3 against 122.9-123.4 us (docs/performance.md, session
-17). The gate/up GEMV's norm prologue costs ~10 us because every program re-reads all of o's split-K
-partials, and each Pallas kernel leaves a longer gap after it. Session 16's ~1.1 TB/s was wrong: its chains
-sliced one stacked weight array, which makes the same Pallas chain 1.9-2.5x slower and leaves XLA's GEMMs as
-they are, the cost of copying each slice into a buffer of its own before the custom call (see `rand_layers`).
+prologue kernels is still slower than XLA's: 114.7 against 106.9 us of device time per block
+(docs/performance.md, session 17). The gate/up GEMV's norm prologue costs ~10 us because every program
+re-reads all of o's split-K partials. Session 16's ~1.1 TB/s was wrong: its chains sliced one stacked weight
+array, and XLA copies each slice into a buffer of its own before a custom call (its HLO), which made the same
+Pallas chain 1.9-2.5x slower and left XLA's GEMMs as they were (see `rand_layers`).
 
 A "block" here is the default path's block without attention (q stands in for the attention output):
   XLA:    1/rms(x); qkv GEMM * 1/rms; o GEMM; h = x + o; 1/rms(h); gate/up GEMM * 1/rms; silu(g) * u;
@@ -210,9 +210,9 @@ BF = jnp.bfloat16
 
 def rand_layers(key, shape, layers=LAYERS):
     """`layers` random bf16 weights, each its own array, as the model holds them (a list of blocks). Slices
-    of one stacked array would not do: XLA fuses a slice into its own GEMM, but a Pallas kernel (a custom
-    call) on slices ran 1.9-2.5x slower (session 17, `profile_gemv.py --jax`), as a copy of each slice before
-    the call would make it (the HLO was not read)."""
+    of one stacked array would not do: XLA fuses a slice into its own GEMM, but copies it into a buffer of
+    its own before a Pallas kernel (a custom call), which made the Pallas chain 1.9-2.5x slower (session 17,
+    `profile_gemv.py --jax` and `--slice-hlo`)."""
     return [(jax.random.normal(k, shape, jnp.float32) * 0.02).astype(BF) for k in jax.random.split(key, layers)]
 
 

@@ -57,8 +57,12 @@ def aggregate(xplane_path: str, top: int, steps: int, all_devices: bool = False)
         if spans:
             wall = max(e for _, e in spans) - min(s for s, _ in spans)
             b = busy(spans)
+            # The trace covers the whole generate call: its idle time includes the prefill's and the host's
+            # work around the decode loop, so divided by the steps it overstates the gaps inside the loop
+            # (session 17: inside the loop XLA's kernels run back to back, launched before the last one ends).
             print(f"\n== {plane.name}: kernels span {wall / 1e6:.2f} ms, GPU busy {b / 1e6:.2f} ms "
-                  f"({100 * b / wall:.0f}%), idle {(wall - b) / 1e6 / steps:.3f} ms per decode step")
+                  f"({100 * b / wall:.0f}%), idle {(wall - b) / 1e6:.2f} ms in the traced generate call "
+                  f"(prefill and host work included; {(wall - b) / 1e6 / steps:.3f} ms per decode step)")
         for kind, table in per_line.items():
             total = sum(v[0] for v in table.values())
             print(f"\n== {plane.name} / {kind}: {len(table)} names, {total / 1e6:.2f} ms total, "

@@ -4,9 +4,12 @@
 go besides them? An experiment, not library code (docs/performance.md, session 17). RANDOM bf16 weights of
 LLaMA-2-7B's projection shapes, one row (batch 1).
 
-Session 16 measured the Pallas GEMV at ~1.1 TB/s. `--jax` shows why that was wrong: its chains sliced one
-stacked weight array, which XLA fuses into its own GEMM, while the Pallas kernel (a custom call) on the slices
-runs 1.9-2.5x slower than on separate arrays, as a copy of each slice before the call would make it.
+Session 16 measured the Pallas GEMV at ~1.1 TB/s. `--jax` and `--slice-hlo` show why that was wrong: its
+chains sliced one stacked weight array, which XLA fuses into its own GEMM but copies into a buffer of its own
+before each Pallas kernel (a custom call), making that chain 1.9-2.5x slower than on separate arrays.
+
+Wall time of a jitted chain includes the host's dispatch and synchronisation (600-675 us per call on H200);
+`--timeline` separates the kernels' device span from it.
 
   python scripts/profile_gemv.py --triton      # Triton itself (the one PyTorch ships), same GEMV forms,
                                                # both weight layouts, and cuBLAS through torch: the ceiling
@@ -17,6 +20,8 @@ runs 1.9-2.5x slower than on separate arrays, as a copy of each slice before the
   python scripts/profile_gemv.py --trace       # each kernel's device time (CUPTI): XLA's chain, Pallas'
   python scripts/profile_gemv.py --trace-blocks  # the same per block: XLA's block vs the prologue GEMVs'
   python scripts/profile_gemv.py --trace-o     # the o projection with one split (whole columns per program)
+  python scripts/profile_gemv.py --timeline    # the kernels of two blocks in order: where the gaps sit
+  python scripts/profile_gemv.py --slice-hlo   # the optimised HLO of GEMV chains on slices of a stacked array
   python scripts/profile_gemv.py --bare        # the Pallas GEMV alone, as --triton times Triton's
   python scripts/profile_gemv.py --jax         # XLA's GEMM and the Pallas GEMV, the weights separate
                                                # arrays or slices of one stacked array
@@ -295,6 +300,19 @@ def kernel_times(f, args, d, reps=3):
     return per
 
 
+def kernel_events(d):
+    """[(start ns, end ns, name)] of every GPU kernel in the trace in d, by start time."""
+    from jax.profiler import ProfileData
+
+    evs = []
+    for plane in ProfileData.from_file(sorted(glob_xplanes(d))[-1]).planes:
+        if plane.name.startswith("/device:GPU"):
+            for ln in plane.lines:
+                if "Stream" in ln.name:
+                    evs += [(ev.start_ns, ev.end_ns, ev.name) for ev in ln.events]
+    return sorted(evs)
+
+
 def describe(per, units, top):
     """'name xlaunches mean_us; ...' for the `top` kernels by total time, per unit (product or block)."""
     rows = sorted(per.items(), key=lambda kv: -kv[1][0])[:top]
@@ -384,6 +402,81 @@ def glob_xplanes(d):
     return glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
 
 
+def timeline(out="/tmp/gemv_timeline", blocks=2):
+    """The kernels of `blocks` blocks from the middle of one traced chain, in order: each one's gap before it
+    and its duration (us), for XLA's block and the prologue block (bn64): where do the gaps sit?"""
+    import jax
+    import jax.numpy as jnp
+    from check_gemv_kernel import LAYERS, chain, kernel_block, med_us, weights, xla_block
+
+    ws = weights(jax.random.PRNGKey(0))
+    x1 = jax.random.normal(jax.random.PRNGKey(1), (1, ws[0]["o"].shape[0]), jnp.float32).astype(jnp.bfloat16)
+    x2 = jnp.repeat(x1[:, None], 2, axis=1)
+    header(f"one chain of {LAYERS} blocks traced once; the kernels of {blocks} blocks from its middle: gap "
+           "before each kernel, its duration (us)")
+    for label, f, x in (("xla", chain(xla_block, ws), x2),
+                        ("kernel bn64", chain(kernel_block, ws, {"block_n": 64}), x1)):
+        d = os.path.join(out, label.replace(" ", "_"))
+        kernel_times(f, (x, ws), d, reps=1)
+        wall = med_us(f, x, ws)
+        evs = kernel_events(d)
+        if not evs:
+            print(f"{label}: no GPU kernels in the trace")
+            continue
+        span = (max(e for _, e, _ in evs) - evs[0][0]) / 1e3
+        busy = sum(e - s for s, e, _ in evs) / 1e3
+        gaps, last_end = [], evs[0][1]
+        for (s, e, name), prev in zip(evs[1:], evs):
+            gaps.append(((s - last_end) / 1e3, prev[2][:30], name[:30]))
+            last_end = max(last_end, e)
+        big = sorted(gaps, reverse=True)[:4]
+        print(f"{label}: host wall {wall:.1f} us per chain (median of 30); its kernels' span {span:.1f} us, sum of "
+              f"durations {busy:.1f} us; so {wall - span:.1f} us per chain outside the kernels' span "
+              f"({(wall - span) / LAYERS:.2f} us per block); positive gaps inside the span "
+              f"{sum(g for g, _, _ in gaps if g > 0):.1f} us; largest: "
+              + "; ".join(f"{g:.2f} after {a} before {b}" for g, a, b in big))
+        per_block = len(evs) // LAYERS
+        mid = (LAYERS // 2) * per_block
+        print(f"{label}: {len(evs)} kernels in the run, ~{per_block} per block")
+        last_end = max(e for _, e, _ in evs[:mid])
+        for s, e, name in evs[mid:mid + blocks * per_block]:
+            print(f"  gap {(s - last_end) / 1e3:5.2f}  dur {(e - s) / 1e3:6.2f}  {name[:60]}")
+            last_end = max(last_end, e)
+
+
+def slice_hlo(layers=4, k=4096, n=4096):
+    """The optimised HLO of a Pallas GEMV chain on slices of one stacked weight array: what feeds the custom
+    calls (a copy of each slice?), against XLA's GEMM chain on the same slices."""
+    import jax
+    import jax.numpy as jnp
+    from check_gemv_kernel import gemv
+
+    from spd_jax.model import matmul
+
+    ws, x = shape_inputs(k, n, layers)
+    stacked = jnp.stack(ws)
+
+    def pallas(x, w):
+        for i in range(layers):
+            x = next_row(gemv("x", w[i], x=x).sum(0), k)
+        return x
+
+    def xla(x, w):
+        for i in range(layers):
+            x = next_row(matmul(x, w[i]), k)
+        return x
+
+    for label, fn in (("pallas on slices", pallas), ("xla on slices", xla)):
+        txt = jax.jit(fn).lower(x, stacked).compile().as_text()
+        entry = txt[txt.index("ENTRY"):]
+        print(f"== {label}: ENTRY instructions")
+        for ln in entry.splitlines()[1:]:
+            ln = ln.strip()
+            if ln.startswith("}"):
+                break
+            print("  " + ln[:230])
+
+
 def xla_layout_probe():
     import jax
     import jax.numpy as jnp
@@ -423,6 +516,10 @@ if __name__ == "__main__":
         triton_probe()
     elif "--trace-blocks" in sys.argv:
         trace_blocks()
+    elif "--timeline" in sys.argv:
+        timeline()
+    elif "--slice-hlo" in sys.argv:
+        slice_hlo()
     elif "--trace-o" in sys.argv:
         trace_probe(((4096, 4096),), configs=O_CONFIGS)
     elif "--trace" in sys.argv:
