@@ -263,6 +263,18 @@ def med_us(f, *args, repeats=30):
     return float(np.median(host_times(f, *args, repeats=repeats))) * 1e6
 
 
+def next_row(y, k):
+    """A product's output [1, n] as the next product's bf16 row [1, k] (tiled or cut): the chains' glue."""
+    return jnp.tile(y, (1, -(-k // y.shape[-1])))[:, :k].astype(BF)
+
+
+def block_inputs():
+    """The 32 blocks' weights, a random row x1 [1, D] and its shadow-row form x2 [1, 2, D]."""
+    ws = weights(jax.random.PRNGKey(0))
+    x1 = (jax.random.normal(jax.random.PRNGKey(1), (1, D), jnp.float32)).astype(BF)
+    return ws, x1, jnp.repeat(x1[:, None], 2, axis=1)
+
+
 MOSAIC_CONFIGS = [  # (label, rows of the padded row block, TuningConfig fields)
     ("n64 k64 s4", 64, dict(tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=4, epi_tile_m=64)),
     ("n64 k128 s4", 64, dict(tile_m=64, tile_n=64, tile_k=128, max_concurrent_steps=4, epi_tile_m=64)),
@@ -362,9 +374,7 @@ def main():
         return mosaic_probe(shapes=((D, 2 * F),) if "--wide-only" in sys.argv else ((D, 2 * F), (D, 3 * D)),
                             configs=MOSAIC_WAVE_CONFIGS)
     sweep = "--sweep" in sys.argv
-    ws = weights(jax.random.PRNGKey(0))
-    x1 = (jax.random.normal(jax.random.PRNGKey(1), (1, D), jnp.float32)).astype(BF)
-    x2 = jnp.repeat(x1[:, None], 2, axis=1)
+    ws, x1, x2 = block_inputs()
     dev = jax.devices()[0]
     print(f"# {dev.device_kind}, jax {jax.__version__}, LLaMA-2-7B shapes, random bf16 weights, {LAYERS} blocks")
     # equality: one block, both forms against a float32 evaluation of the same bf16 weights
@@ -381,7 +391,7 @@ def main():
     print(f"{'xla':44s} {t_x / LAYERS:7.2f} us/block  {wbytes / (t_x / LAYERS) / 1e3:7.0f} GB/s")
     for k, n in ((D, 3 * D), (D, D), (D, 2 * F), (F, D)):  # one GEMV shape, chained
         wk = rand_layers(jax.random.PRNGKey(k + n), (k, n))
-        nxt = lambda y, k=k: jnp.tile(y, (1, -(-k // y.shape[-1])))[:, :k].astype(BF)  # noqa: E731
+        nxt = functools.partial(next_row, k=k)
 
         def run_x(x, ws, nxt=nxt):
             for i in range(LAYERS):

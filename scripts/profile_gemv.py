@@ -139,7 +139,8 @@ def triton_probe():
             print(f"{k}x{n} {label:38s} {us:7.2f} us  {nbytes / us / 1e3:6.0f} GB/s", flush=True)
 
         ref = (x.float() @ w_kn[0].float())[0]
-        line("cublas x @ w[K,N] (torch.matmul)", bench(lambda ws=w_kn: [x @ w for w in ws]))
+        cublas = lambda ws=w_kn: [x @ w for w in ws]  # noqa: E731
+        line("cublas x @ w[K,N] (torch.matmul)", bench(cublas))
         line("cublas F.linear(x, w[N,K])", bench(lambda ws=w_nk: [torch.nn.functional.linear(x, w) for w in ws]))
         best = {}
         for form in ("kn-reduce", "kn-dot", "nk-reduce"):
@@ -172,7 +173,7 @@ def triton_probe():
         for label, us, err, _, _ in best.values():
             line("best " + label + f" (err {err:.1e})", us)
         if "--kernel-times" in sys.argv:  # the kernels alone (CUPTI), without the graph's launch gaps
-            fns = {"cublas x @ w[K,N]": lambda ws=w_kn: [x @ w for w in ws]}
+            fns = {"cublas x @ w[K,N]": cublas}
             for label, _, _, run, args in best.values():
                 fns[label] = lambda run=run, args=args: [run(*a) for a in args]
             for label, fn in fns.items():
@@ -192,13 +193,6 @@ def shape_inputs(k, n, layers):
     return ws, jax.random.normal(jax.random.PRNGKey(1), (1, k), jnp.float32).astype(jnp.bfloat16)
 
 
-def next_row(y, k):
-    """A product's output [1, n] as the next product's bf16 row [1, k] (tiled or cut): the chains' glue."""
-    import jax.numpy as jnp
-
-    return jnp.tile(y, (1, -(-k // y.shape[-1])))[:, :k].astype(jnp.bfloat16)
-
-
 def header(what):
     import jax
 
@@ -210,10 +204,8 @@ def jax_probe(shapes=SHAPES, layers=32):
     arrays (as the model holds them) or slices of one stacked array (as session 16's chains held them)."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
-    from check_gemv_kernel import gemv
+    from check_gemv_kernel import gemv, med_us, next_row
 
-    from spd_jax.bench import host_times
     from spd_jax.model import matmul
 
     header(f"chains of {layers} products, one row; us per product (GB/s of weight reads)")
@@ -236,7 +228,7 @@ def jax_probe(shapes=SHAPES, layers=32):
                                    ("pallas-reduce", functools.partial(pallas, mode="reduce"), False),
                                    ("xla stacked", xla, True), ("pallas-dot stacked", pallas, True)):
             w = jnp.stack(ws) if stacked else ws
-            t = float(np.median(host_times(jax.jit(fn), x, w, repeats=20))) * 1e6 / layers
+            t = med_us(jax.jit(fn), x, w, repeats=20) / layers
             line += f" | {label} {t:6.2f} ({k * n * 2 / t / 1e3:4.0f})"
             del w
         print(line, flush=True)
@@ -257,10 +249,7 @@ def bare_probe(shapes=SHAPES, layers=32):
     """The Pallas GEMV alone, as call 1 timed Triton through PyTorch: `layers` products of one fixed row with
     distinct weights (separate arrays), no kernel between them; their outputs are summed once at the end."""
     import jax
-    import numpy as np
-    from check_gemv_kernel import gemv
-
-    from spd_jax.bench import host_times
+    from check_gemv_kernel import gemv, med_us
 
     header(f"Pallas GEMV, {layers} products of one row with distinct weights, nothing between them; us per "
            "product (GB/s of weight reads)")
@@ -270,7 +259,7 @@ def bare_probe(shapes=SHAPES, layers=32):
             def run(x, ws, tune=tune):
                 return sum(gemv("x", w, x=x, **tune).sum(0) for w in ws)
             try:
-                t = float(np.median(host_times(jax.jit(run), x, ws, repeats=20))) * 1e6 / layers
+                t = med_us(jax.jit(run), x, ws, repeats=20) / layers
             except Exception as e:  # noqa: BLE001  (a setting Triton refuses: print and go on)
                 print(f"{k}x{n} {label}: failed {type(e).__name__}: {str(e)[:150]}", flush=True)
                 continue
@@ -283,20 +272,15 @@ def kernel_times(f, args, d, reps=3):
     import collections
 
     import jax
-    from jax.profiler import ProfileData
 
     f(*args).block_until_ready()
     with jax.profiler.trace(d):
         for _ in range(reps):
             f(*args).block_until_ready()
     per = collections.defaultdict(lambda: [0.0, 0])
-    for plane in ProfileData.from_file(sorted(glob_xplanes(d))[-1]).planes:
-        if plane.name.startswith("/device:GPU"):
-            for ln in plane.lines:
-                if "Stream" in ln.name:
-                    for ev in ln.events:
-                        per[ev.name][0] += ev.duration_ns
-                        per[ev.name][1] += 1
+    for s, e, name in kernel_events(d):
+        per[name][0] += e - s
+        per[name][1] += 1
     return per
 
 
@@ -369,14 +353,10 @@ BLOCK_CONFIGS = [  # (label, kernel_block's tune, tune_o, tune_down, tune_gu)
 def trace_blocks(out="/tmp/gemv_block_traces"):
     """Wall time and each kernel's device time per block: XLA's block (the default decode path's, without
     attention) against the GEMV-with-prologues block, in chains of 32 blocks (check_gemv_kernel.py)."""
-    import jax
-    import jax.numpy as jnp
     import numpy as np
-    from check_gemv_kernel import LAYERS, chain, kernel_block, med_us, weights, xla_block
+    from check_gemv_kernel import LAYERS, block_inputs, chain, kernel_block, med_us, xla_block
 
-    ws = weights(jax.random.PRNGKey(0))
-    x1 = jax.random.normal(jax.random.PRNGKey(1), (1, ws[0]["o"].shape[0]), jnp.float32).astype(jnp.bfloat16)
-    x2 = jnp.repeat(x1[:, None], 2, axis=1)
+    ws, x1, x2 = block_inputs()
     wbytes = sum(int(np.prod(a.shape)) * 2 for a in ws[0].values())
     header(f"{LAYERS} blocks; wall us per block (host, median of 30), kernels' device time per block (CUPTI, 3 "
            "runs), the top kernels (launches per block, mean us)")
@@ -394,7 +374,8 @@ def trace_blocks(out="/tmp/gemv_block_traces"):
             continue
         busy = sum(v[0] for v in per.values()) / (3 * LAYERS) / 1e3
         print(f"{label:38s} wall {wall:6.2f} us ({wbytes / wall / 1e3:4.0f} GB/s), kernels {busy:6.2f} us, "
-              f"gaps {wall - busy:5.2f} us | {describe(per, 3 * LAYERS, 8)}", flush=True)
+              f"wall - kernels {wall - busy:5.2f} us (mostly the host's per-call dispatch, see --timeline) | "
+              f"{describe(per, 3 * LAYERS, 8)}", flush=True)
 
 
 def glob_xplanes(d):
@@ -405,13 +386,9 @@ def glob_xplanes(d):
 def timeline(out="/tmp/gemv_timeline", blocks=2):
     """The kernels of `blocks` blocks from the middle of one traced chain, in order: each one's gap before it
     and its duration (us), for XLA's block and the prologue block (bn64): where do the gaps sit?"""
-    import jax
-    import jax.numpy as jnp
-    from check_gemv_kernel import LAYERS, chain, kernel_block, med_us, weights, xla_block
+    from check_gemv_kernel import LAYERS, block_inputs, chain, kernel_block, med_us, xla_block
 
-    ws = weights(jax.random.PRNGKey(0))
-    x1 = jax.random.normal(jax.random.PRNGKey(1), (1, ws[0]["o"].shape[0]), jnp.float32).astype(jnp.bfloat16)
-    x2 = jnp.repeat(x1[:, None], 2, axis=1)
+    ws, x1, x2 = block_inputs()
     header(f"one chain of {LAYERS} blocks traced once; the kernels of {blocks} blocks from its middle: gap "
            "before each kernel, its duration (us)")
     for label, f, x in (("xla", chain(xla_block, ws), x2),
@@ -449,7 +426,7 @@ def slice_hlo(layers=4, k=4096, n=4096):
     calls (a copy of each slice?), against XLA's GEMM chain on the same slices."""
     import jax
     import jax.numpy as jnp
-    from check_gemv_kernel import gemv
+    from check_gemv_kernel import gemv, next_row
 
     from spd_jax.model import matmul
 
@@ -480,9 +457,7 @@ def slice_hlo(layers=4, k=4096, n=4096):
 def xla_layout_probe():
     import jax
     import jax.numpy as jnp
-    import numpy as np
-
-    from spd_jax.bench import host_times
+    from check_gemv_kernel import med_us, next_row
 
     header("XLA GEMM, one row, weight [K,N] vs [N,K], chains of 32 distinct weights; us per product")
     for k, n in SHAPES:
@@ -503,8 +478,8 @@ def xla_layout_probe():
                                             preferred_element_type=jnp.float32)[:1])
             return x
 
-        t_kn = float(np.median(host_times(jax.jit(kn), x, w, repeats=30))) * 1e6 / 32
-        t_nk = float(np.median(host_times(jax.jit(nk), x, wt, repeats=30))) * 1e6 / 32
+        t_kn = med_us(jax.jit(kn), x, w) / 32
+        t_nk = med_us(jax.jit(nk), x, wt) / 32
         gb = lambda t, k=k, n=n: k * n * 2 / t / 1e3  # noqa: E731
         print(f"{k}x{n}: [K,N] {t_kn:6.2f} us ({gb(t_kn):5.0f} GB/s)  [N,K] {t_nk:6.2f} us ({gb(t_nk):5.0f} GB/s)",
               flush=True)
