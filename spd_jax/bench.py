@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spd_jax.config import GenerationConfig, ModelConfig, RopeConfig
+from spd_jax.config import ConfigError, GenerationConfig, ModelConfig, RopeConfig
 from spd_jax.generate import Generator
 from spd_jax.runtime import Engine
 
@@ -154,7 +154,7 @@ def gpu_memory_gib() -> float | None:
 
 def shape_config(name: str) -> ModelConfig:
     if name not in SHAPES:
-        raise ValueError(f"unknown shape {name!r}; known: {sorted(SHAPES)}")
+        raise ConfigError(f"unknown shape {name!r}; known: {sorted(SHAPES)}")
     d = dict(SHAPES[name])
     opt = d["arch"] == "opt"
     return ModelConfig(**d, rope=None if opt else RopeConfig(theta=10000.0), tie_embeddings=opt, qkv_bias=opt,

@@ -11,6 +11,10 @@ mid-save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,58 @@ from jax.sharding import PartitionSpec as P
 from spd_jax.config import ConfigError
 from spd_jax.runtime import Engine, Params
 from spd_jax.sharding import named
+
+
+# what tensorstore / orbax write into the message when the file system refuses a write
+_WRITE_FAILURES = ((errno.ENOSPC, "No space left on device"), (errno.EDQUOT, "Disk quota exceeded"),
+                   (errno.EROFS, "Read-only file system"), (errno.EACCES, "Permission denied"))
+
+
+class _DropOrbaxErrors(logging.Filter):
+    """Orbax logs a failed write with a traceback from each of its threads (7 of them, ~500 lines, for one full
+    disk) before raising it; `_writing` re-raises it as one OSError, so those log records are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """Saving under `path`: a write the file system refused becomes one OSError naming the path and the cause
+    (the CLI prints it as one `error:` line); other failures pass unchanged."""
+    log = logging.getLogger("absl")
+    quiet = _DropOrbaxErrors()
+    log.addFilter(quiet)
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore wrap OS errors in ValueError and friends
+        text = str(e)
+        for code, marker in _WRITE_FAILURES:
+            if marker in text or f"os_error_code='{code}'" in text:
+                raise OSError(code, os.strerror(code), str(path)) from None
+        raise
+    finally:
+        log.removeFilter(quiet)
+
+
+SPACE_SLACK = 1 << 20  # bytes beyond the arrays a save needs (metadata, the state JSON)
+
+
+def _ensure_space(path: Path, *trees) -> None:
+    """Refuse a save the disk cannot hold before it starts: orbax's failing writers leave tracebacks from
+    several threads and a half-written step behind. (`_writing` still turns a disk that fills during the save
+    into one error.)"""
+    import shutil
+
+    need = SPACE_SLACK + sum(int(a.size) * a.dtype.itemsize for t in trees for a in jax.tree.leaves(t)
+                             if hasattr(a, "dtype"))
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"No space left on device ({need / 2**20:.1f} MiB needed, "
+                                    f"{free / 2**20:.1f} MiB free)", str(path))
 
 
 def _abstract(tree, shardings):
@@ -77,8 +133,10 @@ class Checkpointer:
             items["block"] = ocp.args.StandardSave(engine.to_global(*block))
         if opt_state is not None:
             items["opt"] = ocp.args.StandardSave(opt_state)
-        self.mngr.save(step, args=ocp.args.Composite(**items), force=True)
-        self.mngr.wait_until_finished()
+        _ensure_space(self.dir, params, block[0] if block is not None else None, opt_state)
+        with _writing(self.dir):
+            self.mngr.save(step, args=ocp.args.Composite(**items), force=True)
+            self.mngr.wait_until_finished()
 
     def _block_target(self, engine: Engine, index: int):
         return _abstract(engine.mdef.abstract["layers"][index], engine.global_shardings()["layers"][index])
@@ -87,7 +145,8 @@ class Checkpointer:
         """A finished block's parameters under `blocks/<name>` (written once per name, atomically)."""
         path = self.dir / "blocks" / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        with ocp.StandardCheckpointer() as ck:
+        _ensure_space(path, bp)
+        with _writing(path), ocp.StandardCheckpointer() as ck:
             ck.save(path, engine.to_global(bp, engine.mdef.specs()["layers"][index]), force=True)
             ck.wait_until_finished()
 
@@ -120,7 +179,15 @@ class Checkpointer:
 
     def restore_state(self, step: int | None = None) -> dict:
         step = self.latest() if step is None else step
-        return self.mngr.restore(step, args=ocp.args.Composite(state=ocp.args.JsonRestore()))["state"]
+        try:
+            state = self.mngr.restore(step, args=ocp.args.Composite(state=ocp.args.JsonRestore()))["state"]
+        except Exception as e:  # noqa: BLE001 - orbax raises assorted errors for folders it did not write
+            raise ConfigError(f"checkpoint {self.dir} step {step} holds no readable pipeline state (is it a "
+                              f"launch/train_distill.py output folder?): {type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
+        if not isinstance(state, dict):
+            raise ConfigError(f"checkpoint {self.dir} step {step}: its pipeline state is not a JSON object")
+        return state
 
     def restore(self, engine: Engine, step: int | None = None):
         """The full parameters of a finished run: (params in the engine's layout, state)."""

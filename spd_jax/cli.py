@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from typing import Any
@@ -68,15 +69,99 @@ def run_config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None 
     return load_run_config(args.config, overrides)
 
 
+def spawn_run(args: argparse.Namespace, script: str, argv, tp: int, emulate: bool, model: str | None = None):
+    """`--spawn N` for a command: the run's TP degree, emulation and (for `model`) the model's heads checked
+    before any process starts (distributed.maybe_spawn); returns the processes' exit code, or None (no --spawn)."""
+    if getattr(args, "spawn", None) is None:
+        return None
+    from spd_jax.distributed import maybe_spawn
+
+    cfg = None
+    if model is not None:
+        from spd_jax.loading import open_model
+
+        cfg = open_model(model).cfg
+    return maybe_spawn(args, script, argv, tp=tp, emulate=emulate, model_cfg=cfg)
+
+
+def check_output_path(path: str | None, flag: str) -> None:
+    """Refuse an output file that cannot be written, before any work (nothing is left behind: a probe file
+    this creates is removed; an existing file is opened for appending only, never changed)."""
+    from pathlib import Path
+
+    from spd_jax.config import ConfigError
+
+    if path is None or path == "-":
+        return
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"{flag} {p} is a folder, not a file")
+    existed = p.exists()
+    try:
+        with open(p, "a"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag} {p} cannot be written: {e.strerror}") from None
+    if not existed:
+        p.unlink(missing_ok=True)
+
+
+def parse_list(text: str, kind: type, flag: str, lo: float | None = None, hi: float | None = None) -> list:
+    """A comma-separated flag value as a list of `kind` (int or float), each within [lo, hi]; a ConfigError names
+    the flag and the bad item."""
+    import math
+
+    from spd_jax.config import ConfigError
+
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            v = kind(part)
+        except ValueError:
+            raise ConfigError(f"{flag}: {part!r} is not a{'n integer' if kind is int else ' number'} "
+                              f"(expected a comma-separated list, e.g. {'8192,1048576' if kind is int else '0,0.5,1'})"
+                              ) from None
+        if isinstance(v, float) and not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise ConfigError(f"{flag}: {part} is out of range (allowed: {lo if lo is not None else '-inf'} to "
+                              f"{hi if hi is not None else 'inf'})")
+        out.append(v)
+    if not out:
+        raise ConfigError(f"{flag}: empty list")
+    return out
+
+
 def die(e: BaseException) -> None:
     """Print a one-line error for user mistakes; let real bugs keep their traceback."""
     from spd_jax.config import ConfigError
     from spd_jax.loading import WeightLoadError
 
-    if isinstance(e, (ConfigError, WeightLoadError, FileNotFoundError)):
+    if isinstance(e, (ConfigError, WeightLoadError)):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    os_error = next((x for x in _chain(e) if isinstance(x, OSError) and x.filename is not None), None)
+    if os_error is not None:  # the file system refused (full, read-only, not a folder, no permission)
+        print(f"error: {os_error.filename}: {os_error.strerror or os_error}{_OS_HINTS.get(os_error.errno, '')}",
+              file=sys.stderr)
+        sys.exit(2)
     raise e
+
+
+_OS_HINTS = {errno.ENOSPC: " (the disk is full: free space, then run again; a pipeline run continues with --resume)",
+             errno.EDQUOT: " (over the disk quota: free space, then run again; a pipeline run continues with --resume)",
+             errno.EROFS: " (choose a writable folder)", errno.EACCES: " (no permission: choose another path)",
+             errno.ENOTDIR: " (a part of the path is a file, not a folder)"}
+
+
+def _chain(e: BaseException):
+    """e and the exceptions it was raised from or during (libraries wrap OSErrors in their own)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
 
 
 def run(main) -> None:
@@ -84,6 +169,12 @@ def run(main) -> None:
 
     A process that joined a jax.distributed cluster leaves it through a barrier before exiting, so the
     coordinator (process 0) does not vanish under the others (gRPC errors at exit)."""
+    import signal
+
+    def terminated(signum, _frame):  # SIGTERM unwinds like Ctrl-C: `finally` blocks release locks, remove partial folders
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminated)
     try:
         code = main()
     except Exception as e:  # noqa: BLE001

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from spd_jax.config import ALLREDUCE_MAX_BYTES as DEFAULT_MAX_BYTES
+from spd_jax.config import ConfigError
 
 TP_AXIS = "tp"
 METHODS = ("psum", "gather", "a2a")  # the implementations
@@ -80,16 +81,16 @@ class AllReduce:
 
     def __post_init__(self):
         if self.method not in METHODS + (AUTO,):
-            raise ValueError(f"unknown all-reduce method {self.method!r}; known: {', '.join(METHODS + (AUTO,))}")
+            raise ConfigError(f"unknown all-reduce method {self.method!r}; known: {', '.join(METHODS + (AUTO,))}")
         if self.max_bytes < 0:
-            raise ValueError(f"all-reduce max_bytes must be >= 0, got {self.max_bytes}")
+            raise ConfigError(f"all-reduce max_bytes must be >= 0, got {self.max_bytes}")
         if self.method == AUTO and not self.table:
-            raise ValueError("all-reduce method 'auto' needs a measured choice table (collectives.choice_table)")
+            raise ConfigError("all-reduce method 'auto' needs a measured choice table (collectives.choice_table)")
         for size, m in self.table:
             if m not in METHODS or size <= 0:
-                raise ValueError(f"bad choice-table entry ({size}, {m!r}): sizes > 0, methods {', '.join(METHODS)}")
+                raise ConfigError(f"bad choice-table entry ({size}, {m!r}): sizes > 0, methods {', '.join(METHODS)}")
         if [s for s, _ in self.table] != sorted({s for s, _ in self.table}):
-            raise ValueError("choice-table sizes must be distinct and ascending")
+            raise ConfigError("choice-table sizes must be distinct and ascending")
 
     @property
     def methods(self) -> frozenset[str]:
@@ -129,7 +130,7 @@ def choice_table(allreduce_rows, margin: float = AUTO_MARGIN) -> tuple[tuple[int
     measured with several methods (`--allreduce-methods psum,gather,a2a`). Where psum was timed, another
     method wins only if it is faster by more than `margin` (a fraction of psum's time)."""
     if not 0 <= margin < 1:
-        raise ValueError(f"margin must be in [0, 1), got {margin}")
+        raise ConfigError(f"margin must be in [0, 1), got {margin}")
     table = {}
     for row in allreduce_rows or ():
         by = row.get("in_loop_us_by_method") or {}
@@ -140,7 +141,7 @@ def choice_table(allreduce_rows, margin: float = AUTO_MARGIN) -> tuple[tuple[int
                 best = "psum"
             table[int(row["bytes"])] = best
     if not table:
-        raise ValueError("no all-reduce timings by method in it: measure them with launch/bench.py "
+        raise ConfigError("no all-reduce timings by method in it: measure them with launch/bench.py "
                          "--allreduce-methods psum,gather,a2a --json FILE (at TP >= 2)")
     return tuple(sorted(table.items()))
 

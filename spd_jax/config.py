@@ -21,6 +21,10 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message says which and what is allowed."""
 
 
+class ContextLengthError(ConfigError):
+    """A sequence does not fit the model's context (its `max_position`)."""
+
+
 def _type_ok(value: Any, tp: Any) -> bool:
     """Whether `value` fits the annotation `tp` (the subset of types our config dataclasses use)."""
     origin = typing.get_origin(tp)
@@ -115,6 +119,13 @@ class ModelConfig:
         from spd_jax.arch import family
 
         return family(self.arch)
+
+    def check_fits(self, n_tokens: int, what: str, hint: str = "") -> None:
+        """Refuse `n_tokens` positions beyond the model's context, for every family alike: learned positions
+        (OPT) have no row past it, and RoPE models were never trained there."""
+        if n_tokens > self.max_position:
+            raise ContextLengthError(f"{what} of {n_tokens} tokens exceeds the model's context of {self.max_position} "
+                                     f"tokens" + (f"; {hint}" if hint else ""))
 
     def validate(self) -> None:
         if self.n_heads % self.n_kv_heads:
@@ -277,8 +288,8 @@ ALLREDUCE_MEASURE = "measure"  # allreduce_table value: measure the choice table
 class RunConfig:
     model: str = "embedded"  # "embedded", an HF model directory, or a .gguf file
     tp: int = 1
-    spd_blocks: str = "none"  # "none", "all", or "0,2,5-9"
-    spd_plan: str | None = None  # plan.json written by the SPD pipeline (overrides spd_blocks)
+    spd_blocks: str | None = None  # "none", "all", or "0,2,5-9" (unset: none)
+    spd_plan: str | None = None  # plan.json written by the SPD pipeline (with `checkpoint`: used instead of its plan)
     checkpoint: str | None = None  # output dir of the SPD pipeline: distilled params + its plan.json
     dtype: Literal["float32", "bfloat16"] = "float32"
     spd_attn_bias: Literal["full", "none"] = "full"  # see docs/design.md (OPT bias in the MLP input)
@@ -303,6 +314,10 @@ class RunConfig:
         check_types(self, "config")
         if self.tp < 1:
             raise ConfigError(f"tp must be >= 1, got {self.tp}")
+        if self.spd_blocks is not None and (self.spd_plan or self.checkpoint):
+            other = "spd_plan (--spd-plan)" if self.spd_plan else "checkpoint (--checkpoint), which carries its plan"
+            raise ConfigError(f"spd_blocks (--spd-blocks {self.spd_blocks}) and {other} both say which blocks drop "
+                              f"their sync point: give one of them")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.spd_attn_bias not in ("full", "none"):

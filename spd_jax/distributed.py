@@ -135,7 +135,7 @@ def launch_local(cmd: list[str], n: int, *, gpus_per_process: int | None = None,
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, stop_all)
     deadline = time.time() + timeout
-    rc = 0
+    rc, keep_logs = 0, False
     live = list(enumerate(procs))
     while live:
         for i, pr in list(live):
@@ -145,11 +145,11 @@ def launch_local(cmd: list[str], n: int, *, gpus_per_process: int | None = None,
             live.remove((i, pr))
             if code and not rc:
                 rc = code
-                if logs[i] is not None:
+                if logs[i] is not None:  # process 0 printed its own error; another's reaches us as one line
                     logs[i].flush()
-                    with open(logs[i].name) as f:
-                        tail = f.read()[-4000:]
-                    print(f"--- process {i} failed (exit {code}); the end of its log:\n{tail}", file=sys.stderr)
+                    keep_logs = True
+                    print(f"error: process {i} of {n} failed (exit {code}): {_error_line(logs[i].name)} "
+                          f"(its log: {logs[i].name})", file=sys.stderr)
                 for _, other in live:
                     other.terminate()
         if time.time() > deadline:
@@ -163,9 +163,22 @@ def launch_local(cmd: list[str], n: int, *, gpus_per_process: int | None = None,
     for f in logs:
         if f is not None:
             f.close()
-    if logdir:
+    if logdir and not keep_logs:
         shutil.rmtree(logdir, ignore_errors=True)
     return rc
+
+
+def _error_line(log: str) -> str:
+    """The `error:` line of a failed process's log (without its prefix), else its last non-empty line."""
+    try:
+        with open(log, errors="replace") as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+    except OSError:
+        return "(its log could not be read)"
+    errs = [ln for ln in lines if ln.startswith("error:")]
+    if errs:
+        return errs[-1][len("error:"):].strip()
+    return lines[-1] if lines else "(no output)"
 
 
 def strip_spawn(argv: list[str]) -> list[str]:
@@ -181,27 +194,46 @@ def strip_spawn(argv: list[str]) -> list[str]:
     return out
 
 
-def maybe_spawn(args: argparse.Namespace, script: str, argv: list[str] | None = None) -> int | None:
-    """If `--spawn N` was given, run `script` as N local processes (one per GPU) and return its exit code."""
+def maybe_spawn(args: argparse.Namespace, script: str, argv: list[str] | None = None, *, tp: int | None = None,
+                emulate: bool = False, model_cfg=None) -> int | None:
+    """If `--spawn N` was given, run `script` as N local processes (one per GPU) and return its exit code.
+
+    The combination is checked here, before any process starts: `tp` is the run's TP degree (its flag or
+    config), which on GPUs must be N (one GPU per process) and on CPU a multiple of N; `emulate` (TP on one
+    device) cannot be spread over processes; `model_cfg` (the model's ModelConfig, where the caller has it) must
+    split `tp` ways."""
+    from spd_jax.config import ConfigError
+
     n = getattr(args, "spawn", None)
-    if not n:
+    if n is None:
         return None
     if n < 1:
-        raise SystemExit(f"error: --spawn must be >= 1, got {n}")
+        raise ConfigError(f"--spawn must be >= 1 (the number of processes), got {n}")
     if args.coordinator or args.num_processes or args.process_id is not None or args.distributed:
-        raise SystemExit("error: --spawn starts its own processes; do not combine it with --coordinator, "
-                         "--num-processes, --process-id or --distributed")
-    argv = sys.argv[1:] if argv is None else argv
-    cmd = [sys.executable, script, *strip_spawn(argv)]
+        raise ConfigError("--spawn starts its own processes; do not combine it with --coordinator, "
+                          "--num-processes, --process-id or --distributed")
+    if emulate:
+        raise ConfigError(f"--spawn {n} runs one process per device, but this run emulates TP on one device "
+                          "(--emulate, or the config's `emulate: true`): pass --no-emulate")
+    tp = tp or getattr(args, "tp", None) or 1
     gpus = local_gpu_count()
     if gpus:
+        if tp != n:
+            raise ConfigError(f"--spawn {n} runs one process per GPU, so the TP degree must be {n}; it is {tp} "
+                              f"(pass --tp {n})")
         if gpus < n:
-            raise SystemExit(f"error: --spawn {n} needs {n} GPUs, {gpus} are visible")
+            raise ConfigError(f"--spawn {n} needs {n} GPUs, {gpus} are visible")
+    elif tp < n or tp % n:
+        raise ConfigError(f"--spawn {n} on CPU splits the TP degree's {tp} devices among the processes, so the TP "
+                          f"degree must be a multiple of {n} (pass --tp {n} or a multiple of it)")
+    if model_cfg is not None:
+        from spd_jax.sharding import TPLayout
+
+        TPLayout(model_cfg, tp)  # a TP degree the model cannot split fails now, not in every process
+    argv = sys.argv[1:] if argv is None else argv
+    cmd = [sys.executable, script, *strip_spawn(argv)]
+    if gpus:
         return launch_local(cmd, n, gpus_per_process=1)
-    tp = getattr(args, "tp", None) or n
-    if tp % n:
-        raise SystemExit(f"error: --spawn {n} on CPU splits the {tp} devices of --tp among the processes; "
-                         f"{n} does not divide {tp}")
     return launch_local(cmd, n, devices_per_process=tp // n)
 
 

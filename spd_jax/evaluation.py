@@ -83,10 +83,13 @@ class Scorer:
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         f = self._nll_fn()
         rep = self.engine.replicate
+        cfg = self.engine.mdef.cfg
+        if order:
+            cfg.check_fits(len(seqs[order[-1]]), "a scored sequence", "use a shorter window (--ppl-len)")
         for s in range(0, len(order), self.batch_size):
             idx = order[s:s + self.batch_size]
             t = max(len(seqs[i]) for i in idx)
-            t = -(-t // self.bucket) * self.bucket
+            t = max(t, min(-(-t // self.bucket) * self.bucket, cfg.max_position))  # the bucket, within the context
             b = self.batch_size
             tokens = np.zeros((b, t), np.int32)  # right padding: causal attention never sees it
             for r, i in enumerate(idx):

@@ -20,17 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spd_jax.config import ConfigError, GenerationConfig
+from spd_jax.config import ConfigError, ContextLengthError, GenerationConfig
 from spd_jax.distributed import to_host
 from spd_jax.kernels import resolve_attention_kernel
 from spd_jax.plan import SyncPlan
 from spd_jax.runtime import Engine, Params
 
 PAD_ID = 0
-
-
-class ContextLengthError(ConfigError):
-    pass
 
 
 def sample_tokens(logits_bv, key, *, temperature: float, top_k: int, top_p: float):
@@ -201,11 +197,9 @@ class Generator:
             raise ConfigError("every prompt must have at least one token")
         lengths = [len(p) for p in prompts]
         longest = max(lengths)
-        ctx = self.cfg.max_position
-        if longest + gen.max_new_tokens > ctx:
-            raise ContextLengthError(
-                f"prompt of {longest} tokens + {gen.max_new_tokens} new tokens = {longest + gen.max_new_tokens} "
-                f"exceeds the model's context of {ctx} tokens; shorten the prompt or lower --max-new-tokens")
+        self.cfg.check_fits(longest + gen.max_new_tokens,
+                            f"prompt of {longest} tokens + {gen.max_new_tokens} new tokens: a sequence",
+                            "shorten the prompt or lower --max-new-tokens")
         t_pad, max_len = self._padded_lengths(longest, gen)
         b = len(prompts)
         tokens = np.full((b, t_pad), PAD_ID, np.int32)

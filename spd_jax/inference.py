@@ -95,11 +95,14 @@ def resolve_plan(run: RunConfig, n_layers: int, mesh=None, hidden: int | None = 
 
 
 def open_session(run: RunConfig, *, params: Params | None = None, verbose: bool = False,
-                 default_layout: bool = True) -> Session:
+                 default_layout: bool = True, check=None) -> Session:
     """Load a run's model, plan and weights. default_layout: apply the inference layouts the run does not
     mention (fused projections, folded RMSNorms; `runtime.layout_choice`): True for generation, False for
-    evaluation, which keeps the reference layout unless asked."""
+    evaluation, which keeps the reference layout unless asked. check: called with the model's config before
+    any weight loads (e.g. a window against the context), so bad input fails in seconds."""
     loaded = open_model(run.model)
+    if check is not None:
+        check(loaded.cfg)
     mdef = build_model_def(loaded.cfg, run.tp, run.dtype)
     engine = Engine.create(mdef, emulate=run.emulate)
     plan = resolve_plan(run, loaded.cfg.n_layers, engine.mesh, loaded.cfg.hidden)  # before the weights load

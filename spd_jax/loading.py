@@ -58,15 +58,26 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
         except (struct.error, ValueError, UnicodeDecodeError) as e:
             raise WeightLoadError(f"{path}: not a valid safetensors file (corrupt or truncated): {e}") from None
+        if not isinstance(header, dict):
+            raise WeightLoadError(f"{path}: not a valid safetensors file (its header is a JSON "
+                                  f"{type(header).__name__}, not an object of tensors)")
         header.pop("__metadata__", None)
         self.base = 8 + n
         for name, info in header.items():
-            end = info["data_offsets"][1]
+            try:
+                begin, end = (int(x) for x in info["data_offsets"])
+                dtype, shape = info["dtype"], [int(d) for d in info["shape"]]
+            except (KeyError, TypeError, ValueError) as e:
+                raise WeightLoadError(f"{path}: not a valid safetensors file (damaged header entry for tensor "
+                                      f"{name!r}: {type(e).__name__}: {e})") from None
+            if dtype not in _ST_DTYPES:
+                raise WeightLoadError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+            if begin < 0 or end - begin != int(np.prod(shape)) * np.dtype(_ST_DTYPES[dtype]).itemsize:
+                raise WeightLoadError(f"{path}: not a valid safetensors file (tensor {name!r}: byte range "
+                                      f"{begin}..{end} does not hold a {dtype} array of shape {shape})")
             if self.base + end > size:
                 raise WeightLoadError(f"{path}: tensor {name!r} ends at byte {self.base + end} but the file has "
                                       f"{size} bytes (truncated download?)")
-            if info["dtype"] not in _ST_DTYPES:
-                raise WeightLoadError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
         self.header = header
         self._mm = np.memmap(path, dtype=np.uint8, mode="r")
 
@@ -337,9 +348,23 @@ class LoadedModel:
         return self.tokenizer_factory()
 
 
+def _hf_tokenizer(path: Path):
+    """The tokenizer saved in a model directory; a folder without one is a WeightLoadError naming what is missing."""
+    from transformers import AutoTokenizer
+
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")):
+        raise WeightLoadError(f"{path}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json + "
+                              f"merges.txt): copy the model's tokenizer into the folder")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - transformers raises assorted errors for missing or damaged files
+        raise WeightLoadError(f"{path}: its tokenizer could not be loaded: {type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:300]}") from None
+
+
 def open_model(model: str | os.PathLike) -> LoadedModel:
     """Open a HF model directory or a .gguf file (config + lazy tensors + tokenizer factory)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from spd_jax.embedded import resolve_model_path
 
@@ -352,8 +377,7 @@ def open_model(model: str | os.PathLike) -> LoadedModel:
         except Exception as e:
             raise WeightLoadError(f"{path}/config.json could not be read: {e}") from None
         cfg = model_config_from_hf(hf)
-        return LoadedModel(cfg, hf, SafetensorsSource(path),
-                           lambda: AutoTokenizer.from_pretrained(str(path)), path)
+        return LoadedModel(cfg, hf, SafetensorsSource(path), lambda: _hf_tokenizer(path), path)
     if path.suffix.lower() == ".gguf":
         from spd_jax import gguf_meta  # config and tokenizer without torch (transformers' GGUF path imports it)
 

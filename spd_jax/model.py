@@ -437,7 +437,9 @@ class Transformer(nnx.Module):
     def hidden_in(self, tokens_bt, positions_bt, collectives: bool = True, allreduce: AllReduce = PSUM):
         x = self.embed_tokens(tokens_bt, collectives, allreduce)
         if self.pos_embed is not None:  # OPT: learned positions with offset 2
-            x = x + jnp.take(self.pos_embed[...], positions_bt + 2, axis=0)
+            # clipped, not NaN-filled: only padding (a bucket's tail) can reach past the table, and a NaN there
+            # would reach real rows through 0 * NaN in attention; real tokens are checked (ModelConfig.check_fits)
+            x = x + jnp.take(self.pos_embed[...], positions_bt + 2, axis=0, mode="clip")
         return x
 
     def rope(self, positions_bt):

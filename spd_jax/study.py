@@ -116,6 +116,7 @@ def run_study(pc: PipelineConfig, ratios, limit: int, task_dirs, out_json: Path,
         log(f"[study] resuming from {st.dir}: {len(st.data['blocks'])} blocks distilled, "
             f"{len(st.data['rows'])} rows evaluated")
     lm = open_model(pc.model)
+    lm.cfg.check_fits(pc.calib_len, "calib_len: a calibration sequence", "lower calib_len")
     cfg, tok = lm.cfg, lm.tokenizer()
     eng = Engine.create(build_model_def(cfg, pc.tp, pc.dtype), emulate=pc.emulate)
     L = cfg.n_layers

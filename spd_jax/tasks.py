@@ -55,19 +55,27 @@ def load_bigbench(path: Path, limit: int | None = None) -> list[MCItem]:
     task_prefix + 'Q: ' + input [+ '\\n  choice: ...' lines when append_choices_to_input] + '\\nA:'."""
     try:
         task = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: not a readable BIG-bench task: {e}") from None
-    prefix = task.get("task_prefix", "")
-    q = task.get("example_input_prefix", "\nQ: ").lstrip("\n")
-    a = task.get("example_output_prefix", "\nA: ").rstrip()
+    if not isinstance(task, dict) or not isinstance(task.get("examples", []), list):
+        raise ConfigError(f"{path}: not a BIG-bench task (expected a JSON object with an 'examples' list)")
+    prefix = str(task.get("task_prefix", ""))
+    q = str(task.get("example_input_prefix", "\nQ: ")).lstrip("\n")
+    a = str(task.get("example_output_prefix", "\nA: ")).rstrip()
     items = []
-    for ex in task.get("examples", []):
-        if "target_scores" not in ex:
+    for n, ex in enumerate(task.get("examples", []), 1):
+        if not isinstance(ex, dict) or "target_scores" not in ex:
             continue
-        scores = _scores(ex["target_scores"])
-        choices = list(scores)
-        gold = max(range(len(choices)), key=lambda i: scores[choices[i]])
-        ctx = prefix + q + ex["input"]
+        try:
+            scores = _scores(ex["target_scores"])
+            if not isinstance(scores, dict) or not scores:
+                raise TypeError(f"target_scores is a {type(scores).__name__}, not a non-empty mapping")
+            choices = list(scores)
+            gold = max(range(len(choices)), key=lambda i: float(scores[choices[i]]))
+            ctx = prefix + q + str(ex["input"])
+        except (KeyError, TypeError, ValueError, SyntaxError, IndexError) as e:
+            raise ConfigError(f"{path}: example {n} is not a valid multiple-choice example ({type(e).__name__}: "
+                              f"{e}; expected 'input' and a 'target_scores' mapping of choice -> score)") from None
         if task.get("append_choices_to_input"):
             ctx += "".join(f"\n  choice: {c}" for c in choices)
         items.append(MCItem(ctx + a, [" " + c for c in choices], gold))

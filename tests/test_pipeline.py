@@ -353,7 +353,9 @@ def test_resume_after_kill_gives_the_same_parameters(tokenized_tiny, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
 
     killed = tmp_path / "killed"
-    p = subprocess.Popen(_pipeline_cmd(model, corpus, killed, "--no-progress"), stdout=subprocess.PIPE,
+    data = tmp_path / "data.jsonl"  # a copy of the corpus: edited below
+    data.write_text(Path(corpus).read_text())
+    p = subprocess.Popen(_pipeline_cmd(model, data, killed, "--no-progress"), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, env=env)
     seen = []
     for line in p.stdout:
@@ -370,7 +372,16 @@ def test_resume_after_kill_gives_the_same_parameters(tokenized_tiny, tmp_path):
     assert any((d / "block").exists() for d in steps)
     assert (killed / "checkpoint" / "blocks" / "block000_b2b").is_dir()
 
-    r = subprocess.run(_pipeline_cmd(model, corpus, killed, "--no-progress", "--resume"), capture_output=True,
+    # the data edited in place (its lines reversed) is refused, naming what changed; the contents are compared,
+    # not the path strings, so the model directory spelled with a trailing slash resumes
+    original = data.read_text()
+    data.write_text("\n".join(reversed(original.splitlines())))
+    r = subprocess.run(_pipeline_cmd(model, data, killed, "--no-progress", "--resume"), capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "error: --resume: the calibration data" in r.stderr and "content changed" in r.stderr, r.stderr[-2000:]
+    data.write_text(original)
+    r = subprocess.run(_pipeline_cmd(f"{model}/", data, killed, "--no-progress", "--resume"), capture_output=True,
                        text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "[resume] from checkpoint" in r.stdout and "block 1 step" in r.stdout

@@ -242,3 +242,242 @@ def test_failed_fresh_run_leaves_no_folder(tmp_path):
     r = _cli("train_distill.py", "--model", tmp_path / "missing-model", "--out", out)
     _assert_one_line_error(r, "model path not found")
     assert not out.exists() and not (out / "checkpoint").exists()
+
+
+# ----------------------------------------------------------------------------- 7. context, inputs, folders
+
+
+def test_windows_beyond_the_context_are_refused_for_every_family(tiny_models, tmp_path):
+    """An OPT model has no position row past its context: a 256-token window on a 128-position model used to
+    score NaN (`perplexity: nan`) and the pipeline to fail later on tau1=nan. Now each entry point refuses."""
+    from spd_jax.commands.evaluate import main as evaluate_main
+    from spd_jax.config import ContextLengthError
+    from spd_jax.pipeline.run import PipelineConfig, run_pipeline
+
+    opt = tiny_models["opt"][0]
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" ".join(f"w{i}" for i in range(3000)))
+    with pytest.raises(ContextLengthError, match="--ppl-len: a perplexity window of 256 tokens exceeds the model's "
+                                                 "context of 128"):
+        evaluate_main(["--model", str(opt), "--tp", "2", "--ppl-len", "256", "--ppl-file", str(corpus),
+                       "--tasks", "none"])
+    out = tmp_path / "run"
+    with pytest.raises(ContextLengthError, match="calib_len: a calibration sequence of 256 tokens"):
+        run_pipeline(PipelineConfig(model=str(opt), tp=2, emulate=True, data=str(corpus), calib_len=256), out,
+                     progress=False)
+    assert not out.exists()
+    for kind in ("llama", "qwen3", "mistral"):
+        cfg = open_model(tiny_models[kind][0]).cfg
+        cfg.check_fits(128, "a window")
+        with pytest.raises(ContextLengthError, match="129 tokens exceeds the model's context of 128"):
+            cfg.check_fits(129, "a window")
+
+
+def test_a_run_that_loses_the_lock_race_removes_nothing(tmp_path, monkeypatch):
+    """Two runs start on a new --out: the loser created nothing it may remove, and the winner's folder and lock
+    stay. Reproduced deterministically: the winner takes the lock just before the loser tries."""
+    from spd_jax.pipeline.run import PipelineConfig, run_pipeline
+
+    out = tmp_path / "new" / "run"
+    real = RunLock.acquire
+
+    def winner_first(self):
+        (self.dir / ".lock").write_text(json.dumps({"pid": 1, "host": socket.gethostname(), "command": "winner"}))
+        return real(self)
+
+    monkeypatch.setattr(RunLock, "acquire", winner_first)
+    with pytest.raises(ConfigError, match="in use by another run"):
+        run_pipeline(PipelineConfig(model="/nonexistent"), out, progress=False)
+    assert json.loads((out / ".lock").read_text())["command"] == "winner"
+
+
+def test_bench_inputs_are_checked_before_any_work(tmp_path):
+    from spd_jax.commands.bench import check_inputs, parse_args
+
+    def check(*argv):
+        check_inputs(parse_args(["--shape", "tiny", "--tp", "2", *map(str, argv)]))
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="--link-reference .* is not a readable JSON file"):
+        check("--link-reference", bad)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"shape": "llama2-7b", "tp": 4, "allreduce": []}))
+    with pytest.raises(ConfigError, match="measured for llama2-7b at TP 4, this run is tiny at TP 2"):
+        check("--link-reference", other)
+    peer = tmp_path / "peer.json"
+    peer.write_text(json.dumps({"tp": 2, "device": "x", "ttft_ms": 1.0}))
+    with pytest.raises(ConfigError, match="missing tpot_ms, e2e_ms"):
+        check("--peer-json", peer)
+    with pytest.raises(ConfigError, match="--json .* cannot be written: Not a directory"):
+        check("--json", peer / "out.json")
+    with pytest.raises(ConfigError, match="unknown shape|not a known shape"):
+        check_inputs(parse_args(["--shape", "bogus"]))
+    with pytest.raises(ConfigError, match="--spd-ratios: 'x' is not a number"):
+        check("--spd-ratios", "0,x")
+    with pytest.raises(ConfigError, match=r"--spd-ratios: 1.5 is out of range"):
+        check("--spd-ratios", "0,1.5")
+    with pytest.raises(ConfigError, match="--allreduce-sizes: '8k' is not an integer"):
+        check("--allreduce-sizes", "8k")
+    ok = tmp_path / "ok.json"
+    check("--json", ok, "--spd-ratios", "0,0.5")
+    assert not ok.exists()  # the probe leaves nothing behind
+    t0 = time.time()
+    _assert_one_line_error(_cli("bench.py", "--shape", "tiny", "--tp", "2", "--link-reference", bad),
+                           "is not a readable JSON file")
+    assert time.time() - t0 < 60
+
+
+def test_disk_errors_are_one_line(tmp_path, monkeypatch, capsys, tiny_models):
+    """A full disk, a read-only folder and a path under a file each end in one `error:` line naming the path
+    and the cause (was: 580 lines and 7 tracebacks from orbax's threads for a full disk)."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from spd_jax import cli
+    from spd_jax.checkpoint import Checkpointer
+
+    lm = open_model(tiny_models["llama"][0])
+    eng = Engine.create(build_model_def(lm.cfg, 2))
+    params = load_params(eng, lm.source)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 30, (1 << 30) - (1 << 20), 1 << 20))
+    ck = Checkpointer(tmp_path / "ck")
+    with pytest.raises(OSError) as e:
+        ck.save(1, eng, params, {"stage": "done"})
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(ck.dir)
+    assert ck.latest() is None  # nothing half-written
+    with pytest.raises(SystemExit) as ex:
+        cli.die(e.value)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert ex.value.code == 2 and len(err) == 1
+    assert err[0].startswith(f"error: {ck.dir}: No space left on device") and "--resume" in err[0]
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    _assert_one_line_error(_cli("train_distill.py", "--out", a_file / "run"), f"{a_file / 'run'}: Not a directory")
+
+
+def test_read_only_and_full_file_systems(tmp_path, tokenized_tiny):
+    """The real thing on tmpfs mounts (root on Linux): a read-only --out, and a disk that fills at the final
+    save of a pipeline run, which then resumes once there is room."""
+    ro, small = tmp_path / "ro", tmp_path / "small"
+    ro.mkdir()
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(ro)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root on Linux)")
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], check=True)
+        _assert_one_line_error(_cli("train_distill.py", "--out", ro / "run"),
+                               f"{ro / 'run'}: Read-only file system")
+        model, corpus = tokenized_tiny  # blocks of a few KB, but a 6 MB embedding in the final full save
+        args = ["--model", model, "--tp", "2", "--emulate", "--data", corpus, "--calib-samples", "2", "--calib-len",
+                "16", "--eval-tokens", "64", "--ratio", "1.0", "--tau1=-1e9", "--tau2=1e9", "--epochs", "1",
+                "--no-head-grouping", "--no-progress", "--out", small / "run"]
+        r = _cli("train_distill.py", *args, timeout=600)
+        _assert_one_line_error(r, "No space left on device")
+        assert "--resume" in r.stderr and (small / "run" / "checkpoint").is_dir()
+        subprocess.run(["mount", "-o", "remount,size=16m", str(small)], check=True)
+        r = _cli("train_distill.py", *args, "--resume", timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert (small / "run" / "report.json").is_file()
+    finally:
+        for d in (ro, small):
+            subprocess.run(["umount", str(d)], capture_output=True)
+
+
+def test_spawn_combinations_are_checked_before_any_process_starts(tiny_models):
+    import argparse
+
+    from spd_jax.distributed import maybe_spawn
+
+    def ns(spawn, tp=None):
+        return argparse.Namespace(spawn=spawn, tp=tp, coordinator=None, num_processes=None, process_id=None,
+                                  distributed=False)
+
+    assert maybe_spawn(ns(None), "x.py", []) is None
+    with pytest.raises(ConfigError, match="--spawn must be >= 1"):
+        maybe_spawn(ns(0), "x.py", [])  # was: silently off
+    with pytest.raises(ConfigError, match="TP degree must be a multiple of 2"):
+        maybe_spawn(ns(2), "x.py", [], tp=1)  # was: process 1 crashed with a traceback
+    with pytest.raises(ConfigError, match="emulates TP on one device"):
+        maybe_spawn(ns(2, 2), "x.py", [], tp=2, emulate=True)  # was: a 30 s hang, then 105 traceback lines
+    cfg = open_model(tiny_models["llama"][0]).cfg  # 8 heads
+    with pytest.raises(ConfigError, match="valid TP degrees"):
+        maybe_spawn(ns(16, 16), "x.py", [], tp=16, model_cfg=cfg)  # was: after 138 s in every process
+
+
+def test_a_failing_child_reaches_the_parent_as_one_line(tmp_path):
+    from spd_jax.distributed import launch_local
+
+    script = tmp_path / "child.py"
+    script.write_text("import sys, time\npid = int(sys.argv[sys.argv.index('--process-id') + 1])\n"
+                      "print('some output', file=sys.stderr)\n"
+                      "if pid == 1:\n    print('error: boom in the child', file=sys.stderr); sys.exit(2)\n"
+                      "time.sleep(30)\n")
+    r = subprocess.run([sys.executable, "-c", "import sys; from spd_jax.distributed import launch_local; "
+                        f"sys.exit(launch_local([sys.executable, {str(script)!r}], 2))"],
+                       capture_output=True, text=True, env=ENV, timeout=60)
+    assert r.returncode == 2
+    errs = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errs) == 1 and "process 1 of 2 failed (exit 2): boom in the child" in errs[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_more_one_line_errors(tmp_path, tiny_models):
+    from spd_jax.checkpoint import Checkpointer
+    from spd_jax.cli import parse_list
+    from spd_jax.inference import allreduce_of
+    from spd_jax.loading import SafetensorsFile, WeightLoadError
+    from spd_jax.tasks import load_bigbench
+
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps({"tp": 2, "allreduce": [{"bytes": 0, "in_loop_us_by_method": {"psum": 1.0}}]}))
+    run = load_run_config(None, {"tp": 2, "allreduce": "auto", "allreduce_table": str(table)})
+    with pytest.raises(ConfigError, match="bad choice-table entry"):
+        allreduce_of(run)
+    task = tmp_path / "task.json"
+    for text, msg in [("[1, 2]", "not a BIG-bench task"),
+                      (json.dumps({"examples": [{"input": "q", "target_scores": "[1, 2]"}]}), "example 1 is not a valid"),
+                      (json.dumps({"examples": [{"target_scores": {"a": 1}}]}), "example 1 is not a valid")]:
+        task.write_text(text)
+        with pytest.raises(ConfigError, match=msg):
+            load_bigbench(task)
+    st = tmp_path / "m.safetensors"
+    for header, msg in [([1], "header is a JSON list"), ({"w": {"dtype": "F32", "shape": [2]}}, "damaged header entry"),
+                        ({"w": {"dtype": "F32", "shape": [3, 3], "data_offsets": [0, 8]}}, "does not hold")]:
+        h = json.dumps(header).encode()
+        st.write_bytes(len(h).to_bytes(8, "little") + h + bytes(8))
+        with pytest.raises(WeightLoadError, match=msg):
+            SafetensorsFile(st)
+    import shutil
+
+    notok = tmp_path / "notok"
+    shutil.copytree(tiny_models["llama"][0], notok)  # config and weights, no tokenizer files
+    with pytest.raises(WeightLoadError, match="no tokenizer files"):
+        open_model(notok).tokenizer()
+    (tmp_path / "foreign" / "checkpoint" / "3" / "state").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="holds no readable pipeline state"):
+        Checkpointer(tmp_path / "foreign" / "checkpoint").restore_state()
+    with pytest.raises(ConfigError, match="--ratios: 'half' is not a number"):
+        parse_list("0,half", float, "--ratios", 0, 1)
+    with pytest.raises(ConfigError, match="give one of them"):  # was: the checkpoint's plan silently won
+        load_run_config(None, {"checkpoint": str(tmp_path), "spd_blocks": "none"})
+    with pytest.raises(ConfigError, match="give one of them"):
+        load_run_config(None, {"spd_plan": str(tmp_path / "p.json"), "spd_blocks": "all"})
+
+
+def test_sigterm_before_the_first_checkpoint_leaves_no_folder(tokenized_tiny, tmp_path):
+    model, corpus = tokenized_tiny
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, str(ROOT / "launch/train_distill.py"), "--model", str(model), "--tp", "2",
+                          "--data", str(corpus), "--calib-samples", "64", "--calib-len", "64", "--no-progress",
+                          "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 120
+    while not (out / ".lock").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert (out / ".lock").exists()
+    p.terminate()
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode != 0 and "Traceback" not in err, err[-2000:]
+    assert not out.exists()  # was: out/.lock left behind

@@ -2,9 +2,9 @@
 
 Examples:
   python launch/bench.py --shape tiny --tp 4                       # CPU smoke run (simulated devices)
-  python launch/bench.py --shape llama2-7b --tp 2 --floor --json   # 2 GPUs, NVLink
-  python launch/bench.py --shape llama2-7b --tp 2 --interconnect lbw   # NCCL without P2P/SHM (sockets)
-  python launch/bench.py --shape llama2-7b --tp 2 --interconnect pcie  # NCCL without P2P (through host memory)
+  python launch/bench.py --shape llama2-7b --tp 2 --spawn 2 --floor --json nvlink.json   # 2 GPUs, NVLink
+  python launch/bench.py --shape llama2-7b --tp 2 --spawn 2 --interconnect net   # NCCL sockets over loopback TCP
+  python launch/bench.py --shape llama2-7b --tp 2 --spawn 2 --interconnect pcie  # NCCL without P2P (host memory)
 """
 
 from __future__ import annotations
@@ -81,11 +81,73 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+PEER_FIELDS = ("tp", "device", "ttft_ms", "tpot_ms", "e2e_ms")
+
+
+def _read_json(path: str, flag: str) -> dict:
+    from spd_jax.config import ConfigError
+
+    p = Path(path).expanduser()
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{flag} {p}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{flag} {p} is not a readable JSON file: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{flag} {p}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def check_inputs(args) -> None:
+    """Every input file and output path, and every list flag, checked before the first compile: a typo must
+    not cost a GPU run. Parsed lists are kept on `args` (spd_ratio_list, allreduce_size_list, method_list)."""
+    from spd_jax.bench import SHAPES
+    from spd_jax.cli import check_output_path, parse_list
+    from spd_jax.collectives import AUTO, METHODS
+    from spd_jax.config import ConfigError
+
+    if args.shape not in SHAPES:
+        raise ConfigError(f"--shape {args.shape!r} is not a known shape; known: {', '.join(sorted(SHAPES))}")
+    for name in ("tp", "batch", "prompt_len", "new_tokens", "repeats", "decode_chunk", "compile_threads"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    args.spd_ratio_list = parse_list(args.spd_ratios, float, "--spd-ratios", 0.0, 1.0)
+    args.allreduce_size_list = parse_list(args.allreduce_sizes, int, "--allreduce-sizes", 1)
+    args.method_list = [m.strip() for m in args.allreduce_methods.split(",") if m.strip()]
+    bad = [m for m in args.method_list if m not in METHODS + (AUTO,)]
+    if bad or not args.method_list:
+        raise ConfigError(f"--allreduce-methods: unknown {bad}; known: {', '.join(METHODS + (AUTO,))}")
+    if AUTO in args.method_list and args.tp < 2:
+        raise ConfigError("--allreduce-methods auto needs --tp >= 2 (it measures the all-reduces first)")
+    if args.spd_plan:
+        from spd_jax.plan import load_plan
+
+        load_plan(args.spd_plan)
+    if args.link_reference:
+        ref = _read_json(args.link_reference, "--link-reference")
+        if not isinstance(ref.get("allreduce"), list) or "shape" not in ref or "tp" not in ref:
+            raise ConfigError(f"--link-reference {args.link_reference}: not a launch/bench.py --json result (no "
+                              "'shape', 'tp' and 'allreduce' fields)")
+        if (ref["shape"], ref["tp"]) != (args.shape, args.tp):
+            raise ConfigError(f"--link-reference {args.link_reference} was measured for {ref['shape']} at TP "
+                              f"{ref['tp']}, this run is {args.shape} at TP {args.tp}")
+    for f in args.peer_json:
+        peer = _read_json(f, "--peer-json")
+        missing = [k for k in PEER_FIELDS if k not in peer]
+        if missing:
+            raise ConfigError(f"--peer-json {f}: not a launch/bench_peer.py result (missing {', '.join(missing)})")
+    check_output_path(args.json, "--json")
+    check_output_path(args.plot, "--plot")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_inputs(args)
+    from spd_jax.bench import shape_config
     from spd_jax.distributed import maybe_spawn
 
-    spawned = maybe_spawn(args, __file__, argv)
+    spawned = maybe_spawn(args, __file__, argv, tp=args.tp, model_cfg=shape_config(args.shape))
     if spawned is not None:
         return spawned
     import time
@@ -167,13 +229,8 @@ def main(argv=None) -> int:
         args.allreduce_max_bytes = DEFAULT_MAX_BYTES
 
     L = cfg.n_layers
-    methods = [m.strip() for m in args.allreduce_methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS + (AUTO,)]
-    if bad or not methods:
-        raise ConfigError(f"--allreduce-methods: unknown {bad}; known: {', '.join(METHODS + (AUTO,))}")
-    if AUTO in methods and args.tp < 2:
-        raise ConfigError("--allreduce-methods auto needs --tp >= 2 (it measures the all-reduces first)")
-    sizes = tuple(int(b) for b in args.allreduce_sizes.split(","))
+    methods = args.method_list
+    sizes = tuple(args.allreduce_size_list)
     measured = [m for m in methods if m != AUTO]
     ar, table = None, ()
     if AUTO in methods:  # the choice table of this link, measured before the configurations that use it
@@ -194,7 +251,7 @@ def main(argv=None) -> int:
         base = [("r=0.00", SyncPlan.sync(L)), ("plan", SyncPlan.from_plan(load_plan(args.spd_plan), L,
                                                                            where=args.spd_plan))]
     else:
-        base = [(f"r={r:.2f}", SyncPlan.from_ratio(L, r)) for r in (float(x) for x in args.spd_ratios.split(","))]
+        base = [(f"r={r:.2f}", SyncPlan.from_ratio(L, r)) for r in args.spd_ratio_list]
     configs = []  # (label, plan, method)
     for m in methods:
         suffix = "" if m == "psum" else f"/{m}"
@@ -222,7 +279,7 @@ def main(argv=None) -> int:
     sync_of = {m: next((r for r in rows if method_of[r.label] == m and r.n_spd == 0), rows[0]) for m in methods}
     sync = rows[0]
     floor = next((r for r in rows if r.label == "floor"), None)
-    ref = json.loads(Path(args.link_reference).read_text()) if args.link_reference else None
+    ref = _read_json(args.link_reference, "--link-reference") if args.link_reference else None
     link = link_check(args.interconnect, ar, ref) if args.tp > 1 else {"status": "n/a", "message": "TP 1"}
     wbytes = weight_bytes_per_device(mdef)
     budget = None
@@ -290,7 +347,7 @@ def main(argv=None) -> int:
         print("auto all-reduce choice table (measured above; psum kept unless another method is "
               f"{AUTO_MARGIN:.0%} faster): " + ", ".join(f"{b} B -> {m}" for b, m in table))
     if args.peer_json:
-        result["peers"] = [json.loads(Path(f).read_text()) for f in args.peer_json]
+        result["peers"] = [_read_json(f, "--peer-json") for f in args.peer_json]
         for peer in result["peers"]:
             name = f"TP {peer['tp']} {peer.get('config', 'eager, dynamic cache')}"
             print(f"peer: transformers {peer.get('transformers')} {name} on {peer['device']}: ttft "

@@ -13,7 +13,7 @@ import argparse
 import json
 import time
 
-from spd_jax.cli import common_model_args, ensure_devices, run_config_from_args
+from spd_jax.cli import common_model_args, ensure_devices, run_config_from_args, spawn_run
 
 
 def parse_args(argv=None):
@@ -47,11 +47,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from spd_jax.distributed import maybe_spawn
-
-    spawned = maybe_spawn(args, __file__, argv)
-    if spawned is not None:
-        return spawned
+    if args.spawn is not None and not args.download_bigbench:
+        run = run_config_from_args(args)
+        spawned = spawn_run(args, __file__, argv, run.tp, run.emulate, run.model)
+        if spawned is not None:
+            return spawned
     from pathlib import Path
 
     if args.download_bigbench:
@@ -89,7 +89,11 @@ def main(argv=None) -> int:
 
     maybe_initialize(args)
     run = run_config_from_args(args)
-    sess = open_session(run, default_layout=False)
+    def check(cfg):
+        if args.ppl_tokens:
+            cfg.check_fits(args.ppl_len, "--ppl-len: a perplexity window", "lower --ppl-len")
+
+    sess = open_session(run, default_layout=False, check=check)
     tok, cfg = sess.tokenizer, sess.cfg
     scorer = Scorer(sess.engine, sess.params, sess.plan, batch_size=args.batch_size)
     out = {"model": str(sess.loaded.path), "tp": run.tp, "emulate": run.emulate,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from spd_jax.cli import common_model_args, ensure_devices, run_config_from_args
+from spd_jax.cli import common_model_args, ensure_devices, run_config_from_args, spawn_run
 from spd_jax.config import ATTENTION_KERNEL_CHOICES
 
 
@@ -41,9 +41,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from spd_jax.distributed import maybe_spawn
-
-    spawned = maybe_spawn(args, __file__, argv)
+    run = run_config_from_args(args, {
+        "generation.max_new_tokens": args.max_new_tokens, "generation.temperature": args.temperature,
+        "generation.top_k": args.top_k, "generation.top_p": args.top_p, "generation.seed": args.seed,
+        "generation.decode_chunk": args.decode_chunk, "generation.attend_window": args.attend_window,
+        "generation.attention_kernel": args.attention_kernel})
+    spawned = spawn_run(args, __file__, argv, run.tp, run.emulate, run.model)
     if spawned is not None:
         return spawned
     ensure_devices(args)
@@ -52,11 +55,6 @@ def main(argv=None) -> int:
     from spd_jax.distributed import is_main_process, maybe_initialize
 
     maybe_initialize(args)
-    run = run_config_from_args(args, {
-        "generation.max_new_tokens": args.max_new_tokens, "generation.temperature": args.temperature,
-        "generation.top_k": args.top_k, "generation.top_p": args.top_p, "generation.seed": args.seed,
-        "generation.decode_chunk": args.decode_chunk, "generation.attend_window": args.attend_window,
-        "generation.attention_kernel": args.attention_kernel})
     from spd_jax.inference import open_session
     from spd_jax.plan import SyncPlan
 

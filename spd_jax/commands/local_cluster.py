@@ -20,11 +20,9 @@ from spd_jax.distributed import launch_local
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--" not in argv:
-        print("usage: local_cluster.py [options] -- COMMAND ...", file=sys.stderr)
-        return 2
-    i = argv.index("--")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    i = argv.index("--") if "--" in argv else len(argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage="%(prog)s [options] -- COMMAND ...")
     p.add_argument("--num-processes", type=int, default=2)
     p.add_argument("--devices-per-process", type=int, default=4)
     p.add_argument("--gpus-per-process", type=int,
@@ -33,6 +31,10 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=1800, help="seconds before the whole cluster is stopped")
     p.add_argument("--all-output", action="store_true", help="show every process's output (default: process 0's)")
     args = p.parse_args(argv[:i])
+    if i >= len(argv) - 1:
+        p.error("give the command to run after '--', e.g. -- python launch/infer.py --tp 8 ...")
+    if args.num_processes < 1 or args.devices_per_process < 1 or (args.gpus_per_process or 1) < 1:
+        p.error("--num-processes, --devices-per-process and --gpus-per-process must be >= 1")
     return launch_local(argv[i + 1:], args.num_processes, gpus_per_process=args.gpus_per_process,
                         devices_per_process=args.devices_per_process, port=args.port, timeout=args.timeout,
                         quiet_others=not args.all_output)

@@ -33,7 +33,9 @@ def main(argv=None) -> int:
     pc = load_pipeline_config(args.config, {})
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
-    ratios = [float(r) for r in args.ratios.split(",")]
+    from spd_jax.cli import parse_list
+
+    ratios = parse_list(args.ratios, float, "--ratios", 0.0, 1.0)
     study = run_study(pc, ratios, args.limit, [Path(d) for d in args.task_dir], docs / "results.json",
                       log=lambda m: print(m, flush=True), state_dir=Path(args.state))
     cmd = "python launch/study.py " + " ".join(_public_args(argv if argv is not None else sys.argv[1:]))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from spd_jax.cli import ensure_devices, model_flags
+from spd_jax.cli import ensure_devices, model_flags, spawn_run
 
 
 def parse_args(argv=None):
@@ -51,16 +51,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from spd_jax.distributed import maybe_spawn
-
-    spawned = maybe_spawn(args, __file__, argv)
-    if spawned is not None:
-        return spawned
-    ensure_devices(args)
-    from spd_jax.distributed import maybe_initialize
     from spd_jax.pipeline.run import load_pipeline_config, run_pipeline
 
-    maybe_initialize(args)
     pc = load_pipeline_config(args.config, {
         "model": args.model, "tp": args.tp, "data": args.data, "calib_samples": args.calib_samples,
         "calib_len": args.calib_len, "eval_tokens": args.eval_tokens, "ratio": args.ratio,
@@ -70,6 +62,13 @@ def main(argv=None) -> int:
         "distill.epochs": args.epochs, "distill.lr": args.lr,
         "distill.batch_size": args.distill_batch_size, "distill.inputs": args.distill_inputs, "save_every": args.save_every,
         "teacher_states": args.teacher_states})
+    spawned = spawn_run(args, __file__, argv, pc.tp, pc.emulate, pc.model)
+    if spawned is not None:
+        return spawned
+    ensure_devices(args)
+    from spd_jax.distributed import maybe_initialize
+
+    maybe_initialize(args)
     report = run_pipeline(pc, args.out, resume=args.resume, progress=not args.no_progress)
     from spd_jax.distributed import is_main_process
 

@@ -160,58 +160,122 @@ def _with_block(params, i, bp):
     return {**params, "layers": layers}
 
 
+def _make_out(out: Path) -> list[Path]:
+    """Create `out` and its missing parents; returns the folders this call created, deepest first. Each
+    `mkdir` is atomic, so of two runs starting together exactly one creates each folder."""
+    missing = []
+    p = out
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    created = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+            created.insert(0, d)
+        except FileExistsError:
+            pass
+    if not out.is_dir():
+        raise ConfigError(f"--out {out} is an existing file, not a folder")
+    return created
+
+
+def input_fingerprints(pc: PipelineConfig) -> dict:
+    """Content fingerprints of the run's model and data (spd_jax.fingerprint), recorded in its checkpoint."""
+    from spd_jax.fingerprint import data_fingerprint, model_fingerprint
+
+    return {"model": model_fingerprint(pc.model), "data": data_fingerprint(pc.data)}
+
+
+# config fields that name inputs by path: a resume compares their contents (input_fingerprints), not the strings
+INPUT_FIELDS = ("model", "data")
+
+
+def check_resume(saved: dict, pc: PipelineConfig, inputs: dict, out: Path) -> None:
+    """Refuse a resume whose settings or input contents differ from those the checkpoint was written with."""
+    saved_cfg = saved.get("config")
+    if saved_cfg is None:
+        raise ConfigError(f"the checkpoint in {out} does not record the config it was written with, so a "
+                          "resume cannot be checked; start again in a new --out")
+    old_inputs = saved.get("inputs")
+    current = dataclasses.asdict(pc)
+    if old_inputs is not None:  # compare contents instead of path strings
+        saved_cfg = {k: v for k, v in saved_cfg.items() if k not in INPUT_FIELDS}
+        current = {k: v for k, v in current.items() if k not in INPUT_FIELDS}
+    diff = config_differences(saved_cfg, current)
+    if diff:
+        raise ConfigError(f"--resume with a config that differs from the one {out} was written with: "
+                          f"{'; '.join(diff)}. Resume with the original settings, or start a new --out "
+                          f"(only {', '.join(RESUME_SAFE_FIELDS)} may change on resume)")
+    if old_inputs is None:
+        return  # a checkpoint written before fingerprints were recorded: its paths were compared above
+    what = {"model": f"the model files ({pc.model})", "data": f"the calibration data ({pc.data})"}
+    changed = [f"{what[k]}: fingerprint {old_inputs.get(k)} -> {inputs[k]}" for k in INPUT_FIELDS
+               if old_inputs.get(k) != inputs[k]]
+    if changed:
+        raise ConfigError(f"--resume: {'; '.join(changed)}: the content changed since {out} was written, so the "
+                          f"blocks left would be treated on other inputs than the finished ones. Restore the "
+                          f"original files, or start a new --out")
+
+
 def run_pipeline(pc: PipelineConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Run (or resume) the pipeline into `out`, holding `out/.lock` throughout (one writer per folder).
 
     Checked before any work: `out` is not a file, no other run holds it, an existing checkpoint is
-    only continued with `resume` and only under the config it was written with. A fresh run that fails
-    before its first checkpoint removes the folders it created.
+    only continued with `resume`, under the config and input contents it was written with. Only the lock
+    holder creates or removes anything inside `out`; a fresh run that fails before its first checkpoint
+    removes the folders it created (and its lock).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is an existing file, not a folder")
-    created = out  # the topmost folder this call creates, removed again if a fresh run saves nothing
-    while not created.parent.exists():
-        created = created.parent
-    created = created if not out.exists() else None
-    out.mkdir(parents=True, exist_ok=True)
+    main = is_main_process()
+    created = _make_out(out) if main else []
     lock = RunLock(out)
+    if main:
+        lock.acquire()  # a run that loses the race stops here, having removed nothing
+    else:
+        out.mkdir(parents=True, exist_ok=True)
     try:
-        if is_main_process():
-            lock.acquire()
         ckpt = Checkpointer(out / "checkpoint")
+        inputs = input_fingerprints(pc)
         if ckpt.latest() is not None:
             if not resume:
                 raise ConfigError(f"{out} already holds a checkpoint; pass --resume to continue it or choose "
                                   "another --out")
-            saved = ckpt.restore_state().get("config")
-            if saved is None:
-                raise ConfigError(f"the checkpoint in {out} does not record the config it was written with, so a "
-                                  "resume cannot be checked; start again in a new --out")
-            diff = config_differences(saved, dataclasses.asdict(pc))
-            if diff:
-                raise ConfigError(f"--resume with a config that differs from the one {out} was written with: "
-                                  f"{'; '.join(diff)}. Resume with the original settings, or start a new --out "
-                                  f"(only {', '.join(RESUME_SAFE_FIELDS)} may change on resume)")
-        return _run_pipeline(pc, out, ckpt, resume, progress)
+            check_resume(ckpt.restore_state(), pc, inputs, out)
+        return _run_pipeline(pc, out, ckpt, resume, progress, inputs)
     except BaseException:
-        if created and is_main_process() and Checkpointer(out / "checkpoint").latest() is None:
-            lock.release()
+        if main and lock.held and Checkpointer(out / "checkpoint").latest() is None:
             import shutil
 
-            shutil.rmtree(created, ignore_errors=True)  # a fresh run that saved nothing leaves nothing behind
+            shutil.rmtree(out / "checkpoint", ignore_errors=True)  # a fresh run that saved nothing: no checkpoint
+            if out in created:  # the whole folder, lock included, while the lock is still ours
+                shutil.rmtree(out, ignore_errors=True)
+                lock.held = False
+                for d in created[1:]:  # then the parents it made, if nothing else was put in them
+                    _rmdir_if_empty(d)
         raise
     finally:
         lock.release()
 
 
-def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: bool, progress: bool) -> dict:
+def _rmdir_if_empty(d: Path) -> None:
+    try:
+        d.rmdir()
+    except OSError:
+        pass
+
+
+def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: bool, progress: bool,
+                  inputs: dict) -> dict:
     t_start = time.time()
     timings: dict[str, float] = {}
     memory: dict[str, dict] = {}  # peak GPU / host memory after each stage (memory_peaks)
 
     lm = open_model(pc.model)
     cfg = lm.cfg
+    cfg.check_fits(pc.calib_len, "calib_len: a calibration sequence", "lower --calib-len")
     tok = lm.tokenizer()
     mdef = build_model_def(cfg, pc.tp, pc.dtype)
     engine = Engine.create(mdef, emulate=pc.emulate)
@@ -241,8 +305,8 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
                              None if store is None else store + "_eval")
     _stage_done(timings, memory, "hidden_states", t0)
 
-    state: dict[str, Any] = {"tp": pc.tp, "config": dataclasses.asdict(pc), "stage": "start", "hg": {}, "b2b": {},
-                             "b2b_current": None, "ppl": {}, "save": 0, "block_files": {}}
+    state: dict[str, Any] = {"tp": pc.tp, "config": dataclasses.asdict(pc), "inputs": inputs, "stage": "start",
+                             "hg": {}, "b2b": {}, "b2b_current": None, "ppl": {}, "save": 0, "block_files": {}}
     params = orig
     dc = pc.distill
     distiller = BlockDistiller(ops, dc)
@@ -262,6 +326,7 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
                 bp, opt_state = ckpt.restore_block_in_training(engine, i, opt_target)
                 params = _with_block(params, i, bp)
         state["config"] = dataclasses.asdict(pc)  # equal up to RESUME_SAFE_FIELDS (checked by run_pipeline)
+        state["inputs"] = inputs  # equal contents (check_resume); recorded also for checkpoints older than that
         _log(f"[resume] from checkpoint {ckpt.latest()} at stage {state['stage']!r}"
              + (f", block {state['b2b_current']['block']} step {state['b2b_current']['step']}"
                 if state.get("b2b_current") else ""))
