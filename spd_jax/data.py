@@ -163,5 +163,49 @@ def eval_stream(source: str, tokenizer, eos_id: int | None, split: Literal["eval
     return token_stream(tokenizer, split_documents(documents(source), "eval"), eos_id)
 
 
+def text_tokens(source: str, tokenizer, split: Literal["eval", "all"] = "all") -> np.ndarray:
+    """A text as ONE token stream, as perplexity is computed elsewhere (the transformers perplexity guide,
+    lm-eval's rolling log-likelihood): the documents joined by a blank line and tokenized as one string, with the
+    tokenizer's own special tokens at its start only: no end-of-sequence token between paragraphs, no reset at
+    blank lines. A .txt file is read whole; a .jsonl file's texts and the `wiki` corpus's documents are joined.
+    `split`: "eval" keeps the held-out documents of the calibration split rule only."""
+    if split not in ("eval", "all"):
+        raise ConfigError(f"split must be 'eval' or 'all', got {split!r}")
+    path = None if source == "wiki" else Path(source).expanduser()
+    if split == "all" and path is not None and path.suffix not in (".jsonl",) and path.is_file():
+        text = path.read_text(errors="replace")  # whole, paragraphs and all
+    else:
+        docs = documents(source) if split == "eval" else (wiki_documents() if path is None else file_documents(path))
+        if split == "eval":
+            docs = split_documents(docs, "eval")
+        text = "\n\n".join(docs)
+    if not text.strip():
+        raise ConfigError(f"data source {source!r} has no text")
+    return np.asarray(tokenizer(text, add_special_tokens=True)["input_ids"], np.int32)
+
+
+def sliding_windows(n_tokens: int, window: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """[(begin, end, first scored)] windows over a stream of n_tokens, the transformers perplexity guide's loop:
+    windows of `window` tokens starting every `stride` tokens (default: `window`, non-overlapping); each window
+    scores the targets in [first scored, end) that no earlier window scored, each predicted from the window's
+    tokens before it. Every target is scored once; with stride < window each has at least window - stride tokens
+    of context, and with stride == window the first token of each window is not scored (it has none)."""
+    stride = window if stride is None else stride
+    if window < 2:
+        raise ConfigError(f"a perplexity window needs at least 2 tokens, got {window}")
+    if not 1 <= stride <= window:
+        raise ConfigError(f"the perplexity stride must be in 1..window ({window}), got {stride}")
+    if n_tokens < 2:
+        raise ConfigError(f"the text has {n_tokens} token(s): nothing to score")
+    out, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + window, n_tokens)
+        out.append((begin, end, max(prev_end, begin + 1)))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("SPD_JAX_CACHE", Path.home() / ".cache" / "spd-jax"))

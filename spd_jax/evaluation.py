@@ -45,6 +45,22 @@ class TaskResult:
     acc: float
     acc_norm: float
 
+    @property
+    def acc_stderr(self) -> float:
+        return accuracy_stderr(self.acc, self.n)
+
+    @property
+    def acc_norm_stderr(self) -> float:
+        return accuracy_stderr(self.acc_norm, self.n)
+
+
+def accuracy_stderr(acc: float, n: int) -> float:
+    """Standard error of an accuracy over n items, as lm-evaluation-harness reports `acc_stderr`: the sample
+    standard deviation of the 0/1 scores over sqrt(n), i.e. sqrt(acc (1 - acc) / (n - 1))."""
+    if n < 2:
+        return float("nan")
+    return math.sqrt(max(acc * (1 - acc), 0.0) / (n - 1))
+
 
 class Scorer:
     """Token log-likelihoods for any engine/params/sync plan, batched and jitted per (plan, shape)."""
@@ -72,6 +88,14 @@ class Scorer:
             self._fn = jax.jit(f)
         return self._fn
 
+    def padded_length(self, t: int) -> int:
+        """The compiled length for sequences of t tokens: `bucket` times a power of two, so that a task's
+        lengths share a handful of compiled programs (one per bucket) instead of one per multiple of `bucket`."""
+        n = self.bucket
+        while n < t:
+            n *= 2
+        return n
+
     def token_nll(self, seqs: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Per sequence, the NLL of tokens 1..n-1 (array of length n-1)."""
         return self.token_scores(seqs)[0]
@@ -89,7 +113,7 @@ class Scorer:
         for s in range(0, len(order), self.batch_size):
             idx = order[s:s + self.batch_size]
             t = max(len(seqs[i]) for i in idx)
-            t = max(t, min(-(-t // self.bucket) * self.bucket, cfg.max_position))  # the bucket, within the context
+            t = max(t, min(self.padded_length(t), cfg.max_position))  # the bucket, within the context
             b = self.batch_size
             tokens = np.zeros((b, t), np.int32)  # right padding: causal attention never sees it
             for r, i in enumerate(idx):
@@ -105,6 +129,35 @@ def perplexity(scorer: Scorer, windows_nt: np.ndarray) -> float:
     """exp(mean NLL) over every predicted token of the (non-overlapping) windows."""
     nll = scorer.token_nll([list(w) for w in windows_nt])
     return float(math.exp(np.concatenate(nll).mean()))
+
+
+@dataclasses.dataclass
+class StreamPerplexity:
+    """Perplexity of one token stream (`stream_perplexity`): exp(nll / tokens) over `tokens` scored targets."""
+
+    value: float
+    nll: float  # summed over the scored tokens, nats
+    tokens: int  # targets scored
+    stream_tokens: int
+    window: int
+    stride: int
+    windows: int
+
+
+def stream_perplexity(scorer: Scorer, stream: np.ndarray, window: int, stride: int | None = None,
+                      max_tokens: int | None = None) -> StreamPerplexity:
+    """The standard perplexity of a token stream: sliding windows (`data.sliding_windows`), every target scored
+    once from the context its window gives it, exp(total NLL / targets scored): the transformers perplexity
+    guide's number for the same tokens, window and stride. `max_tokens`: score the stream's first tokens only."""
+    from spd_jax.data import sliding_windows
+
+    stream = np.asarray(stream, np.int32)[: max_tokens or None]
+    stride = window if stride is None else stride
+    spans = sliding_windows(len(stream), window, stride)
+    nll = scorer.token_nll([stream[b:e].tolist() for b, e, _ in spans])
+    total = sum(float(np.sum(x[s - b - 1:], dtype=np.float64)) for x, (b, e, s) in zip(nll, spans))
+    n = sum(e - s for _, e, s in spans)
+    return StreamPerplexity(float(math.exp(total / n)), total, n, len(stream), window, stride, len(spans))
 
 
 def divergence_from_reference(engine: Engine, ref_params: Params, params: Params, plan: SyncPlan,
@@ -207,6 +260,12 @@ def evaluate_task(scorer: Scorer, tokenizer, name: str, items: Sequence[MCItem],
 def mean_accuracy(results: Iterable[TaskResult]) -> float:
     r = list(results)
     return float(np.mean([x.acc for x in r])) if r else float("nan")
+
+
+def mean_accuracy_stderr(results: Iterable[TaskResult]) -> float:
+    """Standard error of the unweighted mean of k task accuracies (independent tasks): sqrt(sum se_i^2) / k."""
+    r = list(results)
+    return float(math.sqrt(sum(x.acc_stderr ** 2 for x in r)) / len(r)) if r else float("nan")
 
 
 def evaluate_loaded(scorer: Scorer, tokenizer, name: str, fmt: str, items: list, max_len: int | None = None,

@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -26,11 +27,21 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from spd_jax.checkpoint import Checkpointer
 from spd_jax.config import ConfigError
 from spd_jax.data import DataSpec, calibration_tokens, contiguous_sequences, eval_stream
-from spd_jax.evaluation import Scorer, divergence_from_reference, evaluate_loaded, mean_accuracy, perplexity
+from spd_jax.evaluation import (
+    Scorer,
+    TaskResult,
+    divergence_from_reference,
+    evaluate_loaded,
+    mean_accuracy,
+    accuracy_stderr,
+    mean_accuracy_stderr,
+    perplexity,
+)
 from spd_jax.loading import load_params, open_model
 from spd_jax.pipeline.analysis import select_by_ratio, sensitivity
 from spd_jax.pipeline.distill import BlockDistiller
@@ -108,7 +119,7 @@ def study_fingerprint(pc: PipelineConfig, ratios, limit: int, task_dirs) -> str:
 
 
 def run_study(pc: PipelineConfig, ratios, limit: int, task_dirs, out_json: Path, log=print,
-              state_dir: Path | None = None) -> dict:
+              state_dir: Path | None = None, command: str | None = None) -> dict:
     """The sweep; with `state_dir`, progress is kept there and a repeated call continues from it."""
     t_start = time.time()
     st = StudyState(state_dir, study_fingerprint(pc, ratios, limit, task_dirs)) if state_dir else None
@@ -181,7 +192,7 @@ def run_study(pc: PipelineConfig, ratios, limit: int, task_dirs, out_json: Path,
            "calib": list(calib.shape), "seconds": st.elapsed() if st else time.time() - t_start,
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
                        "devices": f"{jax.device_count()}x{jax.devices()[0].device_kind}"},
-           "date": datetime.date.today().isoformat()}
+           "date": datetime.date.today().isoformat(), "command": command}
     out_json.write_text(json.dumps(out, indent=2))
     if st:
         st.remove()
@@ -200,8 +211,22 @@ def _evaluate_row(eng, orig, ev, tok, tasks, cfg, chosen, plan, ratio, method, b
     res = [evaluate_loaded(sc, tok, name, fmt, items, cfg.max_position) for name, fmt, items in tasks]
     return {"ratio": ratio, "n_dropped": len(chosen), "method": method, "ppl": ppl,
             "top1_agreement": vs["top1_agreement"], "kl_mean": vs["kl_mean"],
-            "mean_acc": mean_accuracy(res), "tasks": {r.name: {"acc": r.acc, "acc_norm": r.acc_norm, "n": r.n}
-                                                    for r in res}}
+            "mean_acc": mean_accuracy(res), "mean_acc_stderr": mean_accuracy_stderr(res),
+            "tasks": {r.name: {"acc": r.acc, "acc_stderr": r.acc_stderr, "acc_norm": r.acc_norm, "n": r.n}
+                      for r in res}}
+
+
+def row_stderr(row: dict) -> float:
+    """The standard error of a study row's mean accuracy (computed from its tasks' accuracies and sizes, so rows
+    written before it was recorded get it too)."""
+    return mean_accuracy_stderr([TaskResult(k, t["n"], t["acc"], t.get("acc_norm", t["acc"]))
+                                 for k, t in row["tasks"].items()])
+
+
+def accuracy_drop(base: dict, row: dict) -> tuple[float, float]:
+    """(mean-accuracy drop of `row` against `base`, in points; its standard error: the two rows' errors combined,
+    which overstates it a little where both rows score the same items)."""
+    return 100 * (base["mean_acc"] - row["mean_acc"]), 100 * math.hypot(row_stderr(base), row_stderr(row))
 
 
 NOTES_MARKER = "<!-- Everything below this line is kept when launch/study.py regenerates this file. -->"
@@ -246,6 +271,8 @@ def write_results_md(study: dict, md: Path, png: Path, command: str) -> None:
         "![accuracy and perplexity vs SPD ratio](results.png)", "",
         "Top-1 agreement and KL compare each row's next-token distribution with the unmodified model's on the "
         "held-out text (every position): unlike accuracies near chance, they show small changes.", "",
+        "Accuracies are in percent, ± one standard error (lm-evaluation-harness's `acc_stderr`: "
+        "sqrt(acc (1 - acc) / (n - 1)) per task; the mean's is sqrt(sum of the squares) / tasks).", "",
         "| SPD ratio | blocks dropped | method | perplexity | top-1 agreement | KL (nats) | mean acc | "
         + " | ".join(tasks) + " |",
         "|---|---|---|---|---|---|---|" + "---|" * len(tasks),
@@ -254,8 +281,9 @@ def write_results_md(study: dict, md: Path, png: Path, command: str) -> None:
         agree = f"{100 * r['top1_agreement']:.1f}%" if "top1_agreement" in r else "-"
         kl = f"{r['kl_mean']:.3f}" if "kl_mean" in r else "-"
         lines.append(f"| {100 * r['ratio']:.0f}% | {r['n_dropped']} | {r['method']} | {r['ppl']:.2f} | {agree} | "
-                     f"{kl} | {100 * r['mean_acc']:.1f} | "
-                     + " | ".join(f"{100 * r['tasks'][t]['acc']:.1f}" for t in tasks) + " |")
+                     f"{kl} | {100 * r['mean_acc']:.1f} ± {100 * row_stderr(r):.1f} | "
+                     + " | ".join(f"{100 * r['tasks'][t]['acc']:.1f} ± {100 * accuracy_stderr(r['tasks'][t]['acc'], r['tasks'][t]['n']):.1f}"
+                                  for t in tasks) + " |")
     full = [r for r in rows if r["ratio"] == 1.0]
     lines += ["", "## Targets", ""]
     if full:
@@ -266,14 +294,21 @@ def write_results_md(study: dict, md: Path, png: Path, command: str) -> None:
         lines.append(f"- At 100% SPD, zero-shot raises perplexity {base['ppl']:.2f} -> {zs['ppl']:.2f}; the best "
                      f"treated model ({best['method']}) reaches {best['ppl']:.2f}, recovering {100 * rec:.0f}% of the "
                      f"increase (target: at least 50%): **{'met' if rec >= 0.5 else 'not met'}**.")
-    ok = [r for r in rows if r["ratio"] >= 0.5 and r["method"] != "no SPD" and base["mean_acc"] - r["mean_acc"] <= 0.01]
-    lines.append(f"- An SPD ratio of at least 50% within 1 point of no-SPD mean accuracy "
-                 f"({100 * base['mean_acc']:.1f}): **{'met' if ok else 'not met'}**"
-                 + (": " + ", ".join(f"{100 * r['ratio']:.0f}% {r['method']} ({100 * r['mean_acc']:.1f})" for r in ok)
-                    if ok else "."))
-    lines += ["", "The accuracy differences are measured on a few hundred examples; with n examples per task the "
-              "standard error of one task's accuracy is about sqrt(p(1-p)/n), i.e. 4-6 points at n=60-100, so "
-              "differences of a point or two between rows are within noise.", ""]
+    # "within 1 point" is shown only where the drop plus two standard errors stays within it
+    cand = [r for r in rows if r["ratio"] >= 0.5 and r["method"] != "no SPD"]
+    shown = [r for r in cand if sum(accuracy_drop(base, r) * np.array([1, 2])) <= 1.0]
+    best = min(cand, key=lambda r: accuracy_drop(base, r)[0], default=None)
+    line = (f"- An SPD ratio of at least 50% within 1 point of no-SPD mean accuracy ({100 * base['mean_acc']:.1f} ± "
+            f"{100 * row_stderr(base):.1f}), judged as drop + 2 standard errors <= 1 point: "
+            f"**{'met' if shown else 'not shown'}**")
+    if best is not None:
+        d, se = accuracy_drop(base, best)
+        line += (f"; the smallest drop at >= 50% is {best['method']} at {100 * best['ratio']:.0f}%: {d:+.1f} ± {se:.1f} "
+                 f"points" + (", within its noise: these task sizes cannot resolve a 1-point difference"
+                              if abs(d) < 2 * se and 2 * se > 1 else ""))
+    lines.append(line + ".")
+    lines += ["", "Differences between rows smaller than about two standard errors of their difference are within "
+              "the noise of these task sizes.", ""]
     old = md.read_text() if md.exists() else ""
     notes = old[old.index(NOTES_MARKER):] if NOTES_MARKER in old else ""
     md.write_text("\n".join(lines) + "\n" + notes)

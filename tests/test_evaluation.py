@@ -91,6 +91,96 @@ def test_perplexity_equals_exp_mean_nll_from_pytorch(tiny_models):
     np.testing.assert_allclose(perplexity(sc, windows), math.exp(nll), rtol=1e-5)
 
 
+def _guide_perplexity(model, ids, window, stride):
+    """The transformers perplexity guide's loop (docs: "Perplexity of fixed-length models"), on CPU in float32:
+    windows every `stride` tokens, labels -100 on the context part, each window's mean loss weighted by the
+    targets it scores."""
+    ids = torch.tensor(ids, dtype=torch.long)[None]
+    nll_sum, n_tokens, prev_end = 0.0, 0, 0
+    for begin in range(0, ids.size(1), stride):
+        end = min(begin + window, ids.size(1))
+        trg_len = end - prev_end
+        input_ids = ids[:, begin:end]
+        target = input_ids.clone()
+        target[:, :-trg_len] = -100
+        with torch.no_grad():
+            loss = model(input_ids, labels=target).loss
+        n = int((target != -100).sum()) - 1 if trg_len == end - begin else trg_len
+        nll_sum += float(loss) * n
+        n_tokens += n
+        prev_end = end
+        if end == ids.size(1):
+            break
+    return math.exp(nll_sum / n_tokens), n_tokens
+
+
+@pytest.mark.parametrize("stride", [64, 24])
+def test_stream_perplexity_is_the_transformers_guides_number(tiny_models, stride):
+    """Sliding windows over one token stream equal the transformers guide's perplexity on the same tokens (the
+    number users compare across tools), for non-overlapping windows and for a stride with overlap."""
+    from spd_jax.evaluation import stream_perplexity
+
+    path, ref = tiny_models["llama"]
+    lm = open_model(path)
+    eng = Engine.create(build_model_def(lm.cfg, 2))
+    sc = Scorer(eng, load_params(eng, lm.source), SyncPlan.sync(3), batch_size=4)
+    ids = np.random.RandomState(1).randint(3, 100, size=300).astype(np.int32)
+    want, n = _guide_perplexity(ref.float(), ids, 64, stride)
+    got = stream_perplexity(sc, ids, 64, stride)
+    assert got.tokens == n and got.stream_tokens == 300 and got.window == 64 and got.stride == stride
+    np.testing.assert_allclose(got.value, want, rtol=1e-4)
+
+
+def test_ppl_file_is_scored_as_one_token_stream(tokenized_tiny, tmp_path, capsys):
+    """`evaluate.py --ppl-file` scores the file as the tokenizer reads it whole (no EOS between paragraphs, no
+    reset at blank lines), with the window and stride it states: transformers' number within 1%."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from spd_jax.commands.evaluate import main
+
+    model, corpus = tokenized_tiny
+    text = "\n\n".join(json.loads(line)["text"][:300] for line in corpus.read_text().splitlines()[:6])
+    f = tmp_path / "chapter.txt"
+    f.write_text(text)
+    assert main(["--model", str(model), "--tp", "2", "--ppl-file", str(f), "--ppl-len", "64", "--ppl-stride", "32",
+                 "--ppl-tokens", "100000", "--tasks", "none", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["perplexity"]
+    ids = AutoTokenizer.from_pretrained(model)(text)["input_ids"]
+    assert out["stream_tokens"] == len(ids) and (out["window"], out["stride"]) == (64, 32)
+    want, n = _guide_perplexity(AutoModelForCausalLM.from_pretrained(model).float().eval(), ids, 64, 32)
+    assert out["tokens"] == n
+    np.testing.assert_allclose(out["value"], want, rtol=0.01)
+
+
+def test_accuracies_carry_lm_evals_standard_error():
+    from spd_jax.evaluation import TaskResult, accuracy_stderr, mean_accuracy_stderr
+
+    scores = np.random.RandomState(0).rand(57) < 0.4
+    se = np.std(scores.astype(float), ddof=1) / math.sqrt(len(scores))  # lm-eval's acc_stderr
+    np.testing.assert_allclose(accuracy_stderr(scores.mean(), len(scores)), se, rtol=1e-12)
+    rs = [TaskResult("a", 57, scores.mean(), 0.5), TaskResult("b", 20, 0.25, 0.25)]
+    np.testing.assert_allclose(mean_accuracy_stderr(rs), math.sqrt(se ** 2 + 0.25 * 0.75 / 19) / 2, rtol=1e-12)
+
+
+def test_agreement_and_kl_with_every_decode_path(tokenized_tiny, tmp_path, capsys):
+    """--fused-projections / --fold-norms used to skip the comparison with the unmodified model silently; it now
+    runs in the layout evaluated, and gives the reference layout's numbers."""
+    from spd_jax.commands.evaluate import main
+
+    path, corpus = tokenized_tiny
+    f = tmp_path / "text.txt"
+    f.write_text(json.loads(corpus.read_text().splitlines()[0])["text"][:1500])
+    runs = []
+    for layout in ([], ["--fused-projections", "--fold-norms"]):
+        assert main(["--model", str(path), "--tp", "2", "--spd-blocks", "all", "--ppl-file", str(f), "--ppl-len", "32",
+                     "--tasks", "none", "--json", *layout]) == 0
+        runs.append(json.loads(capsys.readouterr().out))
+    a, b = (r["vs_unmodified"] for r in runs)
+    assert a["positions"] == b["positions"] > 0 and a["kl_mean"] > 0
+    assert abs(a["top1_agreement"] - b["top1_agreement"]) <= 2 / a["positions"]
+    np.testing.assert_allclose(b["kl_mean"], a["kl_mean"], rtol=0.05)  # float32 rounding of a KL of ~3e-6
+
+
 def test_sync_plan_reproduces_no_spd_numbers_exactly(embedded, tmp_path):
     from spd_jax.config import RunConfig
     from spd_jax.inference import open_session

@@ -113,10 +113,10 @@ def test_spawn_one_process_per_device_gives_the_same_tokens_and_one_output(token
 def test_spawn_refuses_bad_combinations(tokenized_tiny):
     base = [sys.executable, str(ROOT / "launch/infer.py"), "--model", str(tokenized_tiny[0]), "--tp", "2"]
     r = subprocess.run(base + ["--spawn", "3"], env=_env(), capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "does not divide 2" in r.stderr
+    assert r.returncode == 2 and "TP degree must be a multiple of 3" in r.stderr
     r = subprocess.run(base + ["--spawn", "2", "--process-id", "0"], env=_env(), capture_output=True, text=True,
                        timeout=120)
-    assert r.returncode != 0 and "do not combine it" in r.stderr
+    assert r.returncode == 2 and "do not combine it" in r.stderr
 
 
 def test_launcher_drops_only_the_coordinator_exit_warning():

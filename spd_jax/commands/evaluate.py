@@ -32,9 +32,14 @@ def parse_args(argv=None):
     p.add_argument("--ppl-split", choices=["all", "eval"],
                    help="which documents to score: 'all' (default for a file given here) or 'eval' (the held-out "
                         "split of the calibration rule: every 10th document; default for 'wiki')")
-    p.add_argument("--ppl-tokens", type=int, default=16384, help="tokens of held-out text for perplexity (0: skip)")
+    p.add_argument("--ppl-tokens", type=int, default=16384,
+                   help="score the first N tokens of the text for perplexity (0: skip perplexity)")
     p.add_argument("--ppl-len", type=int, default=256, help="window length for perplexity")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--ppl-stride", type=int,
+                   help="tokens between window starts (default: --ppl-len, non-overlapping windows); a smaller stride "
+                        "gives every scored token at least ppl-len - stride tokens of context (the transformers "
+                        "perplexity guide's sliding window)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (memory grows with it: the logits)")
     p.add_argument("--no-agreement", action="store_true",
                    help="skip the comparison with the unmodified model (top-1 agreement, KL) that runs on the "
                         "perplexity text whenever SPD blocks or a checkpoint are in use")
@@ -64,12 +69,15 @@ def main(argv=None) -> int:
     from spd_jax.config import ConfigError
     from spd_jax.tasks import DEFAULT_TASKS, load_task
 
-    for name in ("limit", "batch_size", "ppl_len"):
+    for name in ("limit", "batch_size", "ppl_len", "ppl_stride"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if args.ppl_tokens < 0:
         raise ConfigError(f"--ppl-tokens must be >= 0 (0 skips perplexity), got {args.ppl_tokens}")
+    if args.ppl_len < 2 or (args.ppl_stride or args.ppl_len) > args.ppl_len:
+        raise ConfigError(f"--ppl-len must be >= 2 and --ppl-stride at most --ppl-len, got {args.ppl_len} and "
+                          f"{args.ppl_stride}")
     # Tasks are read and checked before the model loads: a bad file fails in seconds, not after perplexity.
     if args.tasks is None:
         names = [] if args.task_file else list(DEFAULT_TASKS)
@@ -82,9 +90,9 @@ def main(argv=None) -> int:
         raise ConfigError(f"perplexity file not found: {src}")
     import jax
 
-    from spd_jax.data import contiguous_sequences, eval_stream
+    from spd_jax.data import text_tokens
     from spd_jax.distributed import is_main_process, maybe_initialize
-    from spd_jax.evaluation import Scorer, evaluate_loaded, mean_accuracy, perplexity
+    from spd_jax.evaluation import Scorer, evaluate_loaded, mean_accuracy, mean_accuracy_stderr, stream_perplexity
     from spd_jax.inference import open_session
 
     maybe_initialize(args)
@@ -101,25 +109,35 @@ def main(argv=None) -> int:
            "devices": f"{jax.device_count()}x{jax.devices()[0].device_kind}"}
     t0 = time.time()
     if args.ppl_tokens:
-        eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
-        windows = contiguous_sequences(eval_stream(src, tok, eos, split), args.ppl_len, args.ppl_tokens)
-        out["perplexity"] = {"source": src, "split": split, "tokens": int(windows.size), "window": args.ppl_len,
-                             "value": perplexity(scorer, windows)}
-        if (sess.plan.any_spd or run.checkpoint) and not args.no_agreement and not run.fused_projections \
-                and not run.fold_norms:
+        stream = text_tokens(src, tok, split)[: args.ppl_tokens]
+        pp = stream_perplexity(scorer, stream, args.ppl_len, args.ppl_stride)
+        out["perplexity"] = {"source": src, "split": split, "value": pp.value, "tokens": pp.tokens,
+                             "stream_tokens": pp.stream_tokens, "window": pp.window, "stride": pp.stride,
+                             "windows": pp.windows, "nll_sum": pp.nll}
+        n_win = max(1, len(stream) // args.ppl_len)  # agreement / KL: the same text in non-overlapping windows
+        windows = stream[: n_win * args.ppl_len].reshape(n_win, -1) if len(stream) >= args.ppl_len else stream[None]
+        if (sess.plan.any_spd or run.checkpoint) and not args.no_agreement:
+            import dataclasses
+
             from spd_jax.evaluation import divergence_from_reference
             from spd_jax.loading import load_params
+            from spd_jax.runtime import build_model_def, inference_layout
 
-            ref = load_params(sess.engine, sess.loaded.source) if run.checkpoint else sess.params
+            ref = sess.params  # the same weights with every sync point kept; a checkpoint's original weights,
+            if run.checkpoint:  # loaded into the layout this run evaluates (fused / folded or not)
+                base = dataclasses.replace(sess.engine, mdef=build_model_def(cfg, run.tp, run.dtype))
+                _, ref = inference_layout(base, load_params(base, sess.loaded.source), fused=run.fused_projections,
+                                          fold=run.fold_norms)
             out["vs_unmodified"] = divergence_from_reference(sess.engine, ref, sess.params, sess.plan, windows,
                                                              batch_size=min(args.batch_size, len(windows)))
     results = []
     for name, fmt, items in tasks:
         results.append(evaluate_loaded(scorer, tok, name, fmt, items, cfg.max_position,
                                        progress=not (args.no_progress or args.json)))
-    out["tasks"] = {r.name: {"n": r.n, "acc": r.acc, "acc_norm": r.acc_norm} for r in results}
+    out["tasks"] = {r.name: {"n": r.n, "acc": r.acc, "acc_stderr": r.acc_stderr, "acc_norm": r.acc_norm,
+                             "acc_norm_stderr": r.acc_norm_stderr} for r in results}
     if results:
-        out["mean_acc"] = mean_accuracy(results)
+        out["mean_acc"], out["mean_acc_stderr"] = mean_accuracy(results), mean_accuracy_stderr(results)
     out["seconds"] = time.time() - t0
     if not is_main_process():
         return 0
@@ -129,15 +147,17 @@ def main(argv=None) -> int:
         if "perplexity" in out:
             p = out["perplexity"]
             which = "held-out split" if p["split"] == "eval" else "all documents"
-            print(f"perplexity ({p['source']}, {which}, {p['tokens']} tokens): {p['value']:.3f}")
+            print(f"perplexity ({p['source']}, {which}): {p['value']:.3f} over {p['tokens']} scored tokens of "
+                  f"{p['stream_tokens']} (one token stream, window {p['window']}, stride {p['stride']})")
         if "vs_unmodified" in out:
             v = out["vs_unmodified"]
             print(f"vs the unmodified model on the same text: top-1 agreement {100 * v['top1_agreement']:.2f}%, "
                   f"mean KL {v['kl_mean']:.4f} nats ({v['positions']} positions)")
         for r in results:
-            print(f"{r.name:40s} n={r.n:5d}  acc={r.acc:.4f}  acc_norm={r.acc_norm:.4f}")
+            print(f"{r.name:40s} n={r.n:5d}  acc={r.acc:.4f} ± {r.acc_stderr:.4f}  "
+                  f"acc_norm={r.acc_norm:.4f} ± {r.acc_norm_stderr:.4f}")
         if results:
-            print(f"{'mean acc':40s} {out['mean_acc']:.4f}")
+            print(f"{'mean acc':40s}          {out['mean_acc']:.4f} ± {out['mean_acc_stderr']:.4f}  (± one standard error)")
     return 0
 
 

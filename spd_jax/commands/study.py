@@ -25,7 +25,20 @@ def main(argv=None) -> int:
     p.add_argument("--state", default=".spd-study-state",
                    help="folder for the study's progress (distilled blocks, finished rows): a killed study started "
                         "again with the same settings continues from it; removed when the study ends")
+    p.add_argument("--from-json", metavar="JSON",
+                   help="rewrite results.md and results.png from a finished study's JSON (e.g. docs/results.json) "
+                        "without running anything: for a new table layout")
     args = p.parse_args(argv)
+    if args.from_json:
+        import json
+
+        from spd_jax.study import write_results_md
+
+        study = json.loads(Path(args.from_json).read_text())
+        docs = Path(args.docs)
+        write_results_md(study, docs / "results.md", docs / "results.png", study.get("command", "python launch/study.py"))
+        print(f"wrote {docs / 'results.md'} from {args.from_json}")
+        return 0
     ensure_devices(args)
     from spd_jax.pipeline.run import load_pipeline_config
     from spd_jax.study import run_study, write_results_md
@@ -36,10 +49,10 @@ def main(argv=None) -> int:
     from spd_jax.cli import parse_list
 
     ratios = parse_list(args.ratios, float, "--ratios", 0.0, 1.0)
+    cmd = ("python launch/study.py " + " ".join(_public_args(argv if argv is not None else sys.argv[1:]))).strip()
     study = run_study(pc, ratios, args.limit, [Path(d) for d in args.task_dir], docs / "results.json",
-                      log=lambda m: print(m, flush=True), state_dir=Path(args.state))
-    cmd = "python launch/study.py " + " ".join(_public_args(argv if argv is not None else sys.argv[1:]))
-    write_results_md(study, docs / "results.md", docs / "results.png", cmd.strip())
+                      log=lambda m: print(m, flush=True), state_dir=Path(args.state), command=cmd)
+    write_results_md(study, docs / "results.md", docs / "results.png", cmd)
     print(f"wrote {docs / 'results.md'}")
     return 0
 
