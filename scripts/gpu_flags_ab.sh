@@ -2,14 +2,14 @@
 # A/B of decode-path options on one shape: same machine, same call, one process per GPU. RANDOM weights.
 # Usage: bash scripts/gpu_flags_ab.sh OUT [SHAPE] [TP] [VARIANTS]
 # VARIANTS (space-separated, default "default fused cmdbuf cmdbuf+fused"):
-#   default       the shipped decode path (since session 15: fused projections, folded norms on RMSNorm shapes,
+#   default       the shipped decode path (since 2026-11-29: fused projections, folded norms on RMSNorm shapes,
 #                 decode attention by the Pallas kernel on CUDA GPUs)
-#   old           the shipped path before session 15: nofused+nofold+xla
-#   fused         --fused-projections (q/k/v and gate/up as one GEMM each; on by default since session 15)
+#   old           the shipped path before 2026-11-29: nofused+nofold+xla
+#   fused         --fused-projections (q/k/v and gate/up as one GEMM each; on by default since 2026-11-29)
 #   nofused       --no-fused-projections
 #   nofold        --no-fold-norms
 #   xla           decode attention by XLA's masked attention (--attention-kernel xla)
-#   noshadow      batch-1 decode on one row, each product padded to two (--no-shadow-row; before session 8)
+#   noshadow      batch-1 decode on one row, each product padded to two (--no-shadow-row; before 2026-11-28)
 #   pallas        decode attention by the Pallas kernel (--attention-kernel pallas, spd_jax/kernels.py)
 #   cmdbuf        XLA command buffers (CUDA graphs) over fusions, GEMMs and the decode loop itself
 #   syncar        synchronous all-reduces (--xla_gpu_disable_async_collectives=ALLREDUCE)
@@ -25,7 +25,7 @@
 #   blockrw       XLA's block-level fusion rewriter (--xla_gpu_experimental_enable_fusion_block_level_rewriter)
 #   heroless      Triton heroless priority fusion (--xla_gpu_experimental_enable_triton_heroless_priority_fusion)
 #   noblockrw     the block-level fusion rewriter off (=false): the norms' sums of squares are Triton block-level
-#                 fusions in JAX 0.11's decode HLO, apart from the residual add that feeds them (session 17:
+#                 fusions in JAX 0.11's decode HLO, apart from the residual add that feeds them (2026-11-29:
 #                 no change; XLA 0.11 no longer knows the Triton softmax-fusion flags of older XLAs)
 #   fold          --fold-norms (RMSNorm weights folded into the projections, 1/rms applied after them; default)
 #   tmof          Triton multi-output fusions (--xla_gpu_unsupported_enable_triton_multi_output_fusion)

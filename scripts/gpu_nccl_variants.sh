@@ -16,7 +16,7 @@ for link in $links; do
     env=(); tag=default
     # the algorithm is scoped to all-reduce (NCCL >= 2.24 syntax): a bare NCCL_ALGO=Tree also applies to the
     # all-gathers JAX issues at start-up, which have no Tree algorithm ("no algorithm/protocol available for
-    # function AllGather", measured at TP 4 in session 10)
+    # function AllGather", measured at TP 4 on 2026-11-28)
     if [[ "$v" == *=* ]]; then IFS=+ read -r -a env <<<"$v"; tag=$(echo "$v" | tr -d '=' | tr '+' '.')
     elif [ "$v" != default ]; then env=(NCCL_ALGO="allreduce:${v%/*}" NCCL_PROTO="${v#*/}"); tag="${v%/*}-${v#*/}"; fi
     t0=$SECONDS

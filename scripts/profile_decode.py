@@ -59,7 +59,7 @@ def aggregate(xplane_path: str, top: int, steps: int, all_devices: bool = False)
             b = busy(spans)
             # The trace covers the whole generate call: its idle time includes the prefill's and the host's
             # work around the decode loop, so divided by the steps it overstates the gaps inside the loop
-            # (session 17: inside the loop XLA's kernels run back to back, launched before the last one ends).
+            # (2026-11-29: inside the loop XLA's kernels run back to back, launched before the last one ends).
             print(f"\n== {plane.name}: kernels span {wall / 1e6:.2f} ms, GPU busy {b / 1e6:.2f} ms "
                   f"({100 * b / wall:.0f}%), idle {(wall - b) / 1e6:.2f} ms in the traced generate call "
                   f"(prefill and host work included; {(wall - b) / 1e6 / steps:.3f} ms per decode step)")

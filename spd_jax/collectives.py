@@ -20,7 +20,7 @@ on every device, so a program using it runs with the check off (`AllReduce.check
 `max_bytes` (default 256 KiB) use `method`, larger ones (prefill) `psum`. The default bound comes from
 measurement: at TP 4 the all-to-all is slower than NCCL at 1 MiB on NVLink and over sockets (a 128-token
 prefill of LLaMA-2-7B is exactly 1 MiB; with the earlier 1 MiB bound it went through the all-to-all and
-its ttft was 53% longer over sockets, docs/benchmarks.md session 10).
+its ttft was 53% longer over sockets, docs/benchmarks.md, 2026-11-28).
 
 `AllReduce("auto", table=...)` takes the choice from a measured table instead: `(message bytes, fastest
 method)` pairs, as `launch/bench.py --allreduce-methods psum,gather,a2a --json F` records them
@@ -28,7 +28,7 @@ method)` pairs, as `launch/bench.py --allreduce-methods psum,gather,a2a --json F
 (nearest in log scale). A one-shot method replaces NCCL's psum only where it was measured at least
 `AUTO_MARGIN` (10%) faster: over NVLink the three methods lie within ~1-2 us of each other at 8 KiB and
 1 MiB, less than the microbenchmark's spread between runs, and such a table would otherwise follow noise (measured:
-it picked `gather` for the 1 MiB prefill on differences of ~1 us, docs/benchmarks.md session 11).
+it picked `gather` for the 1 MiB prefill on differences of ~1 us, docs/benchmarks.md, 2026-11-28).
 Nothing here is guessed.
 """
 

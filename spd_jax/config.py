@@ -257,7 +257,7 @@ class GenerationConfig:
     shadow_row: bool = True
     # decode attention: "xla" (masked attention in plain JAX), "pallas" (our Pallas kernel over the filled cache
     # slots, spd_jax.kernels) or "auto": the kernel on CUDA GPUs where it applies, else "xla"
-    # (kernels.resolve_attention_kernel; docs/performance.md, session 15)
+    # (kernels.resolve_attention_kernel; docs/performance.md, 2026-11-29)
     attention_kernel: str = "auto"
 
     def validate(self) -> None:
@@ -279,7 +279,7 @@ class GenerationConfig:
 
 
 # messages above this many bytes keep NCCL's psum whatever the one-shot method (collectives.AllReduce):
-# at TP 4 the all-to-all lost to NCCL at 1 MiB on every link measured (docs/benchmarks.md, session 10)
+# at TP 4 the all-to-all lost to NCCL at 1 MiB on every link measured (docs/benchmarks.md, 2026-11-28)
 ALLREDUCE_MAX_BYTES = 256 << 10
 ALLREDUCE_MEASURE = "measure"  # allreduce_table value: measure the choice table at start-up
 

@@ -57,7 +57,7 @@ def local_gpu_count() -> int:
 
 # Process 0 hosts the coordination service; when it stops at exit, process 0's own GPU client logs this
 # warning (with gRPC detail lines) although the run has finished: seen after every successful
-# one-process-per-GPU run on H200 (docs/benchmarks.md, session 6). The launcher drops exactly that block.
+# one-process-per-GPU run on H200 (docs/benchmarks.md, 2026-11-27). The launcher drops exactly that block.
 BENIGN_EXIT_WARNING = b"WatchTasksAsync failed"
 
 

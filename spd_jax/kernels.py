@@ -15,7 +15,7 @@ q, k and v as one array (one kernel) instead of a RoPE kernel for q and two cach
 
 On other backends both run in Pallas' interpreter (tests), which is slow and only meant for checking equality with the
 reference. `resolve_attention_kernel` turns a config's "auto" into the kernel on CUDA GPUs where it
-applies (measured faster than XLA's attention on H200: docs/performance.md, session 15).
+applies (measured faster than XLA's attention on H200: docs/performance.md, 2026-11-29).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def split_plan(cache_len: int, target_splits: int = 16) -> tuple[int, int]:
     then the number of chunks is the divisor of the block count nearest `target_splits` (ties: more chunks).
     A plan that took the splits first made lengths with an odd factor degenerate: 2 048 + 128 = 2 176 =
     17 x 128 slots gave 8 chunks of 272 slots in 16-slot blocks (17 dependent iterations per program), and
-    the kernel ran 13% slower than the XLA path on 2x H200 (docs/performance.md, session 9); this plan
+    the kernel ran 13% slower than the XLA path on 2x H200 (docs/performance.md, 2026-11-28); this plan
     gives 17 chunks of one 128-slot block. Generation allocates the cache in multiples of 128 slots when
     the kernel is on (`generate.KERNEL_CACHE_MULTIPLE`), so the 16-slot fallback (e.g. 4 112 = 257 x 16:
     one chunk of 257 blocks) is only reached by direct calls."""
@@ -86,7 +86,7 @@ def kernel_supports(head_dim: int) -> bool:
 def choose_attention_kernel(name: str, head_dim: int, platform: str, compute_capability: str | None) -> str:
     """"xla" or "pallas" for a config's `attention_kernel` on a device of this platform ("gpu", "cpu", ...)
     and CUDA compute capability ("9.0"; None off CUDA). "auto" is the kernel on CUDA GPUs of compute
-    capability >= 8.0 where the head dimension suits it (docs/performance.md, session 15: 2-3% faster
+    capability >= 8.0 where the head dimension suits it (docs/performance.md, 2026-11-29: 2-3% faster
     decode on H200), else XLA's attention; an explicit "pallas" on a GPU with a head dimension the kernel
     cannot take is an error."""
     if name not in KERNEL_CHOICES:

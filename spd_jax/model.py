@@ -82,7 +82,7 @@ def matmul(x, w, **kw):
     vector x matrix `dot` whose operands hold fewer than ~10M elements into multiply + reduce kernels
     (e.g. a LLaMA-2-7B attention projection shard at TP 2, 4096 x 2048), which run at a fraction of
     memory bandwidth; a two-row product stays a GEMM (Triton) and reads the weight once. Measured on
-    H200 (`scripts/gemv_forms.py`, docs/performance.md): 2.8x faster for 4096 x 2048, 1.2-1.5x for the
+    H200 (`experiments/gemv_forms.py`, docs/performance.md): 2.8x faster for 4096 x 2048, 1.2-1.5x for the
     MLP shapes. The result is the same product.
     """
     lead = x.shape[:-1]
@@ -377,7 +377,7 @@ class Block(nnx.Module):
         With folded norms, RMSNorm(x) @ W = (x @ (g * W)) / rms(x): the projections read the residual
         stream x itself, their weights carry g, and 1/rms(x) (one reduction) scales their outputs, where
         XLA fuses it into the kernels that already consume them. That removes the normalised-activation
-        kernel in front of each normed projection (two per block; docs/performance.md, session 12)."""
+        kernel in front of each normed projection (two per block; docs/performance.md, 2026-11-28)."""
         h, scale = (x_btd, self.attn_norm.inv_rms(x_btd)) if self.late_norm else (self.attn_norm(x_btd), None)
         y, new_cache = self.attn(h, rope_cs, mask_bts, kv_cache, cache_index, attend_cache, shadow, kv_range,
                                  scale_bt1=scale)

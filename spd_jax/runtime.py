@@ -395,7 +395,7 @@ def fold_norms(engine: Engine, params: Params) -> tuple[Engine, Params]:
     RMSNorm(x) @ W = (x @ (g * W)) / rms(x): the folded model (`model.Block`, norms_folded) runs the
     projections on the residual stream itself and scales their outputs by 1/rms, which removes the kernel
     that wrote the normalised activation in front of q/k/v and gate/up (two kernels per block in batch-1
-    decode; measured in docs/performance.md, session 12). The folded weights are rounded once to the weight
+    decode; measured in docs/performance.md, 2026-11-28). The folded weights are rounded once to the weight
     dtype, so in bfloat16 the logits differ from the unfolded model's by bf16 rounding. RMSNorm families only
     (LLaMA, Qwen, Mistral); an inference layout like `fuse_projections` (the SPD pipeline, head grouping
     and checkpoints use the unfolded model), composable with it in either order. Runs per block on each

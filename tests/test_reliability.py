@@ -408,7 +408,6 @@ def test_spawn_combinations_are_checked_before_any_process_starts(tiny_models):
 
 
 def test_a_failing_child_reaches_the_parent_as_one_line(tmp_path):
-    from spd_jax.distributed import launch_local
 
     script = tmp_path / "child.py"
     script.write_text("import sys, time\npid = int(sys.argv[sys.argv.index('--process-id') + 1])\n"

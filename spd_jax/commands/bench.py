@@ -223,7 +223,6 @@ def main(argv=None) -> int:
     args.attention_kernel = resolve_attention_kernel(args.attention_kernel, cfg.head_dim)  # what runs, in the JSON
     engine, params = inference_layout(engine, params, fused=args.fused_projections, fold=args.fold_norms)
     from spd_jax.collectives import AUTO, AUTO_MARGIN, DEFAULT_MAX_BYTES, METHODS, AllReduce, choice_table
-    from spd_jax.config import ConfigError
 
     if args.allreduce_max_bytes is None:
         args.allreduce_max_bytes = DEFAULT_MAX_BYTES

@@ -6,8 +6,8 @@ RANDOM bf16 weights of LLaMA-2-7B's shapes, batch 1.
 An experiment, not part of the library. On H200 the kernels alone stream the weights at 2.9-4.1 TB/s, their
 best settings taking 3-11% longer than XLA's GEMM kernels (CUPTI, `profile_gemv.py --trace`), but a block of
 prologue kernels is still slower than XLA's: 114.7 against 106.9 us of device time per block
-(docs/performance.md, session 17). The gate/up GEMV's norm prologue costs ~10 us because every program
-re-reads all of o's split-K partials. Session 16's ~1.1 TB/s was wrong: its chains sliced one stacked weight
+(docs/performance.md, 2026-11-29). The gate/up GEMV's norm prologue costs ~10 us because every program
+re-reads all of o's split-K partials. The 2026-11-29 measurement's ~1.1 TB/s was wrong: its chains sliced one stacked weight
 array, and XLA copies each slice into a buffer of its own before a custom call (its HLO), which made the same
 Pallas chain 1.9-2.5x slower and left XLA's GEMMs as they were (see `rand_layers`).
 
@@ -19,11 +19,11 @@ A "block" here is the default path's block without attention (q stands in for th
 Each is timed in a chain of 32 blocks with distinct weights (so nothing stays in L2; each weight an array of
 its own, as the model holds them), in this process.
 
-  python scripts/check_gemv_kernel.py            # equality, then XLA vs the kernel's default settings
-  python scripts/check_gemv_kernel.py --sweep    # the kernel's settings (call 4's; --sweep-all: calls 1-4's;
-                                                 # --tuned: per-shape settings, session 17)
-  python scripts/check_gemv_kernel.py --mosaic   # JAX's Mosaic GPU Hopper matmul as a GEMV, against XLA
-  python scripts/check_gemv_kernel.py --mosaic-waves   # the same with narrower CTA tiles (fuller waves)
+  python experiments/check_gemv_kernel.py            # equality, then XLA vs the kernel's default settings
+  python experiments/check_gemv_kernel.py --sweep    # the kernel's settings (run 4's; --sweep-all: runs 1-4's;
+                                                 # --tuned: per-shape settings, 2026-11-29)
+  python experiments/check_gemv_kernel.py --mosaic   # JAX's Mosaic GPU Hopper matmul as a GEMV, against XLA
+  python experiments/check_gemv_kernel.py --mosaic-waves   # the same with narrower CTA tiles (fuller waves)
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ BF = jnp.bfloat16
 def rand_layers(key, shape, layers=LAYERS):
     """`layers` random bf16 weights, each its own array, as the model holds them (a list of blocks). Slices
     of one stacked array would not do: XLA fuses a slice into its own GEMM, but copies it into a buffer of
-    its own before a Pallas kernel (a custom call), which made the Pallas chain 1.9-2.5x slower (session 17,
+    its own before a Pallas kernel (a custom call), which made the Pallas chain 1.9-2.5x slower (2026-11-29,
     `profile_gemv.py --jax` and `--slice-hlo`)."""
     return [(jax.random.normal(k, shape, jnp.float32) * 0.02).astype(BF) for k in jax.random.split(key, layers)]
 
@@ -339,11 +339,11 @@ def mosaic_probe(shapes=((D, 2 * F), (D, 3 * D), (D, D)), configs=MOSAIC_CONFIGS
 
 
 O4 = {"splits": 4, "block_n": 32}
-# (label, settings of every GEMV, of the o GEMV, of the down GEMV); the --sweep of call 4
+# (label, settings of every GEMV, of the o GEMV, of the down GEMV); the --sweep of run 4
 SWEEP = [("reduce", {"mode": "reduce"}, None, None), ("dot o,down splits4 bn32", {}, O4, O4),
          ("dot bk256 stages2", {"block_k": 256, "num_stages": 2}, None, None),
          ("dot bn64", {"block_n": 64}, None, None)]
-# the other settings of calls 1 and 3 (call 1 ran them in the "reduce" form, the only one then; here "dot")
+# the other settings of runs 1 and 3 (run 1 ran them in the "reduce" form, the only one then; here "dot")
 SWEEP_MORE = [
     ("acc bk32", {"mode": "acc", "block_k": 32}, None, None), ("acc bk64", {"mode": "acc", "block_k": 64}, None, None),
     ("stages2", {"num_stages": 2}, None, None), ("stages4", {"num_stages": 4}, None, None),
@@ -359,7 +359,7 @@ SWEEP_MORE = [
 
 
 S2, BN64, RED = {"splits": 2}, {"block_n": 64}, {"mode": "reduce"}
-# each GEMV with its fastest setting of call 2 (session 17, the weights separate arrays): (label, q/k/v, o,
+# each GEMV with its fastest setting of run 2 (2026-11-29, the weights separate arrays): (label, q/k/v, o,
 # down, gate/up)
 TUNED = [("per shape: qkv bn64, o reduce, gu+down s2", BN64, RED, S2, S2),
          ("bn64 everywhere, gu+down s2", BN64, BN64, {**BN64, **S2}, {**BN64, **S2}),

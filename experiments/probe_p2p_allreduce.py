@@ -2,7 +2,7 @@
 """PROBE (not a library feature): a one-shot all-reduce as one Pallas Mosaic GPU kernel that stores each
 rank's partial straight into its peers' memory, for the all-reduce issue's <= 15 us target over NVLink.
 
-    python scripts/probe_p2p_allreduce.py [--spawn 2] [--iters 200] [--json OUT]
+    python experiments/probe_p2p_allreduce.py [--spawn 2] [--iters 200] [--json OUT]
 
 The kernel (`p2p_allreduce` below), per thread block of 8 x 128-element tiles:
 1. store my partial into slot [me] of every peer's mailbox (`plgpu.remote_ref`), signal each peer's
@@ -16,7 +16,7 @@ bit for bit, is identical on every device, is within bf16 rounding of NCCL's psu
 dependent all-reduces equals the same chain through the reference; then times both in the loop the way
 `launch/bench.py` does ((time of 65 dependent calls - time of 1) / 64).
 
-Measured (2x H200, JAX 0.11.2, 2026-11-28; docs/performance.md, session 14): with one process per GPU the
+Measured (2x H200, JAX 0.11.2, 2026-11-28; docs/performance.md, 2026-11-28): with one process per GPU the
 first call fails in XLA (`ncclGetPeerDevicePointer ... unhandled system error`: JAX 0.11 hands Mosaic GPU
 kernels their peers' addresses through NCCL symmetric memory windows, and XLA 0.11 has no NVSHMEM switch);
 with one process driving both GPUs it runs, 22-32 us per all-reduce in the loop against psum's 15-23 us,

@@ -1,29 +1,29 @@
 #!/usr/bin/env python
 """On a GPU: how fast do one-row GEMVs stream their weights, as XLA's GEMM, as the Pallas (Triton) GEMV of
 `check_gemv_kernel.py`, as Triton's own (through PyTorch) and as cuBLAS, and where does a decoder block's time
-go besides them? An experiment, not library code (docs/performance.md, session 17). RANDOM bf16 weights of
+go besides them? An experiment, not library code (docs/performance.md, 2026-11-29). RANDOM bf16 weights of
 LLaMA-2-7B's projection shapes, one row (batch 1).
 
-Session 16 measured the Pallas GEMV at ~1.1 TB/s. `--jax` and `--slice-hlo` show why that was wrong: its
+2026-11-29 measured the Pallas GEMV at ~1.1 TB/s. `--jax` and `--slice-hlo` show why that was wrong: its
 chains sliced one stacked weight array, which XLA fuses into its own GEMM but copies into a buffer of its own
 before each Pallas kernel (a custom call), making that chain 1.9-2.5x slower than on separate arrays.
 
 Wall time of a jitted chain includes the host's dispatch and synchronisation (600-675 us per call on H200);
 `--timeline` separates the kernels' device span from it.
 
-  python scripts/profile_gemv.py --triton      # Triton itself (the one PyTorch ships), same GEMV forms,
+  python experiments/profile_gemv.py --triton      # Triton itself (the one PyTorch ships), same GEMV forms,
                                                # both weight layouts, and cuBLAS through torch: the ceiling
                                                # a Triton GEMV reaches on this card, outside Pallas
                                                # (--kernel-times: also the kernels' own device time;
                                                # --quick: only the tilings that won in the full sweep)
-  python scripts/profile_gemv.py --xla-layout  # XLA's GEMM with the weight stored [K, N] and [N, K]
-  python scripts/profile_gemv.py --trace       # each kernel's device time (CUPTI): XLA's chain, Pallas'
-  python scripts/profile_gemv.py --trace-blocks  # the same per block: XLA's block vs the prologue GEMVs'
-  python scripts/profile_gemv.py --trace-o     # the o projection with one split (whole columns per program)
-  python scripts/profile_gemv.py --timeline    # the kernels of two blocks in order: where the gaps sit
-  python scripts/profile_gemv.py --slice-hlo   # the optimised HLO of GEMV chains on slices of a stacked array
-  python scripts/profile_gemv.py --bare        # the Pallas GEMV alone, as --triton times Triton's
-  python scripts/profile_gemv.py --jax         # XLA's GEMM and the Pallas GEMV, the weights separate
+  python experiments/profile_gemv.py --xla-layout  # XLA's GEMM with the weight stored [K, N] and [N, K]
+  python experiments/profile_gemv.py --trace       # each kernel's device time (CUPTI): XLA's chain, Pallas'
+  python experiments/profile_gemv.py --trace-blocks  # the same per block: XLA's block vs the prologue GEMVs'
+  python experiments/profile_gemv.py --trace-o     # the o projection with one split (whole columns per program)
+  python experiments/profile_gemv.py --timeline    # the kernels of two blocks in order: where the gaps sit
+  python experiments/profile_gemv.py --slice-hlo   # the optimised HLO of GEMV chains on slices of a stacked array
+  python experiments/profile_gemv.py --bare        # the Pallas GEMV alone, as --triton times Triton's
+  python experiments/profile_gemv.py --jax         # XLA's GEMM and the Pallas GEMV, the weights separate
                                                # arrays or slices of one stacked array
 """
 
@@ -123,7 +123,7 @@ def triton_probe():
           "(do_bench_cudagraph, median)")
     configs = [(bn, bk, w, s) for bn, bk, w in ((32, 256, 4), (64, 128, 4), (64, 256, 4), (128, 64, 4))
                for s in (1, 2, 4, 8)]
-    if "--quick" in sys.argv:  # only the tilings that won some shape in the full sweeps (calls 1 and 3)
+    if "--quick" in sys.argv:  # only the tilings that won some shape in the full sweeps (runs 1 and 3)
         configs = [(bn, bk, 4, s) for bn, bk in ((64, 256), (64, 128), (128, 64), (32, 256)) for s in (1, 2, 4, 8)]
     for k, n in selected_shapes():
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
@@ -201,7 +201,7 @@ def header(what):
 
 def jax_probe(shapes=SHAPES, layers=32):
     """XLA's GEMM and the Pallas GEMV (two forms) in chains of `layers` products, the weights either separate
-    arrays (as the model holds them) or slices of one stacked array (as session 16's chains held them)."""
+    arrays (as the model holds them) or slices of one stacked array (as The 2026-11-29 measurement's chains held them)."""
     import jax
     import jax.numpy as jnp
     from check_gemv_kernel import gemv, med_us, next_row
@@ -235,7 +235,7 @@ def jax_probe(shapes=SHAPES, layers=32):
         del ws
 
 
-BARE_CONFIGS = [  # (label, gemv settings); the first four are Triton's best forms through PyTorch (call 1)
+BARE_CONFIGS = [  # (label, gemv settings); the first four are Triton's best forms through PyTorch (run 1)
     ("dot bn128 bk64 s4", dict(mode="dot", block_n=128, block_k=64, splits=4)),
     ("reduce bn64 bk256 s4", dict(mode="reduce", block_n=64, block_k=256, splits=4)),
     ("reduce bn64 bk256 s2", dict(mode="reduce", block_n=64, block_k=256, splits=2)),
@@ -246,7 +246,7 @@ BARE_CONFIGS = [  # (label, gemv settings); the first four are Triton's best for
 
 
 def bare_probe(shapes=SHAPES, layers=32):
-    """The Pallas GEMV alone, as call 1 timed Triton through PyTorch: `layers` products of one fixed row with
+    """The Pallas GEMV alone, as run 1 timed Triton through PyTorch: `layers` products of one fixed row with
     distinct weights (separate arrays), no kernel between them; their outputs are summed once at the end."""
     import jax
     from check_gemv_kernel import gemv, med_us
