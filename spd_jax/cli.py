@@ -69,7 +69,8 @@ def run_config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None 
     return load_run_config(args.config, overrides)
 
 
-def spawn_run(args: argparse.Namespace, script: str, argv, tp: int, emulate: bool, model: str | None = None):
+def spawn_run(args: argparse.Namespace, script: str, argv, tp: int, emulate: bool, model: str | None = None,
+              peer_failure_signal: int | None = None):
     """`--spawn N` for a command: the run's TP degree, emulation and (for `model`) the model's heads checked
     before any process starts (distributed.maybe_spawn); returns the processes' exit code, or None (no --spawn)."""
     if getattr(args, "spawn", None) is None:
@@ -81,7 +82,7 @@ def spawn_run(args: argparse.Namespace, script: str, argv, tp: int, emulate: boo
         from spd_jax.loading import open_model
 
         cfg = open_model(model).cfg
-    return maybe_spawn(args, script, argv, tp=tp, emulate=emulate, model_cfg=cfg)
+    return maybe_spawn(args, script, argv, tp=tp, emulate=emulate, model_cfg=cfg, peer_failure_signal=peer_failure_signal)
 
 
 def check_output_path(path: str | None, flag: str) -> None:

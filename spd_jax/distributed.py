@@ -87,8 +87,12 @@ def filter_exit_noise(src, dst) -> None:
         dst.flush()
 
 
+STOP_GRACE_S = 20.0  # after one process failed, the others get this long to stop before they are killed
+
+
 def launch_local(cmd: list[str], n: int, *, gpus_per_process: int | None = None, devices_per_process: int = 1,
-                 port: int | None = None, timeout: float = 1800, quiet_others: bool = True) -> int:
+                 port: int | None = None, timeout: float = 1800, quiet_others: bool = True,
+                 peer_failure_signal: int | None = None) -> int:
     """Run `cmd` as n processes wired through jax.distributed (each gets --coordinator/--num-processes/
     --process-id). GPU mode: process i sees GPUs [i*k, (i+1)*k) of the visible ones. CPU mode: each has
     `devices_per_process` simulated devices. If one fails the others are stopped; the exit code is the
@@ -126,11 +130,18 @@ def launch_local(cmd: list[str], n: int, *, gpus_per_process: int | None = None,
                                     daemon=True)
             pump.start()
 
-    def stop_all(signum, _frame):  # a launcher stopped by `timeout` or Ctrl-C takes its processes with it
+    def stop_all(signum, _frame):  # a launcher stopped by `timeout` or Ctrl-C passes it on, then waits a while
+        for pr in procs:
+            if pr.poll() is None:
+                pr.send_signal(signum)
+        end = time.time() + STOP_GRACE_S
+        while time.time() < end and any(pr.poll() is None for pr in procs):
+            time.sleep(0.1)
         for pr in procs:
             if pr.poll() is None:
                 pr.kill()
-        raise SystemExit(128 + signum)
+                pr.wait()
+        raise SystemExit(0 if all(pr.returncode == 0 for pr in procs) else 128 + signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, stop_all)
@@ -148,10 +159,17 @@ def launch_local(cmd: list[str], n: int, *, gpus_per_process: int | None = None,
                 if logs[i] is not None:  # process 0 printed its own error; another's reaches us as one line
                     logs[i].flush()
                     keep_logs = True
-                    print(f"error: process {i} of {n} failed (exit {code}): {_error_line(logs[i].name)} "
-                          f"(its log: {logs[i].name})", file=sys.stderr)
-                for _, other in live:
-                    other.terminate()
+                    why = f"killed by signal {-code}" if code < 0 else _error_line(logs[i].name)
+                    print(f"error: process {i} of {n} failed (exit {code}): {why} (its log: {logs[i].name})",
+                          file=sys.stderr)
+                for j, other in live:  # process 0 may be told in its own way (spd-serve: answer 503, then exit)
+                    other.send_signal(peer_failure_signal if j == 0 and peer_failure_signal else signal.SIGTERM)
+                deadline = min(deadline, time.time() + STOP_GRACE_S)
+        if time.time() > deadline and rc:  # a process waiting in a collective for the failed one never returns
+            for _, pr in live:
+                pr.kill()
+            live = []
+            break
         if time.time() > deadline:
             for _, pr in live:
                 pr.kill()
@@ -195,7 +213,7 @@ def strip_spawn(argv: list[str]) -> list[str]:
 
 
 def maybe_spawn(args: argparse.Namespace, script: str, argv: list[str] | None = None, *, tp: int | None = None,
-                emulate: bool = False, model_cfg=None) -> int | None:
+                emulate: bool = False, model_cfg=None, peer_failure_signal: int | None = None) -> int | None:
     """If `--spawn N` was given, run `script` as N local processes (one per GPU) and return its exit code.
 
     The combination is checked here, before any process starts: `tp` is the run's TP degree (its flag or
@@ -233,8 +251,8 @@ def maybe_spawn(args: argparse.Namespace, script: str, argv: list[str] | None = 
     argv = sys.argv[1:] if argv is None else argv
     cmd = [sys.executable, script, *strip_spawn(argv)]
     if gpus:
-        return launch_local(cmd, n, gpus_per_process=1)
-    return launch_local(cmd, n, devices_per_process=tp // n)
+        return launch_local(cmd, n, gpus_per_process=1, peer_failure_signal=peer_failure_signal)
+    return launch_local(cmd, n, devices_per_process=tp // n, peer_failure_signal=peer_failure_signal)
 
 
 def maybe_initialize(args: argparse.Namespace) -> bool:

@@ -219,3 +219,43 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(server):
     assert p.wait(timeout=120) == 0
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{url}/health", timeout=5)
+
+
+def test_one_process_per_device_and_a_dead_process(infer_text):
+    """--spawn 3: process 0 serves HTTP, processes 1-2 decode in lockstep (real TP 3 over three processes gives
+    the emulated run's greedy text); when process 1 dies the server answers 503 and every process exits."""
+    port = _free_port()
+    p = subprocess.Popen([sys.executable, str(ROOT / "launch/serve.py"), "--tp", "3", "--spawn", "3", "--spd-plan",
+                          str(PLAN), "--port", str(port), "--default-max-tokens", "12"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            assert p.poll() is None, p.stdout.read()[-3000:]
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        c = _client(url)
+        assert c.completions.create(model="embedded", prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text \
+            == infer_text
+        streamed = c.completions.create(model="embedded", prompt=PROMPT, max_tokens=12, temperature=0, stream=True)
+        assert "".join(ch.choices[0].text for ch in streamed) == infer_text
+        time.sleep(1.5)  # idle: the other processes wait in the idle broadcasts
+        assert c.completions.create(model="embedded", prompt="Hi", max_tokens=2, temperature=0).choices[0].text
+        follower = subprocess.run(["pgrep", "-f", "--", f"--port {port} .*--process-id 1"], capture_output=True,
+                                  text=True).stdout.split()
+        assert len(follower) == 1
+        os.kill(int(follower[0]), signal.SIGKILL)
+        time.sleep(1.0)
+        code, err = _post(url, "/v1/completions", {"model": "embedded", "prompt": PROMPT, "max_tokens": 4})
+        assert code == 503 and err["error"]["code"] == "engine_failed", err
+        assert p.wait(timeout=120) != 0
+        out = p.stdout.read()
+        assert "error: process 1 of 3 failed" in out and "killed by signal 9" in out
+    finally:
+        if p.poll() is None:
+            p.kill()
+        subprocess.run(["pkill", "-9", "-f", "--", f"--port {port} "], capture_output=True)

@@ -2,20 +2,25 @@
 
 Examples:
   python launch/serve.py --tp 3 --emulate --spd-plan configs/plans/smollm2_tp3_half.json      # the embedded model
-  python launch/serve.py --model /models/Llama-2-7b-hf --tp 4 --dtype bfloat16 --spd-plan plan.json --port 8000
+  python launch/serve.py --model /models/Llama-2-7b-hf --tp 4 --spawn 4 --dtype bfloat16 --spd-plan plan.json
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"model": "embedded", "prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}'
 
-One process drives the run's devices (TP over them, or --emulate on one); requests are queued first in, first
-out and decoded one at a time (batch 1). See README "Serving" for what the server does not do.
+One process drives the run's devices (TP over them, or --emulate on one), or with --spawn N one process per GPU:
+process 0 serves HTTP and the others decode in lockstep with it. Requests are queued first in, first out and
+decoded one at a time (batch 1). See README "Serving" for what the server does not do.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
 
-from spd_jax.cli import common_model_args, ensure_devices, run_config_from_args
+from spd_jax.cli import common_model_args, ensure_devices, run_config_from_args, spawn_run
+
+PEER_FAILURE_EXIT_S = 3.0  # after a peer process died: how long process 0 answers 503 before it exits (code 1)
 
 
 def parse_args(argv=None):
@@ -50,14 +55,11 @@ def build(args):
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.port < 65536:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
-    if args.spawn is not None or args.coordinator or args.distributed:
-        raise ConfigError("spd-serve runs as one process over this host's devices (--tp N uses N of them); one "
-                          "process per GPU (--spawn, jax.distributed) is not supported by the server yet")
     run = run_config_from_args(args, {"generation.attention_kernel": args.attention_kernel})
     sess = open_session(run, verbose=True)
     gen = dataclasses.replace(run.generation, stop_at_eos=True)
     decoder = StreamingDecoder(Generator(sess.engine, sess.params, sess.plan), gen, args.stream_chunk)
-    if not args.no_warmup:  # compile prefill and the decode chunks of a short request
+    if not args.no_warmup:  # compile prefill and the decode chunks of a short request (every process alike)
         for _ in decoder.stream(sess.encode("Hello"), Sampling(args.default_max_tokens)):
             pass
     engine = ServingEngine(decoder, sess.tokenizer, args.max_queue)
@@ -66,11 +68,33 @@ def build(args):
 
 
 def main(argv=None) -> int:
+    import signal
+
     args = parse_args(argv)
+    if args.spawn is not None:  # one process per GPU; process 0 is told of a failed peer by SIGUSR1
+        run = run_config_from_args(args)
+        return spawn_run(args, __file__, argv, run.tp, run.emulate, run.model, peer_failure_signal=signal.SIGUSR1)
     ensure_devices(args)
-    import uvicorn
+    from spd_jax.distributed import maybe_initialize
+
+    maybe_initialize(args)
+    import jax
 
     app, engine, name = build(args)
+    if jax.process_index() != 0:  # decode what process 0 decodes; it says when to stop (SIGTERM goes to it)
+        from spd_jax.serving.relay import follow
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        follow(engine.decoder, engine.relay)
+        return 0
+    import uvicorn
+
+    if engine.relay.active:
+        def peer_failed(*_):  # answer 503 from now on, then leave: the decode waits for a process that is gone
+            engine.failure = RuntimeError("a server process died")
+            threading.Timer(PEER_FAILURE_EXIT_S, os._exit, args=(1,)).start()
+
+        signal.signal(signal.SIGUSR1, peer_failed)
     engine.start()
     print(f"spd-serve: {name!r} on http://{args.host}:{args.port}/v1 (OpenAI API)", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=None)

@@ -130,6 +130,8 @@ def create_app(engine: ServingEngine, model_name: str, context: int, default_max
         return PlainTextResponse(engine.metrics_text(model_name), media_type="text/plain; version=0.0.4")
 
     def check(body: _Sampling, prompt_ids: list[int]) -> Sampling:
+        if engine.failure is not None:
+            raise APIError(503, f"the server cannot decode: {engine.failure}", "server_error", code="engine_failed")
         if body.model != model_name:
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
@@ -169,6 +171,9 @@ def create_app(engine: ServingEngine, model_name: str, context: int, default_max
                     if await http.is_disconnected():
                         req.cancelled.set()
                         return None
+                    if engine.failure is not None:
+                        raise APIError(503, f"the server cannot decode: {engine.failure}", "server_error",
+                                       code="engine_failed") from None
                     continue
                 if kind == "delta":
                     parts.append(rest[0])
@@ -202,7 +207,12 @@ def create_app(engine: ServingEngine, model_name: str, context: int, default_max
             if chat:
                 yield chunk(first=True)
             while True:
-                kind, *rest = await events.get()
+                try:
+                    kind, *rest = await asyncio.wait_for(events.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if engine.failure is None:
+                        continue
+                    kind, rest = "error", [f"the server cannot decode: {engine.failure}"]
                 if kind == "delta":
                     if rest[0]:
                         yield chunk(rest[0])

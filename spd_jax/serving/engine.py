@@ -58,8 +58,11 @@ class ServingEngine:
     """FIFO queue + one decode worker. `decode_s` / `decode_tokens` total the engine's own decode time, so the
     server's overhead per token can be measured against it (scripts/bench_serve.py)."""
 
-    def __init__(self, decoder: StreamingDecoder, tokenizer, max_queue: int = 64):
+    def __init__(self, decoder: StreamingDecoder, tokenizer, max_queue: int = 64, relay=None):
+        from spd_jax.serving.relay import Relay
+
         self.decoder, self.tok = decoder, tokenizer
+        self.relay = relay if relay is not None else Relay()
         self.queue: queue.Queue[Request | None] = queue.Queue(maxsize=max_queue)
         self.ids = itertools.count(1)
         self.lock = threading.Lock()
@@ -95,9 +98,16 @@ class ServingEngine:
         return self.queue.qsize()
 
     def _loop(self) -> None:
+        from spd_jax.serving.relay import IDLE_S
+
         while True:
-            req = self.queue.get()
+            try:
+                req = self.queue.get(timeout=IDLE_S if self.relay.active else None)
+            except queue.Empty:  # one process per GPU: the others wait in a broadcast; tell them nothing came
+                self.relay.idle()
+                continue
             if req is None:
+                self.relay.stop()
                 return
             with self.lock:
                 self.running = 1
@@ -120,6 +130,7 @@ class ServingEngine:
         with self.lock:
             self.counters["prompt_tokens"] += len(req.prompt)
         busy = 0.0  # time inside the decoder (device work and its host transfer), for the overhead measurement
+        self.relay.request(req.prompt, req.sampling)
         stream = self.decoder.stream(req.prompt, req.sampling)
         while True:
             t_in = time.perf_counter()
@@ -148,10 +159,9 @@ class ServingEngine:
                 sent = text
             elif chunk:
                 req.emit(("delta", "", len(chunk)))
-            if finish == "stop":
-                break
-            if req.cancelled.is_set():
+            if finish != "stop" and req.cancelled.is_set():
                 finish = "cancelled"
+            if not self.relay.go_on(finish == "length"):  # every process stops after the same chunk
                 break
         if finish == "length":
             if len(ids) < req.sampling.max_tokens:
