@@ -137,7 +137,7 @@ def parse_list(text: str, kind: type, flag: str, lo: float | None = None, hi: fl
 def die(e: BaseException) -> None:
     """Print a one-line error for user mistakes; let real bugs keep their traceback."""
     from spd_jax.config import ConfigError
-    from spd_jax.loading import WeightLoadError
+    from spd_jax.config import WeightLoadError
 
     if isinstance(e, (ConfigError, WeightLoadError)):
         print(f"error: {e}", file=sys.stderr)

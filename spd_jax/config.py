@@ -21,6 +21,10 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message says which and what is allowed."""
 
 
+class WeightLoadError(RuntimeError):
+    """Weights or a model folder cannot be read: missing, truncated or damaged files (the message names them)."""
+
+
 class ContextLengthError(ConfigError):
     """A sequence does not fit the model's context (its `max_position`)."""
 

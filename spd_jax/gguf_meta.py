@@ -15,7 +15,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from spd_jax.config import ConfigError
+from spd_jax.config import ConfigError, WeightLoadError
 
 # GGUF `general.architecture` -> transformers model_type, for the families spd-jax runs.
 # A Mistral model is a "llama" GGUF (llama.cpp converts it so); its sliding window, when the file records
@@ -41,8 +41,6 @@ def read_header(path: str) -> tuple[dict[str, Any], tuple[str, ...]]:
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader raises assorted errors on a corrupt file
-        from spd_jax.loading import WeightLoadError
-
         raise WeightLoadError(f"{path}: not a readable GGUF file: {type(e).__name__}: {e}") from None
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     return meta, tuple(t.name for t in reader.tensors)

@@ -57,7 +57,7 @@ def allreduce_of(run: RunConfig, mesh=None, hidden: int | None = None):
     if run.allreduce_table == MEASURE:
         if mesh is None or hidden is None:
             raise ValueError("allreduce_table: measure needs the run's mesh and hidden size")
-        from spd_jax.bench import allreduce_microbench
+        from spd_jax.measure import allreduce_microbench
         from spd_jax.generate import hidden_state_bytes
 
         rows = allreduce_microbench(mesh, tuple(hidden_state_bytes(t, hidden, run.dtype) for t in MEASURE_TOKENS),

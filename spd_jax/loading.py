@@ -27,13 +27,9 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from spd_jax.arch import ParamInfo
-from spd_jax.config import ConfigError, ModelConfig, model_config_from_hf
+from spd_jax.config import ConfigError, ModelConfig, WeightLoadError, model_config_from_hf  # noqa: F401 (re-exported)
 from spd_jax.runtime import Engine, ModelDef, Params, path_names
 from spd_jax.sharding import named
-
-
-class WeightLoadError(RuntimeError):
-    """A weight file is missing, corrupt, or does not match the model config."""
 
 
 # ----------------------------------------------------------------------------- tensor sources
