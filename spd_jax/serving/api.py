@@ -98,7 +98,6 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
 def create_app(engine: ServingEngine, model_name: str, context: int, default_max_tokens: int = 16) -> FastAPI:
     app = FastAPI(title="spd-serve", docs_url=None, redoc_url=None)
     created = int(time.time())
-    state = {"requests": 0}
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_req, exc: RequestValidationError):
@@ -154,7 +153,6 @@ def create_app(engine: ServingEngine, model_name: str, context: int, default_max
             engine.submit(req)
         except QueueFull as e:
             raise APIError(503, str(e), "server_overloaded", code="queue_full") from None
-        state["requests"] += 1
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         usage = lambda: {"prompt_tokens": len(prompt_ids), "completion_tokens": req.completion_tokens,  # noqa: E731
                          "total_tokens": len(prompt_ids) + req.completion_tokens}
