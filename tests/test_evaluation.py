@@ -22,9 +22,12 @@ from spd_jax.evaluation import (
 from spd_jax.loading import load_params, open_model
 from spd_jax.plan import SyncPlan
 from spd_jax.runtime import Engine, build_model_def
-from spd_jax.tasks import extract_bigbench, load_bigbench, load_task
+from spd_jax.tasks import bigbench_dir, extract_bigbench, load_bigbench, load_task
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "bigbench"
+# the BIG-bench tasks: the project's own download cache (launch/evaluate.py --download-bigbench), else a copy
+# beside the checkout
+BIGBENCH = next((d for d in (bigbench_dir(), Path(__file__).resolve().parents[2] / "shared" / "data" / "bigbench")
+                 if (d / "social_iqa" / "task.json").is_file()), None)
 
 
 class CharTokenizer:
@@ -217,12 +220,12 @@ def test_bigbench_loader_and_extraction(tmp_path):
     assert item.choices == [" two", " four"] and item.gold == 1
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data/bigbench not present")
+@pytest.mark.skipif(not BIGBENCH, reason="no BIG-bench tasks: run launch/evaluate.py --download-bigbench")
 def test_shared_bigbench_tasks_load():
     from spd_jax.tasks import DEFAULT_TASKS
 
     for t in DEFAULT_TASKS:
-        name, fmt, items = load_task(t, limit=5, search=[SHARED])
+        name, fmt, items = load_task(t, limit=5, search=[BIGBENCH])
         assert fmt == "bigbench" and len(items) == 5 and all(0 <= it.gold < len(it.choices) for it in items)
 
 

@@ -9,9 +9,13 @@ import pytest
 from spd_jax.config import ConfigError
 from spd_jax.pipeline.distill import DistillConfig
 from spd_jax.pipeline.run import PipelineConfig
+from spd_jax.tasks import bigbench_dir
 from spd_jax.study import NOTES_MARKER, StudyState, run_study, write_results_md
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "bigbench"
+# the BIG-bench tasks: the project's own download cache (launch/evaluate.py --download-bigbench), else a copy
+# beside the checkout
+BIGBENCH = next((d for d in (bigbench_dir(), Path(__file__).resolve().parents[2] / "shared" / "data" / "bigbench")
+                 if (d / "social_iqa" / "task.json").is_file()), None)
 
 
 class Killed(Exception):
@@ -24,10 +28,10 @@ def _config(model, corpus):
                           distill=DistillConfig(epochs=1, batch_size=2))
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="needs the BIG-bench tasks in ../shared/data/bigbench")
+@pytest.mark.skipif(not BIGBENCH, reason="no BIG-bench tasks: run launch/evaluate.py --download-bigbench")
 def test_killed_study_resumes_and_ends_with_the_uninterrupted_rows(tokenized_tiny, tmp_path):
     model, corpus = tokenized_tiny
-    pc, ratios, limit, tasks = _config(model, corpus), [1.0], 2, [SHARED]
+    pc, ratios, limit, tasks = _config(model, corpus), [1.0], 2, [BIGBENCH]
     state = tmp_path / "state"
 
     def kill_after_first_spd_row(msg):
