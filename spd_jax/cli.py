@@ -175,6 +175,15 @@ def run(main) -> None:
     def terminated(signum, _frame):  # SIGTERM unwinds like Ctrl-C: `finally` blocks release locks, remove partial folders
         raise SystemExit(128 + signum)
 
+    previous_hook = sys.unraisablehook
+
+    def redeliver(u):  # the handler ran inside a callback (e.g. XLA's gc callback), which swallows exceptions:
+        if isinstance(u.exc_value, SystemExit) and u.exc_value.code == 128 + signal.SIGTERM:
+            os.kill(os.getpid(), signal.SIGTERM)  # deliver the signal again, to be raised where it unwinds
+            return
+        previous_hook(u)
+
+    sys.unraisablehook = redeliver
     signal.signal(signal.SIGTERM, terminated)
     try:
         code = main()
