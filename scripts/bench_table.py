@@ -1,11 +1,20 @@
-"""Markdown table of launch/bench.py JSON results (one row per configuration), for docs/benchmarks.md.
+"""Markdown tables of launch/bench.py JSON results.
 
-Usage: python scripts/bench_table.py RESULT.json... (peer-*.json files are skipped: their numbers appear
-in the rows of the bench file that names them with --peer-json)."""
+Usage:
+  python scripts/bench_table.py RESULT.json...        one row per configuration (a campaign's table; peer-*.json
+                                                     files are skipped: their numbers appear in the rows of the
+                                                     bench file that names them with --peer-json)
+  python scripts/bench_table.py --docs FILE.md...     rebuild every generated table of those files from its raw JSON
+  python scripts/bench_table.py --docs FILE.md... --check
+                                                     exit 1 if a committed table differs from its raw data or names
+                                                     a raw file that does not exist (the test suite runs this)"""
 
 from __future__ import annotations
 
+import difflib
 import json
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -54,6 +63,225 @@ def allreduce(d: dict) -> list[str]:
             for a in d.get("allreduce", [])]
 
 
+
+# ---- tables in the docs, regenerated from their raw JSON ---------------------------------------------------------
+# A generated table sits between two markers in a Markdown file:
+#   <!-- table: KIND ARG... -->
+#   ...(this script's output)...
+#   <!-- end table -->
+# KIND and its ARGs (paths relative to the repository root; `label=path` where a row needs a name):
+#   rows PATH...                        every configuration of each run (the campaign table)
+#   cuts ratios=R,R links=L,L PATH...   one row per model and TP: SPD's end-to-end cut per ratio and link
+#   ab LABEL=PATH...                    a decode-path A/B: sync, SPD on every block, floor, budget columns
+#   budget PATH...                      where a step's time goes: weight stream, floor, overhead per block
+#   allreduce PATH...                   the all-reduce microbenchmark of each run
+#   serve PATH                          a bench_serve.py load run
+# An ARG `@LIST` stands for the paths listed in the file LIST (one per line), so that a table's sources can be
+# shared between documents and kept out of the prose.
+# `--docs FILE.md... [--check]` rewrites (or, with --check, compares) every such block.
+
+ROOT = Path(__file__).resolve().parent.parent
+BEGIN = re.compile(r"^<!-- table: (.+?) -->$")
+END = "<!-- end table -->"
+SHAPES = {"llama2-7b": "LLaMA-2-7B", "llama2-13b": "LLaMA-2-13B", "llama2-70b": "LLaMA-2-70B",
+          "opt-30b": "OPT-30B", "tiny": "tiny"}
+
+
+class TableError(ValueError):
+    pass
+
+
+def _load(path: str) -> dict:
+    p = ROOT / path
+    if not p.is_file():
+        raise TableError(f"{path}: no such raw file")
+    return json.loads(p.read_text())
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _cut(r: dict) -> float:
+    return 1 - 1 / r["speedup_e2e_vs_sync"]
+
+
+def table_rows(paths: list[str]) -> list[str]:
+    out = ["| shape | TP | link | config | ttft ms | tpot ms | e2e ms | e2e speed-up vs sync | e2e cut | AR removed "
+           "| decode vs peer |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in paths:
+        out += rows(_load(p))
+    return out
+
+
+def table_cuts(paths: list[str], ratios: list[str], links: list[str]) -> list[str]:
+    cells: dict[tuple, dict] = {}
+    order: list[tuple] = []
+    for p in paths:
+        d = _load(p)
+        key = (d["shape"], d["tp"])
+        if key not in cells:
+            cells[key] = {}
+            order.append(key)
+        for r in d["rows"]:
+            if "/" in r["label"] or not r["label"].startswith("r="):
+                continue
+            cells[key][(r["label"][2:], d["interconnect"])] = (_cut(r), p)
+    head = [f"SPD on {float(r) * 100:.0f}% of blocks, {lk}" for lk in links for r in ratios]
+    out = ["| model | TP | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
+    for key in order:
+        vals = []
+        for lk in links:
+            for r in ratios:
+                c = cells[key].get((f"{float(r):.2f}", lk))
+                vals.append("-" if c is None else f"-{_pct(c[0])}")
+        out.append(f"| {SHAPES.get(key[0], key[0])} | {key[1]} | " + " | ".join(vals) + " |")
+    return out
+
+
+def _row(d: dict, label: str) -> dict | None:
+    return next((r for r in d["rows"] if r["label"] == label), None)
+
+
+def table_ab(pairs: list[tuple[str, str]]) -> list[str]:
+    """A decode-path A/B. The weight stream of every row uses the highest read bandwidth measured among the
+    table's runs (one machine's reading moves by about 10% between processes, more than most A/B effects)."""
+    runs = [(label, _load(p)) for label, p in pairs]
+    bw = max((d["hbm"]["read_GBps"] for _, d in runs if d.get("hbm")), default=None)
+    out = [f"| variant | shape | TP | attention | fused | folded | sync tpot ms | SPD all blocks | floor "
+           f"| sync x stream | overhead us/block |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, d in runs:
+        sync, spd, floor = _row(d, "r=0.00"), _row(d, "r=1.00"), _row(d, "floor")
+        b = d.get("decode_budget") or {}
+        ms = lambda r: "-" if r is None else f"{r['tpot_ms']:.3f}"  # noqa: E731
+        xs = ov = None
+        if bw and b.get("overhead_per_block_us") and floor is not None:
+            blocks = round((floor["tpot_ms"] - b["bytes_ms"]) * 1e3 / b["overhead_per_block_us"])
+            stream_ms = d["weight_bytes_per_device"] / (bw * 1e9) * 1e3
+            xs, ov = sync["tpot_ms"] / stream_ms, (floor["tpot_ms"] - stream_ms) * 1e3 / blocks
+        out.append(f"| {label} | {SHAPES.get(d['shape'], d['shape'])} | {d['tp']} | {d.get('attention_kernel', 'xla')} | "
+                   f"{'yes' if d.get('fused_projections') else 'no'} | {'yes' if d.get('fold_norms') else 'no'} | "
+                   f"{ms(sync)} | {ms(spd) if d['tp'] > 1 else '-'} | {ms(floor)} | "
+                   f"{'-' if xs is None else f'{xs:.2f}'} | {'-' if ov is None else f'{ov:.1f}'} |")
+    if bw:
+        out.append(f"\n(weight stream at the highest read bandwidth among these runs: {bw:,.0f} GB/s)")
+    return out
+
+
+def table_budget(paths: list[str]) -> list[str]:
+    out = ["| shape | TP | link | sync tpot ms | floor tpot ms | weight stream ms (read GB/s) | sync / stream "
+           "| floor / stream | overhead per block us |", "|---|---|---|---|---|---|---|---|---|"]
+    for p in paths:
+        d = _load(p)
+        b = d["decode_budget"]
+        sync, floor = _row(d, "r=0.00"), _row(d, "floor")
+        out.append(f"| {SHAPES.get(d['shape'], d['shape'])} | {d['tp']} | {d['interconnect']} | {sync['tpot_ms']:.3f} | "
+                   f"{floor['tpot_ms']:.3f} | {b['bytes_ms']:.3f} ({d['hbm']['read_GBps']:,.0f}) | "
+                   f"{b['x_bytes']['sync']:.2f}x | {b['x_bytes']['floor']:.2f}x | {b['overhead_per_block_us']:.1f} |")
+    return out
+
+
+def table_allreduce(paths: list[str]) -> list[str]:
+    out = ["| shape | TP | link | bytes | in-loop us | host-timed us | bus GB/s (in loop) |",
+           "|---|---|---|---|---|---|---|"]
+    for p in paths:
+        out += allreduce(_load(p))
+    return out
+
+
+def table_serve(paths: list[str]) -> list[str]:
+    out = ["| requests | concurrent | tokens | answered | lost | answered twice | requests/s | tokens/s | latency p50 / p99 s "
+           "| TTFT p50 / p99 s | engine decode ms/token | server overhead ms/token |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in paths:
+        d = _load(p)
+        out.append(f"| {d['requests']} | {d['concurrency']} | {d['tokens']} | {d['answered']} | {d['lost']} | "
+                   f"{d['duplicate_ids']} | {d['requests_per_s']:.2f} | {d['tokens_per_s']:.1f} | "
+                   f"{d['latency_p50_s']:.2f} / {d['latency_p99_s']:.2f} | {d['ttft_p50_s']:.2f} / {d['ttft_p99_s']:.2f} | "
+                   f"{d['engine_decode_per_token_ms']:.1f} | {d['server_overhead_per_token_ms']:.2f} |")
+    return out
+
+
+def _file_list(path: str) -> list[str]:
+    """The raw files a `@LIST` argument names: one path per line of LIST, `#` starts a comment."""
+    p = ROOT / path
+    if not p.is_file():
+        raise TableError(f"{path}: no such file list")
+    return [line.split("#")[0].strip() for line in p.read_text().splitlines() if line.split("#")[0].strip()]
+
+
+def render(spec: str) -> list[str]:
+    """The lines of one generated table from its marker's spec (`KIND ARG...`)."""
+    kind, *args = shlex.split(spec)
+    args = [x for a in args for x in (_file_list(a[1:]) if a.startswith("@") else [a])]
+    opts = {k: v for k, v in (a.split("=", 1) for a in args if "=" in a and kind != "ab")}
+    paths = [a for a in args if "=" not in a or kind == "ab"]
+    if not paths:
+        raise TableError(f"table {kind!r} names no raw file")
+    if kind == "rows":
+        return table_rows(paths)
+    if kind == "cuts":
+        return table_cuts(paths, opts.get("ratios", "0.7,1").split(","), opts.get("links", "nvlink").split(","))
+    if kind == "ab":
+        pairs = [tuple(a.split("=", 1)) for a in paths]
+        if any(len(pr) != 2 for pr in pairs):
+            raise TableError("an ab table takes LABEL=PATH pairs")
+        return table_ab([(lbl.replace("_", " "), p) for lbl, p in pairs])
+    if kind == "budget":
+        return table_budget(paths)
+    if kind == "allreduce":
+        return table_allreduce(paths)
+    if kind == "serve":
+        return table_serve(paths)
+    raise TableError(f"unknown table kind {kind!r}")
+
+
+def regenerate(text: str, name: str = "") -> str:
+    """The Markdown `text` with every generated block rebuilt from its raw files."""
+    lines, out, i = text.split("\n"), [], 0
+    while i < len(lines):
+        line = lines[i]
+        out.append(line)
+        m = BEGIN.match(line.strip())
+        i += 1
+        if not m:
+            continue
+        j = i
+        while j < len(lines) and lines[j].strip() != END:
+            if BEGIN.match(lines[j].strip()):
+                break
+            j += 1
+        if j == len(lines) or lines[j].strip() != END:
+            raise TableError(f"{name}: the table `{m.group(1)}` has no `{END}`")
+        out += render(m.group(1))
+        out.append(END)
+        i = j + 1
+    return "\n".join(out)
+
+
+def docs(paths: list[str], check: bool) -> int:
+    bad = 0
+    for p in paths:
+        path = Path(p)
+        text = path.read_text()
+        try:
+            new = regenerate(text, p)
+        except TableError as e:
+            print(f"error: {p}: {e}", file=sys.stderr)
+            bad += 1
+            continue
+        if new != text:
+            if check:
+                diff = difflib.unified_diff(text.split("\n"), new.split("\n"), "committed", "regenerated", lineterm="", n=0)
+                print(f"error: {p}: its generated tables differ from their raw data:\n" + "\n".join(list(diff)[:20]),
+                      file=sys.stderr)
+                bad += 1
+            else:
+                path.write_text(new)
+                print(f"{p}: tables regenerated")
+    return 1 if bad else 0
+
+
 def main(paths: list[str]) -> None:
     files = [Path(p) for p in paths if Path(p).is_file() and not Path(p).name.startswith("peer-")]
     if not files:
@@ -77,4 +305,10 @@ def main(paths: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    argv = sys.argv[1:]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0)
+    if argv[:1] == ["--docs"]:
+        sys.exit(docs([a for a in argv[1:] if a != "--check"], check="--check" in argv))
+    main(argv)
