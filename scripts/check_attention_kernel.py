@@ -121,10 +121,17 @@ def check_append(slots, kh, g, slot, single_pass_max=None, d=128):
     return err if same else float("inf")
 
 
-def main():
-    if "--sweep" in sys.argv:
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--sweep", action="store_true", help="time the kernel's Triton settings (7B TP 1 heads)")
+    mode.add_argument("--append", action="store_true", help="check the cache-writing kernel of the decode path")
+    args = p.parse_args(argv)
+    if args.sweep:
         return sweep()
-    if "--append" in sys.argv:
+    if args.append:
         worst = max(check_append(*c) for c in [(256, 32, 1, 199), (256, 8, 8, 130), (2176, 32, 1, 2099),
                                                (256, 32, 1, 0), (256, 16, 1, 255)])
         print(f"largest append-kernel error {worst:.2e}: {'OK' if worst < 2e-2 else 'TOO LARGE or caches differ'}")

@@ -12,6 +12,29 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def provenance() -> dict:
+    """Where a measurement came from: UTC date, the checkout's commit (with `+dirty` when it has uncommitted
+    changes; None outside a git checkout) and the command line, for the result files."""
+    import datetime
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    commit = None
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10)
+        if rev.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            commit = rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "commit": commit, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+
+
 def host_times(fn, *args, repeats: int) -> list[float]:
     """Seconds per call of a jitted `fn` (device-synchronised), `repeats` times after one warm-up call."""
     fn(*args).block_until_ready()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -142,6 +143,11 @@ def test_bench_runs_end_to_end_and_reports_measured_numbers(tmp_path):
         assert k in d, k
     assert [row["label"] for row in d["rows"]] == ["r=0.00", "r=0.50", "r=1.00", "floor"]
     assert [row["n_spd"] for row in d["rows"]] == [0, 2, 4, 0]
+    # a result says where it came from: date, the checkout's commit, the command
+    prov = d["provenance"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", prov["date"]), prov
+    assert prov["commit"] is None or re.fullmatch(r"[0-9a-f]{12}(\+dirty)?", prov["commit"]), prov
+    assert "--json" in prov["command"], prov
     sync = d["rows"][0]
     for row in d["rows"]:
         for k in ("ttft_ms", "tpot_ms", "e2e_ms", "tokens_per_s", "speedup_e2e_vs_sync", "speedup_tpot_vs_sync"):

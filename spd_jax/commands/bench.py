@@ -357,6 +357,9 @@ def main(argv=None) -> int:
                 print(f"  {r['label']:8s} vs that peer: decode {peer['tpot_ms'] / r['tpot_ms']:.2f}x faster, "
                       f"e2e {peer['e2e_ms'] / r['e2e_ms']:.2f}x faster")
     if args.json:
+        from spd_jax.measure import provenance
+
+        result["provenance"] = provenance()
         text = json.dumps(result, indent=2)
         print(text) if args.json == "-" else Path(args.json).write_text(text)
     if args.plot:
