@@ -75,7 +75,7 @@ def allreduce(d: dict) -> list[str]:
 #   ab LABEL=PATH...                    a decode-path A/B: sync, SPD on every block, floor, budget columns
 #   budget PATH...                      where a step's time goes: weight stream, floor, overhead per block
 #   allreduce PATH...                   the all-reduce microbenchmark of each run
-#   serve PATH                          a bench_serve.py load run
+#   serve LABEL=PATH...                 bench_serve.py load runs
 # An ARG `@LIST` stands for the paths listed in the file LIST (one per line), so that a table's sources can be
 # shared between documents and kept out of the prose.
 # `--docs FILE.md... [--check]` rewrites (or, with --check, compares) every such block.
@@ -189,14 +189,14 @@ def table_allreduce(paths: list[str]) -> list[str]:
     return out
 
 
-def table_serve(paths: list[str]) -> list[str]:
-    out = ["| requests | concurrent | tokens | answered | lost | answered twice | requests/s | tokens/s | latency p50 / p99 s "
-           "| TTFT p50 / p99 s | engine decode ms/token | server overhead ms/token |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for p in paths:
+def table_serve(pairs: list[tuple[str, str]]) -> list[str]:
+    out = ["| run | requests | concurrent | tokens | answered | lost | answered twice | requests/s | tokens/s "
+           "| latency p50 / p99 s | TTFT p50 / p99 s | engine decode ms/token | server overhead ms/token |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, p in pairs:
         d = _load(p)
-        out.append(f"| {d['requests']} | {d['concurrency']} | {d['tokens']} | {d['answered']} | {d['lost']} | "
-                   f"{d['duplicate_ids']} | {d['requests_per_s']:.2f} | {d['tokens_per_s']:.1f} | "
+        out.append(f"| {label} | {d['requests']} | {d['concurrency']} | {int(d['tokens'])} | {d['answered']} | "
+                   f"{d['lost']} | {d['duplicate_ids']} | {d['requests_per_s']:.2f} | {d['tokens_per_s']:.1f} | "
                    f"{d['latency_p50_s']:.2f} / {d['latency_p99_s']:.2f} | {d['ttft_p50_s']:.2f} / {d['ttft_p99_s']:.2f} | "
                    f"{d['engine_decode_per_token_ms']:.1f} | {d['server_overhead_per_token_ms']:.2f} |")
     return out
@@ -214,25 +214,25 @@ def render(spec: str) -> list[str]:
     """The lines of one generated table from its marker's spec (`KIND ARG...`)."""
     kind, *args = shlex.split(spec)
     args = [x for a in args for x in (_file_list(a[1:]) if a.startswith("@") else [a])]
-    opts = {k: v for k, v in (a.split("=", 1) for a in args if "=" in a and kind != "ab")}
-    paths = [a for a in args if "=" not in a or kind == "ab"]
+    labelled = kind in ("ab", "serve")  # their ARGs are LABEL=PATH pairs
+    opts = {k: v for k, v in (a.split("=", 1) for a in args if "=" in a and not labelled)}
+    paths = [a for a in args if "=" not in a or labelled]
     if not paths:
         raise TableError(f"table {kind!r} names no raw file")
     if kind == "rows":
         return table_rows(paths)
     if kind == "cuts":
         return table_cuts(paths, opts.get("ratios", "0.7,1").split(","), opts.get("links", "nvlink").split(","))
-    if kind == "ab":
+    if labelled:
         pairs = [tuple(a.split("=", 1)) for a in paths]
         if any(len(pr) != 2 for pr in pairs):
-            raise TableError("an ab table takes LABEL=PATH pairs")
-        return table_ab([(lbl.replace("_", " "), p) for lbl, p in pairs])
+            raise TableError(f"a {kind} table takes LABEL=PATH pairs")
+        pairs = [(lbl.replace("_", " "), p) for lbl, p in pairs]
+        return table_ab(pairs) if kind == "ab" else table_serve(pairs)
     if kind == "budget":
         return table_budget(paths)
     if kind == "allreduce":
         return table_allreduce(paths)
-    if kind == "serve":
-        return table_serve(paths)
     raise TableError(f"unknown table kind {kind!r}")
 
 
