@@ -1,7 +1,7 @@
 """GGUF metadata without PyTorch: the model config and the tokenizer, read with llama.cpp's `gguf` reader.
 
 transformers' own GGUF path (`AutoConfig/AutoTokenizer.from_pretrained(..., gguf_file=...)`) imports
-torch, which spd-jax does not otherwise need. Here the header is read with `gguf.GGUFReader` and
+torch, which spd-jax does not otherwise need. Here the header is read by `spd_jax.gguf_file` (once per process) and
 mapped to the config fields `spd_jax.config.model_config_from_hf` reads, and a byte-level BPE
 vocabulary (`tokenizer.ggml.model == "gpt2"`: SmolLM2, LLaMA-3, Qwen2 files) is rebuilt with the
 `tokenizers` library the way transformers' GGUF converter does (tests compare both, token for token).
@@ -33,17 +33,15 @@ PRE_TOKENIZER_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "lla
                         "deepseek-r1-qwen": _QWEN2_SPLIT}
 
 
-@functools.lru_cache(maxsize=4)
 def read_header(path: str) -> tuple[dict[str, Any], tuple[str, ...]]:
     """(metadata key -> value, tensor names) of a GGUF file."""
-    import gguf
+    from spd_jax.gguf_file import read_gguf
 
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises assorted errors on a corrupt file
+        f = read_gguf(path)
+    except Exception as e:  # truncated or foreign files fail in assorted ways
         raise WeightLoadError(f"{path}: not a readable GGUF file: {type(e).__name__}: {e}") from None
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    return meta, tuple(t.name for t in reader.tensors)
+    return {k: v for k, v in f.meta.items() if not k.startswith("GGUF.")}, tuple(f.tensors)
 
 
 def hf_config(path: str | Path) -> types.SimpleNamespace:

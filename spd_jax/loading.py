@@ -7,7 +7,7 @@ each device's shard is read from the memory-mapped file on its own: no host ever
 unsharded copy per device, and in a multi-process run each process reads only its devices' shards.
 
 safetensors: read with `np.memmap` + `ml_dtypes` (the `safetensors` package's NumPy backend cannot
-represent bfloat16, the dtype of most LLaMA checkpoints). GGUF: `gguf.GGUFReader` + `gguf.dequantize`,
+represent bfloat16, the dtype of most LLaMA checkpoints). GGUF: `spd_jax.gguf_file` + `gguf.dequantize`,
 one tensor at a time; the llama.cpp Q/K RoPE permutation is undone as transformers does.
 """
 
@@ -150,13 +150,14 @@ class GGUFSource(TensorSource):
     def __init__(self, path: Path, cfg: ModelConfig):
         import gguf
 
+        from spd_jax.gguf_file import read_gguf
+
         try:
-            self.reader = gguf.GGUFReader(str(path))
-        except Exception as e:  # the reader raises assorted errors on a corrupt file
+            self.tensors = read_gguf(path).tensors
+        except Exception as e:  # truncated or foreign files fail in assorted ways
             raise WeightLoadError(f"{path}: not a readable GGUF file: {type(e).__name__}: {e}") from None
         self._dequantize = gguf.dequantize
         self.cfg = cfg
-        self.tensors = {t.name: t for t in self.reader.tensors}
         self._cache: tuple[str, np.ndarray] | None = None
 
     def names(self):

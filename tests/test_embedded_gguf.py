@@ -71,3 +71,76 @@ def test_torch_free_gguf_config_and_tokenizer_equal_transformers():
             b, skip_special_tokens=True)
     assert (len(ours), ours.bos_token, ours.eos_token, ours.pad_token) == (len(ref), ref.bos_token, ref.eos_token,
                                                                            ref.pad_token)
+
+
+def _reader_view(path):
+    """What llama.cpp's own reader makes of a file: the reference for spd_jax.gguf_file."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    return meta, {t.name: (t.tensor_type, tuple(int(x) for x in t.shape), t.data) for t in r.tensors}
+
+
+def _assert_same_as_reader(path):
+    from spd_jax.gguf_file import read_gguf
+
+    meta, tensors = _reader_view(path)
+    f = read_gguf(path)
+    assert f.meta == meta
+    assert [type(v) for v in f.meta.values()] == [type(v) for v in meta.values()]
+    assert list(f.tensors) == list(tensors)
+    for name, (qtype, shape, data) in tensors.items():
+        t = f.tensors[name]
+        assert (t.tensor_type, t.shape, t.data.dtype, t.data.shape) == (qtype, shape, data.dtype, data.shape), name
+        np.testing.assert_array_equal(t.data, data, err_msg=name)
+
+
+def test_gguf_header_parser_equals_llama_cpp_reader_on_the_embedded_file():
+    _assert_same_as_reader(embedded_gguf_path())
+
+
+def test_gguf_header_parser_equals_llama_cpp_reader_on_every_value_and_tensor_type(tmp_path):
+    import gguf
+
+    path = tmp_path / "all.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint8("t.u8", 7)
+    w.add_int8("t.i8", -7)
+    w.add_uint16("t.u16", 60000)
+    w.add_int16("t.i16", -30000)
+    w.add_uint32("t.u32", 4_000_000_000)
+    w.add_int32("t.i32", -2_000_000_000)
+    w.add_uint64("t.u64", 2**60)
+    w.add_int64("t.i64", -(2**60))
+    w.add_float32("t.f32", 0.1)
+    w.add_float64("t.f64", 0.1)
+    w.add_bool("t.bool", True)
+    w.add_string("t.str", "héllo ✓")
+    w.add_array("t.ints", [1, -2, 3])
+    w.add_array("t.floats", [0.5, -1.25])
+    w.add_array("t.strs", ["a", "", "ü"])
+    w.add_array("t.empty", [])
+    rng = np.random.default_rng(0)
+    w.add_tensor("f32", rng.standard_normal((3, 5)).astype(np.float32))
+    w.add_tensor("f16", rng.standard_normal((4, 2)).astype(np.float16))
+    w.add_tensor("i32", np.arange(6, dtype=np.int32).reshape(2, 3))
+    q = gguf.quantize(rng.standard_normal((2, 64)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("q8", q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    _assert_same_as_reader(path)
+
+
+def test_gguf_header_parser_refuses_a_damaged_file(tmp_path):
+    from spd_jax.config import WeightLoadError
+    from spd_jax.gguf_meta import read_header
+
+    src = embedded_gguf_path().read_bytes()
+    for name, data in (("truncated.gguf", src[:5000]), ("foreign.gguf", b"PK\x03\x04" + src[4:5000])):
+        p = tmp_path / name
+        p.write_bytes(data)
+        with pytest.raises(WeightLoadError, match="not a readable GGUF file"):
+            read_header(str(p))
