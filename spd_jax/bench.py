@@ -195,10 +195,12 @@ class Timing:
     e2e_all: list[float]
 
 
-def bench_generation_config(new_tokens: int, decode_chunk: int = 8, attend_window: int = 256,
-                            shadow_row: bool = True, attention_kernel: str = "auto") -> GenerationConfig:
-    return GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False, decode_chunk=decode_chunk,
-                            attend_window=attend_window, shadow_row=shadow_row, attention_kernel=attention_kernel)
+def bench_generation_config(new_tokens: int, **fields) -> GenerationConfig:
+    """The benchmark's generation: exactly `new_tokens` (no stop at EOS), every other field GenerationConfig's
+    default unless given; validated."""
+    cfg = GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False, **fields)
+    cfg.validate()
+    return cfg
 
 
 def compile_generators(gens: list[Generator], cfg: GenerationConfig, prompt_len: int, batch: int,
@@ -228,10 +230,9 @@ def compile_generators(gens: list[Generator], cfg: GenerationConfig, prompt_len:
     return time.perf_counter() - t0
 
 
-def time_generation(gen: Generator, batch: int, prompt_len: int, new_tokens: int, repeats: int, label: str,
-                    decode_chunk: int = 8, attend_window: int = 256, shadow_row: bool = True,
-                    attention_kernel: str = "auto") -> Timing:
-    cfg = bench_generation_config(new_tokens, decode_chunk, attend_window, shadow_row, attention_kernel)
+def time_generation(gen: Generator, cfg: GenerationConfig, batch: int, prompt_len: int, repeats: int,
+                    label: str) -> Timing:
+    new_tokens = cfg.max_new_tokens
     rng = np.random.RandomState(0)
     prompts = [list(rng.randint(3, gen.cfg.vocab_size, size=prompt_len)) for _ in range(batch)]
     gen.generate(prompts, cfg)  # compile (unless precompiled) + warm up

@@ -240,8 +240,28 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
 
 # ----------------------------------------------------------------------------- run configuration
 
-# GenerationConfig.attention_kernel: "auto" resolves per device (spd_jax.kernels.resolve_attention_kernel)
-ATTENTION_KERNEL_CHOICES = ("auto", "xla", "pallas")
+# How a decode step attends: "xla" (masked attention in plain JAX) or "pallas" (spd_jax.kernels); a config may
+# also ask for "auto", resolved per device (spd_jax.kernels.resolve_attention_kernel)
+ATTENTION_KERNELS = ("xla", "pallas")
+ATTENTION_KERNEL_CHOICES = ("auto", *ATTENTION_KERNELS)
+# Which rows of the shadow row's two the decode all-reduces carry (plan.DecodePath.shadow_allreduce)
+SHADOW_ALLREDUCE = ("first", "both")
+# The attention kernel's Triton settings a run may set (`attention_tune: "key=int,..."`; kernels._plan)
+KERNEL_TUNE_KEYS = ("block_k", "num_warps", "num_stages", "single_pass_max")
+
+
+def parse_kernel_tune(text: str, what: str = "attention_tune") -> tuple[tuple[str, int], ...]:
+    """`"block_k=256,num_warps=8"` -> (("block_k", 256), ("num_warps", 8)), sorted; "" -> (). A ConfigError
+    names a bad item."""
+    out = {}
+    for item in filter(None, (x.strip() for x in (text or "").split(","))):
+        key, _, val = item.partition("=")
+        key, val = key.strip(), val.strip()
+        if key not in KERNEL_TUNE_KEYS or not val.isdigit():
+            raise ConfigError(f"{what}: expected comma-separated key=int with keys {', '.join(KERNEL_TUNE_KEYS)}, "
+                              f"got {item!r}")
+        out[key] = int(val)
+    return tuple(sorted(out.items()))
 
 
 @dataclasses.dataclass
@@ -263,6 +283,11 @@ class GenerationConfig:
     # slots, spd_jax.kernels) or "auto": the kernel on CUDA GPUs where it applies, else "xla"
     # (kernels.resolve_attention_kernel; docs/performance.md, 2026-11-29)
     attention_kernel: str = "auto"
+    # developer knobs for benchmarks (bench: --shadow-allreduce, --attention-tune): the shadow row's
+    # all-reduces carry the first row ("first") or both ("both"; docs/performance.md, "All-reduce"); the
+    # attention kernel's Triton settings, "key=int,..." (KERNEL_TUNE_KEYS; "" = the kernel's defaults)
+    shadow_allreduce: str = "first"
+    attention_tune: str = ""
 
     def validate(self) -> None:
         check_types(self, "generation")
@@ -280,6 +305,9 @@ class GenerationConfig:
             raise ConfigError(f"attention_kernel must be 'auto', 'xla' or 'pallas', got {self.attention_kernel!r}")
         if self.attend_window < 0:
             raise ConfigError(f"attend_window must be >= 0 (0 = the whole cache), got {self.attend_window}")
+        if self.shadow_allreduce not in SHADOW_ALLREDUCE:
+            raise ConfigError(f"shadow_allreduce must be 'first' or 'both', got {self.shadow_allreduce!r}")
+        parse_kernel_tune(self.attention_tune)
 
 
 # messages above this many bytes keep NCCL's psum whatever the one-shot method (collectives.AllReduce):

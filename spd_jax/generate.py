@@ -23,7 +23,7 @@ import numpy as np
 from spd_jax.config import ConfigError, ContextLengthError, GenerationConfig  # noqa: F401 (ContextLengthError: re-exported)
 from spd_jax.distributed import to_host
 from spd_jax.kernels import resolve_attention_kernel
-from spd_jax.plan import SyncPlan
+from spd_jax.plan import DecodePath, SyncPlan
 from spd_jax.runtime import Engine, Params
 
 PAD_ID = 0
@@ -143,7 +143,7 @@ class Generator:
         if key not in self._decode:
             windows = attention_windows(t_pad, max_new, max_len, gen.attend_window)
             fwds = {w: self.engine.forward(self.plan, attend_cache=True if w == max_len else w, with_cache=True,
-                                           shadow_row=gen.shadow_row, attention_kernel=self.attention_kernel(gen))
+                                           path=self.decode_path(gen))
                     for _, _, w in windows}
             eos = jnp.asarray(self.cfg.eos_token_ids or (-1,), jnp.int32)
 
@@ -242,6 +242,10 @@ class Generator:
         """The decode attention this generation runs: `gen.attention_kernel` with "auto" resolved for this
         device and model (`kernels.resolve_attention_kernel`)."""
         return resolve_attention_kernel(gen.attention_kernel, self.cfg.head_dim)
+
+    def decode_path(self, gen: GenerationConfig) -> DecodePath:
+        """How this generation's decode steps execute (built once from the config; see `plan.DecodePath`)."""
+        return DecodePath.of(gen, self.attention_kernel(gen))
 
     def _padded_lengths(self, longest_prompt: int, gen: GenerationConfig) -> tuple[int, int]:
         """(prompt length padded to the bucket, KV-cache length): the shape class compiled for. With the

@@ -28,35 +28,13 @@ import jax
 import jax.numpy as jnp
 
 from spd_jax.config import ATTENTION_KERNEL_CHOICES as KERNEL_CHOICES  # "auto" + ATTENTION_KERNELS
-from spd_jax.config import ConfigError
-
-ATTENTION_KERNELS = ("xla", "pallas")  # what the model runs; a config may also ask for "auto"
+from spd_jax.config import ATTENTION_KERNELS, ConfigError  # noqa: F401 (ATTENTION_KERNELS: re-exported)
 MIN_COMPUTE_CAPABILITY = 8.0  # Triton's bf16 dot (Ampere and newer)
 
 # Caches of at most this many slots are attended in one pass per (sequence, kv head): no split, no combine
 # kernels. Longer caches are split by `split_plan` (flash-decoding). Measured on H200: docs/performance.md.
 SINGLE_PASS_MAX = 512
 NUM_WARPS, NUM_STAGES = 4, 2
-# Tuning for benchmarks, e.g. SPD_JAX_ATTENTION_TUNE="block_k=256,num_warps=8,num_stages=1,single_pass_max=512"
-# (each key optional; arguments of `decode_attention` take precedence).
-TUNE_ENV = "SPD_JAX_ATTENTION_TUNE"
-_TUNE_KEYS = ("block_k", "num_warps", "num_stages", "single_pass_max")
-
-
-def tuning_from_env() -> dict[str, int]:
-    """The kernel settings named in $SPD_JAX_ATTENTION_TUNE ("key=int,..."), checked."""
-    import os
-
-    text = os.environ.get(TUNE_ENV, "").strip()
-    out = {}
-    for item in filter(None, (x.strip() for x in text.split(","))):
-        key, _, val = item.partition("=")
-        if key not in _TUNE_KEYS or not val.strip().isdigit():
-            raise ValueError(f"${TUNE_ENV}: expected comma-separated key=int with keys {_TUNE_KEYS}, got {item!r}")
-        out[key] = int(val)
-    return out
-
-
 def split_plan(cache_len: int, target_splits: int = 16) -> tuple[int, int]:
     """(k_splits, block_k) for a cache of `cache_len` slots (a multiple of 16).
 
@@ -136,22 +114,21 @@ class _Plan:
 
 
 def _plan(s_len: int, g: int, single_pass_max, block_k, num_warps, num_stages, interpret) -> _Plan:
-    """The kernel's plan for a cache of `s_len` slots and `g` query heads per kv head: arguments, else
-    $SPD_JAX_ATTENTION_TUNE, else the defaults (SINGLE_PASS_MAX, `split_plan`, NUM_WARPS, NUM_STAGES)."""
+    """The kernel's plan for a cache of `s_len` slots and `g` query heads per kv head: the arguments (a run's
+    `DecodePath.tune`), else the defaults (SINGLE_PASS_MAX, `split_plan`, NUM_WARPS, NUM_STAGES)."""
     from jax.experimental import pallas as pl
 
-    env = tuning_from_env()
-    pick = lambda arg, key, default: arg if arg is not None else env.get(key, default)  # noqa: E731
-    single = pick(single_pass_max, "single_pass_max", SINGLE_PASS_MAX)
+    pick = lambda arg, default: default if arg is None else arg  # noqa: E731
+    single = pick(single_pass_max, SINGLE_PASS_MAX)
     k_splits, plan_block = (1, split_plan(s_len)[1]) if s_len <= single else split_plan(s_len)
     chunk = s_len // k_splits
-    block_k = pick(block_k, "block_k", plan_block)
+    block_k = pick(block_k, plan_block)
     if block_k < 16 or block_k & (block_k - 1) or chunk % block_k:
         raise ValueError(f"block_k must be a power of two >= 16 dividing the chunk of {chunk} slots, got {block_k}")
     if interpret is None:  # Pallas' interpreter off GPUs (tests); False lowers for GPUs (the lowering test)
         interpret = jax.default_backend() != "gpu"
-    return _Plan(k_splits, chunk, block_k, pick(num_warps, "num_warps", NUM_WARPS),
-                 pick(num_stages, "num_stages", NUM_STAGES), pl.cdiv(g, BLOCK_H), interpret)
+    return _Plan(k_splits, chunk, block_k, pick(num_warps, NUM_WARPS), pick(num_stages, NUM_STAGES),
+                 pl.cdiv(g, BLOCK_H), interpret)
 
 
 def _q_by_kv_head(q_bthd, kh: int, plan: _Plan):
@@ -343,7 +320,7 @@ def decode_attention(q_bthd, k_bskd, v_bskd, start_b, end_b, *, single_pass_max:
     one chunk: the kernel normalises and writes the output itself, so a decode step's attention is one
     kernel. Longer caches split into chunks by `split_plan`, combined here in float32. block_k (slots per
     loop iteration, a power of two >= 16 dividing the chunk; default the plan's), num_warps, num_stages:
-    Triton settings; each unset one comes from $SPD_JAX_ATTENTION_TUNE, else the defaults above."""
+    Triton settings; each unset one is the default above (a run sets them through `DecodePath.tune`)."""
     from jax.experimental import pallas as pl
 
     b, t, h, d = q_bthd.shape

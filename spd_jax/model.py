@@ -20,7 +20,7 @@ where Y_i is device i's partial attention output (row-parallel o-projection with
 from __future__ import annotations
 
 import math
-import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +30,8 @@ from flax import nnx
 from spd_jax.arch import ParamInfo
 from spd_jax.collectives import PSUM, AllReduce
 from spd_jax.config import ModelConfig, RopeConfig
-from spd_jax.kernels import ATTENTION_KERNELS, decode_attention_append
-from spd_jax.plan import SyncPlan
+from spd_jax.kernels import decode_attention_append
+from spd_jax.plan import DecodePath, SyncPlan
 from spd_jax.sharding import TP_AXIS, TPLayout
 
 NEG_INF = float(np.finfo(np.float32).min)
@@ -53,13 +53,19 @@ def psum(x, on: bool = True, how: AllReduce = PSUM, one_row: bool = False):
     return how(x, TP_AXIS)
 
 
-def shadow_allreduce_one_row() -> bool:
-    """Whether shadow-row decode all-reduces one row (default) or both (`SPD_JAX_SHADOW_ALLREDUCE=both`, for
-    comparison): read when the decode step is traced."""
-    mode = os.environ.get("SPD_JAX_SHADOW_ALLREDUCE", "first")
-    if mode not in ("first", "both"):
-        raise ValueError(f"SPD_JAX_SHADOW_ALLREDUCE must be 'first' or 'both', got {mode!r}")
-    return mode == "first"
+class Step(NamedTuple):
+    """What one forward call's blocks need of its `DecodePath`, resolved for this call's shapes by
+    `Transformer.__call__`. shadow: T = 2 identical rows (the shadow row); one_row: their all-reduces carry the
+    first row only; kv_range: (start_b, end_b) cache slots the attention kernel attends (None: XLA's masked
+    attention); tune: the kernel's Triton settings."""
+
+    shadow: bool = False
+    one_row: bool = False
+    kv_range: tuple | None = None
+    tune: tuple[tuple[str, int], ...] = ()
+
+
+PLAIN_STEP = Step()
 
 
 def param(value, info: ParamInfo) -> nnx.Param:
@@ -263,21 +269,23 @@ class Attention(nnx.Module):
         rows = (np.asarray(heads)[:, None] * hd + np.arange(hd)[None, :]).reshape(-1)
         return matmul(o_btf, self.o.w[...][rows])
 
-    def __call__(self, h_btd, rope_cs, mask_bts, kv_cache, cache_index, attend_cache: int, shadow: bool = False,
-                 kv_range=None, scale_bt1=None):
+    def __call__(self, h_btd, rope_cs, mask_bts, kv_cache, cache_index, attend_cache: int, step: Step = PLAIN_STEP,
+                 scale_bt1=None):
         """Returns (Y_i: this shard's partial o-projection, no bias, new kv cache or None).
 
-        shadow: the second of the T = 2 rows is a copy of the first (`Transformer`'s shadow row); only the
-        first is written to the cache. kv_range: (start_b, end_b) cache slots each sequence attends to
-        (end_b = cache_index + 1): the Pallas kernel (`kernels.decode_attention_append`) writes this step's
-        k/v into the cache and attends over the whole cache, instead of `attention_core` with the mask."""
+        step.shadow: the second of the T = 2 rows is a copy of the first (`Transformer`'s shadow row); only
+        the first is written to the cache. step.kv_range: (start_b, end_b) cache slots each sequence attends
+        to (end_b = cache_index + 1): the Pallas kernel (`kernels.decode_attention_append`, with step.tune's
+        settings) writes this step's k/v into the cache and attends over the whole cache, instead of
+        `attention_core` with the mask."""
         q, k, v = self.heads(h_btd, rope_cs, scale_bt1)
         new_cache = None
-        if kv_cache is not None and kv_range is not None:  # the kernel writes this step's k/v and attends
-            o, ck, cv = decode_attention_append(q, k, v, kv_cache["k"], kv_cache["v"], kv_range[0], cache_index)
+        if kv_cache is not None and step.kv_range is not None:  # the kernel writes this step's k/v and attends
+            o, ck, cv = decode_attention_append(q, k, v, kv_cache["k"], kv_cache["v"], step.kv_range[0], cache_index,
+                                                **dict(step.tune))
             return self.output(o), {"k": ck, "v": cv}
         if kv_cache is not None:
-            kw, vw = (k[:, :1], v[:, :1]) if shadow else (k, v)
+            kw, vw = (k[:, :1], v[:, :1]) if step.shadow else (k, v)
             ck = jax.lax.dynamic_update_slice(kv_cache["k"], kw.astype(kv_cache["k"].dtype), (0, cache_index, 0, 0))
             cv = jax.lax.dynamic_update_slice(kv_cache["v"], vw.astype(kv_cache["v"].dtype), (0, cache_index, 0, 0))
             new_cache = {"k": ck, "v": cv}
@@ -368,19 +376,17 @@ class Block(nnx.Module):
         return self.mlp(self.mlp_norm(h_btd), part=part)
 
     def __call__(self, x_btd, rope_cs, mask_bts, kv_cache, cache_index, *, mode: str, bias: str = "full",
-                 attend_cache: int = 0, allreduce: AllReduce = PSUM, shadow: bool = False, one_row: bool = False,
-                 kv_range=None):
+                 attend_cache: int = 0, allreduce: AllReduce = PSUM, step: Step = PLAIN_STEP):
         """mode: "sync" (two all-reduces), "spd" (one) or "none" (the floor: sync maths, no collective).
-        shadow: T = 2 identical rows (see Transformer); one_row: its all-reduces carry the first row only;
-        kv_range: decode attention by the kernel over these cache slots (see Attention).
+        step: how this call executes (shadow row, one-row all-reduces, the attention kernel; see `Step`).
 
         With folded norms, RMSNorm(x) @ W = (x @ (g * W)) / rms(x): the projections read the residual
         stream x itself, their weights carry g, and 1/rms(x) (one reduction) scales their outputs, where
         XLA fuses it into the kernels that already consume them. That removes the normalised-activation
         kernel in front of each normed projection (two per block; docs/performance.md, 2026-11-28)."""
         h, scale = (x_btd, self.attn_norm.inv_rms(x_btd)) if self.late_norm else (self.attn_norm(x_btd), None)
-        y, new_cache = self.attn(h, rope_cs, mask_bts, kv_cache, cache_index, attend_cache, shadow, kv_range,
-                                 scale_bt1=scale)
+        y, new_cache = self.attn(h, rope_cs, mask_bts, kv_cache, cache_index, attend_cache, step, scale_bt1=scale)
+        one_row = step.one_row
         b_o, b_out = self.attn.o.bias(), self.mlp.out_bias()
         if mode != "spd":  # two sync points
             on = mode == "sync"
@@ -452,7 +458,7 @@ class Transformer(nnx.Module):
         return fresh_inputs(self.cfg, t, pad_b)
 
     def __call__(self, tokens_bt, pad_b, cache, cache_index, *, plan: SyncPlan, attend_cache: bool | int = False,
-                 return_hidden: bool = False, shadow_row: bool = False, attention_kernel: str = "xla"):
+                 return_hidden: bool = False, path: DecodePath = DecodePath()):
         """One shard's forward.
 
         tokens_bt: [B, T] token ids, left-padded by pad_b[b] tokens (pad slots are never attended to).
@@ -462,20 +468,20 @@ class Transformer(nnx.Module):
         attend_cache: attend over the whole cache (decode) instead of only over tokens_bt (prefill); an int n
             attends over the first n cache slots only (n must cover every written slot: the decode loop
             grows n with the filled part, so attention costs what the context holds, not the allocation).
-        shadow_row: for one token of one sequence attending over the cache (batch-1 decode), run the blocks on
-            two identical rows and keep the first. Every projection is then a two-row GEMM without the
-            pad and slice kernels `matmul` needs for a single row (~5 of ~22 kernels per block on H200,
-            docs/performance.md); only the first row is written to the cache, and attention reads the
-            cache once for both rows. The all-reduces carry the first row only and copy the sum (the
-            message of one row; `SPD_JAX_SHADOW_ALLREDUCE=both` sends both, for comparison).
-        attention_kernel: "xla" (masked attention in plain JAX) or "pallas": a decode step of one token per
-            sequence attends through `kernels.decode_attention`, over the filled slots of the whole cache
+        path: how a decode step executes (`plan.DecodePath`, static). path.shadow_row: for one token of one
+            sequence attending over the cache (batch-1 decode), run the blocks on two identical rows and keep
+            the first. Every projection is then a two-row GEMM without the pad and slice kernels `matmul`
+            needs for a single row (~5 of ~22 kernels per block on H200, docs/performance.md); only the first
+            row is written to the cache, and attention reads the cache once for both rows. The all-reduces
+            carry the first row only and copy the sum (the message of one row; path.shadow_allreduce "both"
+            sends both, for comparison). path.attention "pallas": a decode step of one token per sequence
+            attends through `kernels.decode_attention_append`, over the filled slots of the whole cache
             (`attend_cache` windows are then not needed); prefill and other calls keep the JAX path.
         Returns (local logits [B, T, Vl] float32, new cache or None[, hidden states]); with return_hidden
         the hidden states are the L block inputs followed by the last block's output (L + 1 arrays).
         """
         t = tokens_bt.shape[1]
-        shadow = bool(shadow_row and attend_cache and cache is not None and not return_hidden
+        shadow = bool(path.shadow_row and attend_cache and cache is not None and not return_hidden
                       and tokens_bt.shape == (1, 1))
         slots = cache_index + jnp.arange(t, dtype=jnp.int32)  # [T]
         positions = positions_for(slots, pad_b)
@@ -485,14 +491,12 @@ class Transformer(nnx.Module):
         mask = self.mask(slots, keys, pad_b)
         rope_cs = self.rope(positions)
         x = self.hidden_in(tokens_bt, positions, not plan.collective_free, plan.allreduce)
-        one_row = shadow and shadow_allreduce_one_row()
-        if attention_kernel not in ATTENTION_KERNELS:
-            raise ValueError(f"attention_kernel must be one of {ATTENTION_KERNELS}, got {attention_kernel!r}")
         kv_range = None
-        if attention_kernel == "pallas" and attend_cache and cache is not None and t == 1 and not return_hidden:
+        if path.attention == "pallas" and attend_cache and cache is not None and t == 1 and not return_hidden:
             start = pad_b if self.cfg.sliding_window is None else \
                 jnp.maximum(pad_b, cache_index - self.cfg.sliding_window + 1)
             kv_range = (start.astype(jnp.int32), jnp.broadcast_to(cache_index + 1, pad_b.shape).astype(jnp.int32))
+        step = Step(shadow, shadow and path.shadow_allreduce == "first", kv_range, path.tune)
         if shadow:
             x, mask = jnp.repeat(x, 2, axis=1), jnp.repeat(mask, 2, axis=1)
             rope_cs = None if rope_cs is None else tuple(jnp.repeat(a, 2, axis=1) for a in rope_cs)
@@ -502,7 +506,7 @@ class Transformer(nnx.Module):
             hidden.append(x)
             x, c = layer(x, rope_cs, mask, None if cache is None else cache[i], cache_index,
                          mode=plan.modes[i], bias=plan.bias, attend_cache=attend_cache, allreduce=plan.allreduce,
-                         shadow=shadow, one_row=one_row, kv_range=kv_range)
+                         step=step)
             if cache is not None:
                 new_cache.append(c)
         hidden.append(x)

@@ -22,10 +22,43 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
 from spd_jax.collectives import PSUM, AllReduce
-from spd_jax.config import ConfigError, parse_block_spec
+from spd_jax.config import (ATTENTION_KERNELS, SHADOW_ALLREDUCE, ConfigError, GenerationConfig, parse_block_spec,
+                             parse_kernel_tune)
 
 PLAN_VERSION = 1
 MODES = ("sync", "spd", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePath:
+    """How a decode step executes, beside the `SyncPlan` that says which all-reduces run: one hashable value,
+    a static argument of the compiled step (so two paths never share a compiled program).
+
+    attention: "xla" (masked attention in plain JAX) or "pallas" (the decode-attention kernel, which also
+    writes the step's k/v into the cache; `kernels.decode_attention_append`). shadow_row: batch-1 decode runs
+    the blocks on two identical rows (model.Transformer). shadow_allreduce: those rows' all-reduces carry the
+    first row ("first") or both. tune: the kernel's Triton settings, sorted (key, value) pairs; () = its
+    defaults. The model's weight layout (fused projections, folded norms) is not here: it is the params'."""
+
+    attention: str = "xla"
+    shadow_row: bool = False
+    shadow_allreduce: str = "first"
+    tune: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
+        if self.shadow_allreduce not in SHADOW_ALLREDUCE:
+            raise ValueError(f"shadow_allreduce must be one of {SHADOW_ALLREDUCE}, got {self.shadow_allreduce!r}")
+
+    @classmethod
+    def of(cls, gen: GenerationConfig, attention: str) -> "DecodePath":
+        """The path of a generation config, its "auto" attention already resolved (`attention`)."""
+        return cls(attention, gen.shadow_row, gen.shadow_allreduce, parse_kernel_tune(gen.attention_tune))
+
+    @property
+    def tune_kwargs(self) -> dict[str, int]:
+        return dict(self.tune)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 from spd_jax.arch import ParamInfo
 from spd_jax.config import ConfigError, ModelConfig
 from spd_jax.model import Transformer
-from spd_jax.plan import SyncPlan
+from spd_jax.plan import DecodePath, SyncPlan
 from spd_jax.sharding import TP_AXIS, TPLayout, make_mesh, named, spec_of
 
 # Engine.replicate: larger host arrays skip the cross-process equality check (environment: for tests)
@@ -239,12 +239,13 @@ class Engine:
 
     # ---- the forward
     def forward(self, plan: SyncPlan, *, attend_cache: bool | int = False, with_cache: bool = False,
-                return_hidden: bool = False, shadow_row: bool = False, attention_kernel: str = "xla") -> Callable:
+                return_hidden: bool = False, path: DecodePath = DecodePath()) -> Callable:
         """An (unjitted) function (params, tokens[B,T], pad[B], cache, cache_index) -> (logits[B,T,V], cache).
 
         Logits are float32 over the true vocabulary (padding sliced off). `cache` is None unless
         with_cache. With return_hidden the hidden states (L block inputs + the last block's output,
-        each [B,T,D]) come back as a third output.
+        each [B,T,D]) come back as a third output. `plan` says which all-reduces run, `path` how a decode
+        step executes (`plan.DecodePath`: attention kernel, shadow row, kernel settings).
         """
         n_layers = self.mdef.cfg.n_layers
         if not isinstance(plan, SyncPlan):
@@ -257,7 +258,7 @@ class Engine:
         def fn(params, tokens, pad, cache, cache_index):
             model = nnx.merge(graphdef, params)
             return model(tokens, pad, cache, cache_index, plan=plan, attend_cache=attend_cache,
-                         return_hidden=return_hidden, shadow_row=shadow_row, attention_kernel=attention_kernel)
+                         return_hidden=return_hidden, path=path)
 
         cache_specs = [{"k": CACHE_SPEC, "v": CACHE_SPEC}] * n_layers if with_cache else None
         logits_spec = P(None, None, TP_AXIS)

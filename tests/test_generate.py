@@ -10,7 +10,7 @@ from jaxpr_util import allreduce_rows, count_primitives
 from spd_jax.config import GenerationConfig
 from spd_jax.generate import ContextLengthError, Generator
 from spd_jax.loading import load_params, open_model
-from spd_jax.plan import SyncPlan
+from spd_jax.plan import DecodePath, SyncPlan
 from spd_jax.runtime import Engine, build_model_def
 
 
@@ -208,13 +208,12 @@ def test_decode_attention_over_the_filled_part_equals_full_recompute(tiny_models
         _, cache = prefill(params, eng.replicate(seq[:, :n]), pad, eng.init_cache(1, 64), jnp.int32(0))
         # exactly the filled part, a window, the whole cache (the kernel reads the filled slots whatever w)
         for w in (n + 1, 32 if n < 32 else 48, True) if kernel == "xla" else (True,):
-            step = jax.jit(eng.forward(plan, attend_cache=w, with_cache=True, shadow_row=shadow,
-                                       attention_kernel=kernel))
+            step = jax.jit(eng.forward(plan, attend_cache=w, with_cache=True, path=DecodePath(kernel, shadow)))
             logits, cache2 = step(params, eng.replicate(seq[:, n:n + 1]), pad, cache, jnp.int32(n))
             chex.assert_shape(logits, (1, 1, lm.cfg.vocab_size))
             np.testing.assert_allclose(np.asarray(logits)[0, 0], ref[0, n], atol=2e-5, rtol=2e-5,
                                        err_msg=f"fill {n}, window {w}")
-        nxt = jax.jit(eng.forward(plan, attend_cache=True, with_cache=True, shadow_row=shadow, attention_kernel=kernel))
+        nxt = jax.jit(eng.forward(plan, attend_cache=True, with_cache=True, path=DecodePath(kernel, shadow)))
         logits, _ = nxt(params, eng.replicate(seq[:, n + 1:n + 2]), pad, cache2, jnp.int32(n + 1))
         np.testing.assert_allclose(np.asarray(logits)[0, 0], ref[0, n + 1], atol=2e-5, rtol=2e-5,
                                    err_msg=f"step after fill {n}")
@@ -231,15 +230,16 @@ def test_shadow_row_decode_step_has_no_row_padding(tiny):
     args = (params, eng.replicate(np.array([[7]], np.int32)), eng.replicate(np.zeros((1,), np.int32)),
             eng.init_cache(1, 16), jnp.int32(3))
     counts = {s: count_primitives(jax.make_jaxpr(eng.forward(plan, attend_cache=True, with_cache=True,
-                                                              shadow_row=s))(*args).jaxpr, "concatenate")
+                                                              path=DecodePath(shadow_row=s)))(*args).jaxpr,
+                                  "concatenate")
               for s in (False, True)}
     assert counts[False] - counts[True] == 7 * lm.cfg.n_layers + 1, counts
 
 
 @pytest.mark.parametrize("tp", [2, 4])
-def test_shadow_row_all_reduces_carry_one_row(tiny_models, tp, monkeypatch):
-    """The shadow row's all-reduces send one row (the message of one-row decode), both with
-    SPD_JAX_SHADOW_ALLREDUCE=both; the logits are those of one-row decode either way (sync and SPD)."""
+def test_shadow_row_all_reduces_carry_one_row(tiny_models, tp):
+    """The shadow row's all-reduces send one row (the message of one-row decode), both with the path's
+    shadow_allreduce "both"; the logits are those of one-row decode either way (sync and SPD)."""
     import jax
     import jax.numpy as jnp
 
@@ -256,8 +256,8 @@ def test_shadow_row_all_reduces_carry_one_row(tiny_models, tp, monkeypatch):
         n_ar = 1 + sum(1 if m == "spd" else 2 for m in plan.modes)
         out = {}
         for mode, shadow in (("first", True), ("both", True), ("first", False)):
-            monkeypatch.setenv("SPD_JAX_SHADOW_ALLREDUCE", mode)
-            fwd = eng.forward(plan, attend_cache=True, with_cache=True, shadow_row=shadow)
+            fwd = eng.forward(plan, attend_cache=True, with_cache=True,
+                              path=DecodePath(shadow_row=shadow, shadow_allreduce=mode))
             rows = allreduce_rows(jax.make_jaxpr(fwd)(*args).jaxpr)
             assert len(rows) == n_ar, rows
             assert rows == ([1] * n_ar if mode == "first" or not shadow else [1] + [2] * (n_ar - 1)), (mode, rows)

@@ -12,7 +12,7 @@ from spd_jax.config import GenerationConfig
 from spd_jax.generate import Generator
 from spd_jax.kernels import decode_attention, decode_attention_append, split_plan
 from spd_jax.loading import load_params, open_model
-from spd_jax.plan import SyncPlan
+from spd_jax.plan import DecodePath, SyncPlan
 from spd_jax.runtime import Engine, build_model_def
 
 
@@ -181,7 +181,7 @@ def test_kernel_path_is_the_one_traced(tiny_models, shadow):
     prefill_args = (params, eng.replicate(np.array([[7, 8, 9]], np.int32)), pad, eng.init_cache(1, 32), jnp.int32(0))
 
     def count(kernel, args, **kw):
-        fwd = eng.forward(plan, with_cache=True, shadow_row=shadow, attention_kernel=kernel, **kw)
+        fwd = eng.forward(plan, with_cache=True, path=DecodePath(kernel, shadow), **kw)
         return count_primitives(jax.make_jaxpr(fwd)(*args).jaxpr, "pallas_call")
 
     assert count("pallas", step_args, attend_cache=True) == lm.cfg.n_layers
@@ -223,9 +223,12 @@ def test_generation_default_is_auto_and_resolves_per_device(tiny_models):
     assert g.attention_kernel(GenerationConfig(attention_kernel="pallas")) == "pallas"
 
 
-def test_tuning_from_the_environment_changes_the_kernel_not_the_result(monkeypatch):
-    """$SPD_JAX_ATTENTION_TUNE (benchmarks' knob) sets block size and plan; a bad value is refused."""
+def test_kernel_settings_change_the_plan_not_the_result():
+    """The kernel's Triton settings (a run's `attention_tune`, carried by the DecodePath) set block size and
+    plan; a bad setting is refused, at load for a config string and at trace time for an argument."""
     import jax.numpy as jnp
+
+    from spd_jax.config import ConfigError, parse_kernel_tune
 
     rng = np.random.RandomState(1)
     q = rng.randn(1, 1, 2, 16).astype(np.float32)
@@ -233,16 +236,40 @@ def test_tuning_from_the_environment_changes_the_kernel_not_the_result(monkeypat
     start, end = np.array([3], np.int32), np.array([200], np.int32)
     want = _numpy_attention(q, k, v, start, end)
     args = [jnp.asarray(a) for a in (q, k, v, start, end)]
-    monkeypatch.setenv("SPD_JAX_ATTENTION_TUNE", "block_k=32,single_pass_max=0")  # split: 2 chunks of 128 slots
-    np.testing.assert_allclose(np.asarray(decode_attention(*args)), want, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(decode_attention(*args, block_k=16)), want, atol=1e-5, rtol=1e-5)
-    monkeypatch.setenv("SPD_JAX_ATTENTION_TUNE", "block_k=32")  # one pass over 256 slots in 32-slot blocks
-    np.testing.assert_allclose(np.asarray(decode_attention(*args)), want, atol=1e-5, rtol=1e-5)
+    split = dict(parse_kernel_tune("block_k=32,single_pass_max=0"))  # split: 2 chunks of 128 slots
+    assert split == {"block_k": 32, "single_pass_max": 0}
+    np.testing.assert_allclose(np.asarray(decode_attention(*args, **split)), want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(decode_attention(*args, block_k=16, single_pass_max=0)), want,
+                               atol=1e-5, rtol=1e-5)
+    one_pass = dict(parse_kernel_tune("block_k=32"))  # one pass over 256 slots in 32-slot blocks
+    np.testing.assert_allclose(np.asarray(decode_attention(*args, **one_pass)), want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="block_k must be a power of two"):
         decode_attention(*args, block_k=48)
-    monkeypatch.setenv("SPD_JAX_ATTENTION_TUNE", "warps=8")
-    with pytest.raises(ValueError, match="SPD_JAX_ATTENTION_TUNE"):
-        decode_attention(*args)
+    for bad in ("warps=8", "block_k=x", "block_k"):
+        with pytest.raises(ConfigError, match="attention_tune"):
+            GenerationConfig(attention_tune=bad).validate()
+
+
+def test_no_environment_variable_changes_the_traced_decode(tiny_models, monkeypatch):
+    """The decode path is a value: variables that once changed the traced step do nothing now."""
+    import jax
+    import jax.numpy as jnp
+
+    lm = open_model(tiny_models["llama"][0])
+    eng = Engine.create(build_model_def(lm.cfg, 2))
+    params = load_params(eng, lm.source)
+    plan = SyncPlan.sync(lm.cfg.n_layers)
+    args = (params, eng.replicate(np.array([[7]], np.int32)), eng.replicate(np.zeros((1,), np.int32)),
+            eng.init_cache(1, 128), jnp.int32(3))
+    fwd = eng.forward(plan, attend_cache=True, with_cache=True, path=DecodePath("pallas", True))
+    before = str(jax.make_jaxpr(fwd)(*args))
+    monkeypatch.setenv("SPD_JAX_ATTENTION_TUNE", "block_k=16,single_pass_max=0")
+    monkeypatch.setenv("SPD_JAX_SHADOW_ALLREDUCE", "both")
+    assert str(jax.make_jaxpr(fwd)(*args)) == before
+    # the same settings as values do change it
+    tuned = eng.forward(plan, attend_cache=True, with_cache=True,
+                        path=DecodePath("pallas", True, "both", (("block_k", 16), ("single_pass_max", 0))))
+    assert str(jax.make_jaxpr(tuned)(*args)) != before
 
 
 @pytest.mark.parametrize("tp", [2, 4])

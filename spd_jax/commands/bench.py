@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from spd_jax.config import ATTENTION_KERNEL_CHOICES
+from spd_jax.config import ATTENTION_KERNEL_CHOICES, KERNEL_TUNE_KEYS, SHADOW_ALLREDUCE
 
 
 def parse_args(argv=None):
@@ -49,6 +49,12 @@ def parse_args(argv=None):
                         "kernel on CUDA GPUs where it applies (the default)")
     p.add_argument("--no-shadow-row", action="store_true",
                    help="batch-1 decode on one row (each product padded to two) instead of two identical rows")
+    p.add_argument("--shadow-allreduce", choices=SHADOW_ALLREDUCE, default="first",
+                   help="developer knob: the shadow row's all-reduces carry the first row (default: the message of "
+                        "one row) or both (docs/performance.md, \"All-reduce\")")
+    p.add_argument("--attention-tune", default="", metavar="KEY=INT,...",
+                   help="developer knob: the attention kernel's Triton settings (keys: " + ", ".join(KERNEL_TUNE_KEYS)
+                        + "; e.g. block_k=256,num_warps=8)")
     p.add_argument("--compile-threads", type=int, default=4,
                    help="compile the SPD configurations in this many threads (after the first, alone)")
     p.add_argument("--compile-cache", metavar="DIR",
@@ -84,6 +90,15 @@ def parse_args(argv=None):
 PEER_FIELDS = ("tp", "device", "ttft_ms", "tpot_ms", "e2e_ms")
 
 
+def generation_config(args):
+    """The benchmark's GenerationConfig from its flags (one place; validated)."""
+    from spd_jax.bench import bench_generation_config
+
+    return bench_generation_config(args.new_tokens, decode_chunk=args.decode_chunk, attend_window=args.attend_window,
+                                   shadow_row=not args.no_shadow_row, attention_kernel=args.attention_kernel,
+                                   shadow_allreduce=args.shadow_allreduce, attention_tune=args.attention_tune)
+
+
 def _read_json(path: str, flag: str) -> dict:
     from spd_jax.config import ConfigError
 
@@ -105,6 +120,11 @@ def check_inputs(args) -> None:
     from spd_jax.bench import SHAPES
     from spd_jax.cli import check_output_path, parse_list
     from spd_jax.collectives import AUTO, METHODS
+
+    from spd_jax.config import parse_kernel_tune
+
+    parse_kernel_tune(args.attention_tune, "--attention-tune")
+    generation_config(args)  # --decode-chunk, --attend-window, ... (a ConfigError names the field)
     from spd_jax.config import ConfigError
 
     if args.shape not in SHAPES:
@@ -189,7 +209,6 @@ def main(argv=None) -> int:
     from spd_jax.bench import (
         NCCL_KEYS,
         allreduce_microbench,
-        bench_generation_config,
         compile_generators,
         decode_budget,
         link_check,
@@ -258,16 +277,12 @@ def main(argv=None) -> int:
     if args.floor:
         configs.append(("floor", SyncPlan.floor(L), "none"))
     gens = [Generator(engine, params, plan) for _, plan, _ in configs]
-    compile_s = compile_generators(gens, bench_generation_config(args.new_tokens, args.decode_chunk,
-                                                                 args.attend_window, not args.no_shadow_row,
-                                                                 args.attention_kernel),
-                                   args.prompt_len, args.batch, args.compile_threads)
+    gcfg = generation_config(args)
+    compile_s = compile_generators(gens, gcfg, args.prompt_len, args.batch, args.compile_threads)
     phase(f"compile {len(gens)} configurations")
     rows = []
     for (label, _, _), g in zip(configs, gens):
-        rows.append(time_generation(g, args.batch, args.prompt_len, args.new_tokens, args.repeats, label,
-                                    args.decode_chunk, args.attend_window, not args.no_shadow_row,
-                                    args.attention_kernel))
+        rows.append(time_generation(g, gcfg, args.batch, args.prompt_len, args.repeats, label))
         phase(f"time {label}")
     if ar is None:
         ar = (allreduce_microbench(engine.mesh, sizes, methods=tuple(measured) if measured != ["psum"] else (),
@@ -290,6 +305,7 @@ def main(argv=None) -> int:
         "shape": args.shape, "tp": args.tp, "batch": args.batch, "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "dtype": args.dtype, "decode_chunk": args.decode_chunk,
         "attend_window": args.attend_window, "shadow_row": not args.no_shadow_row,
+        "shadow_allreduce": args.shadow_allreduce, "attention_tune": args.attention_tune,
         "attention_kernel": args.attention_kernel,
         "fused_projections": args.fused_projections, "fold_norms": args.fold_norms, "compile_s": compile_s, "interconnect": args.interconnect,
         "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),

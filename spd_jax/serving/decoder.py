@@ -79,8 +79,7 @@ class StreamingDecoder:
         key = (window, n, max_len)
         if key not in self._steps:
             fwd = self.g.engine.forward(self.g.plan, attend_cache=True if window == max_len else window,
-                                        with_cache=True, shadow_row=self.gen.shadow_row,
-                                        attention_kernel=self.g.attention_kernel(self.gen))
+                                        with_cache=True, path=self.g.decode_path(self.gen))
 
             def steps(params, cache, prev, pad, index, rng, first_step, temperature, top_p):
                 def step(j, c):
