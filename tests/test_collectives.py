@@ -56,8 +56,7 @@ def _setup(tiny_models, kind, tp, emulate=False):
     return lm, eng, load_params(eng, lm.source)
 
 
-@pytest.mark.parametrize("kind", ["llama", "opt"])
-@pytest.mark.parametrize("tp", [2, 4, 8])
+@pytest.mark.parametrize("kind,tp", [("llama", 2), ("opt", 4), ("llama", 8)])  # each family, each TP degree
 def test_model_logits_and_tokens_equal_with_every_method(tiny_models, kind, tp):
     lm, eng, params = _setup(tiny_models, kind, tp)
     tokens = np.random.RandomState(1).randint(3, 90, size=(2, 11)).astype(np.int32)

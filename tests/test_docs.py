@@ -144,3 +144,39 @@ def test_every_command_and_script_answers_help():
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, f"{name} --help: exit {proc.returncode}\n{err[-2000:]}"
         assert "usage" in out.lower(), f"{name} --help printed no usage:\n{out[:500]}"
+
+
+def _example_lines():
+    """(where, command, args) of every `python launch/X.py ...` example in the commands' --help texts, the README
+    and docs/ (lines with a `...` placeholder are templates, not examples)."""
+    import importlib
+
+    sources = []
+    for name in ("infer", "evaluate", "train_distill", "serve", "bench"):
+        sources.append((f"spd-{name.replace('_', '-')} --help", importlib.import_module(f"spd_jax.commands.{name}").__doc__))
+    for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = p.read_text()
+        # an inline `code span` may wrap across lines of prose; fenced blocks stay line by line
+        spans = [m.group(1).replace("\n", " ") for m in re.finditer(r"(?<!`)`([^`]+)`(?!`)", text)]
+        sources.append((p.name, "\n".join(spans + text.splitlines())))
+    for where, text in sources:
+        for line in text.splitlines():
+            m = re.search(r"python launch/(infer|evaluate|train_distill|serve|bench)\.py((?:[^`#&|;]|\\\\)*)", line)
+            if m and "..." not in line and "OUT" not in m.group(2) and not m.group(2).rstrip().endswith("--out"):
+                yield where, m.group(1), m.group(2).strip()
+
+
+def test_every_example_command_line_parses_with_its_command():
+    """A flag renamed or removed makes its examples fail here, not in a user's shell."""
+    import importlib
+    import shlex
+
+    checked = 0
+    for where, cmd, args in _example_lines():
+        parse_args = importlib.import_module(f"spd_jax.commands.{cmd}").parse_args
+        try:
+            parse_args(shlex.split(args))
+        except SystemExit as e:
+            raise AssertionError(f"{where}: `python launch/{cmd}.py {args}` does not parse (exit {e.code})") from None
+        checked += 1
+    assert checked >= 25, checked

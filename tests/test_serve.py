@@ -17,6 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAN = ROOT / "configs/plans/smollm2_tp3_half.json"
+pytestmark = pytest.mark.xdist_group("serve")  # one server for the module, on one worker
 PROMPT = "The capital of France is"
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
 
