@@ -319,6 +319,10 @@ def test_bench_inputs_are_checked_before_any_work(tmp_path):
         check("--spd-ratios", "0,1.5")
     with pytest.raises(ConfigError, match="--allreduce-sizes: '8k' is not an integer"):
         check("--allreduce-sizes", "8k")
+    with pytest.raises(ConfigError, match="--attention-tune: expected comma-separated key=int .* got 'warps=8'"):
+        check("--attention-tune", "warps=8")
+    with pytest.raises(ConfigError, match="decode_chunk must be >= 1"):
+        check("--decode-chunk", "0")
     ok = tmp_path / "ok.json"
     check("--json", ok, "--spd-ratios", "0,0.5")
     assert not ok.exists()  # the probe leaves nothing behind
