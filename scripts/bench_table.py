@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 import shlex
 import sys
@@ -76,6 +77,7 @@ def allreduce(d: dict) -> list[str]:
 #   budget PATH...                      where a step's time goes: weight stream, floor, overhead per block
 #   allreduce PATH...                   the all-reduce microbenchmark of each run
 #   serve LABEL=PATH...                 bench_serve.py load runs
+#   accuracy PATH                       launch/study.py's results.json by SPD ratio
 # An ARG `@LIST` stands for the paths listed in the file LIST (one per line), so that a table's sources can be
 # shared between documents and kept out of the prose.
 # `--docs FILE.md... [--check]` rewrites (or, with --check, compares) every such block.
@@ -202,6 +204,31 @@ def table_serve(pairs: list[tuple[str, str]]) -> list[str]:
     return out
 
 
+def _acc_stderr(tasks: dict) -> float:
+    """Standard error of the mean of the tasks' accuracies: each task's sqrt(acc (1 - acc) / (n - 1)) (lm-eval's
+    acc_stderr), combined as sqrt(sum se^2) / k (spd_jax.evaluation.mean_accuracy_stderr)."""
+    se = [math.sqrt(max(t["acc"] * (1 - t["acc"]), 0.0) / (t["n"] - 1)) for t in tasks.values()]
+    return math.sqrt(sum(x * x for x in se)) / len(se)
+
+
+def table_accuracy(paths: list[str]) -> list[str]:
+    """The accuracy study (launch/study.py's results.json) by ratio: zero-shot and fully treated perplexity, mean
+    zero-shot accuracy +- its standard error."""
+    out = ["| blocks dropped | zero-shot perplexity | with distillation + head grouping | mean accuracy (ZS) |",
+           "|---|---|---|---|"]
+    for p in paths:
+        d = _load(p)
+        by = {(r["ratio"], r["method"]): r for r in d["rows"]}
+        for ratio in d["ratios"]:
+            zs = by.get((ratio, "ZS")) or by.get((ratio, "no SPD"))
+            full = by.get((ratio, "ZS+B2B+HG"))
+            label = "none" if ratio == 0 else f"{100 * ratio:.0f}%"
+            treated = "-" if full is None else f"{full['ppl']:.2f}"
+            out.append(f"| {label} | {zs['ppl']:.2f} | {treated} | "
+                       f"{100 * zs['mean_acc']:.1f} ± {100 * _acc_stderr(zs['tasks']):.1f} |")
+    return out
+
+
 def _file_list(path: str) -> list[str]:
     """The raw files a `@LIST` argument names: one path per line of LIST, `#` starts a comment."""
     p = ROOT / path
@@ -233,6 +260,8 @@ def render(spec: str) -> list[str]:
         return table_budget(paths)
     if kind == "allreduce":
         return table_allreduce(paths)
+    if kind == "accuracy":
+        return table_accuracy(paths)
     raise TableError(f"unknown table kind {kind!r}")
 
 
