@@ -27,7 +27,9 @@ def common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spd-blocks", help="blocks that drop the attention sync: 'all', 'none', or e.g. '0,2,5-9'")
     p.add_argument("--spd-plan", help="plan.json written by launch/train_distill.py (overrides --spd-blocks)")
     p.add_argument("--checkpoint", help="output dir of launch/train_distill.py: distilled weights + its plan")
-    p.add_argument("--allreduce", choices=["psum", "gather", "a2a", "auto"],
+    from spd_jax.config import ALLREDUCE_CHOICES
+
+    p.add_argument("--allreduce", choices=ALLREDUCE_CHOICES,
                    help="how the block all-reduces are done: NCCL's psum (default), a one-shot exchange for small "
                         "messages, or auto: per message size the method measured fastest in --allreduce-table "
                         "(docs/benchmarks.md has the measured choice per link)")

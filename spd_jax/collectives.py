@@ -41,14 +41,14 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from spd_jax.config import ALLREDUCE_CHOICES, ALLREDUCE_METHODS, ConfigError
 from spd_jax.config import ALLREDUCE_MAX_BYTES as DEFAULT_MAX_BYTES
-from spd_jax.config import ConfigError
 
 TP_AXIS = "tp"
-METHODS = ("psum", "gather", "a2a")  # the implementations
+METHODS = ALLREDUCE_METHODS  # the implementations
 AUTO = "auto"  # per message size from a measured choice table
 AUTO_MARGIN = 0.10  # a one-shot method must be measured this much faster than psum to replace it
-Method = Literal["psum", "gather", "a2a", "auto"]
+Method = Literal[ALLREDUCE_CHOICES]
 
 
 def _rank_sum(stacked_n):

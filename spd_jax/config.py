@@ -310,6 +310,11 @@ class GenerationConfig:
         parse_kernel_tune(self.attention_tune)
 
 
+# How the block all-reduces are done (spd_jax.collectives): NCCL's psum, or a one-shot exchange for small
+# messages; "auto" picks per message size from a measured choice table
+ALLREDUCE_METHODS = ("psum", "gather", "a2a")
+ALLREDUCE_CHOICES = (*ALLREDUCE_METHODS, "auto")
+
 # messages above this many bytes keep NCCL's psum whatever the one-shot method (collectives.AllReduce):
 # at TP 4 the all-to-all lost to NCCL at 1 MiB on every link measured (docs/benchmarks.md, 2026-11-28)
 ALLREDUCE_MAX_BYTES = 256 << 10
@@ -337,7 +342,7 @@ class RunConfig:
     # "auto": per message size, the method measured fastest in allreduce_table (a launch/bench.py --json result
     # of this TP degree and link, measured with --allreduce-methods psum,gather,a2a), or with allreduce_table
     # "measure" measured at start-up on this run's devices at its own message sizes (inference.allreduce_of)
-    allreduce: Literal["psum", "gather", "a2a", "auto"] = "psum"
+    allreduce: Literal[ALLREDUCE_CHOICES] = "psum"
     allreduce_max_bytes: int = ALLREDUCE_MAX_BYTES
     allreduce_table: str | None = None
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
