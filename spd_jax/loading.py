@@ -361,12 +361,12 @@ def _hf_tokenizer(path: Path):
 
 def open_model(model: str | os.PathLike) -> LoadedModel:
     """Open a HF model directory or a .gguf file (config + lazy tensors + tokenizer factory)."""
-    from transformers import AutoConfig
-
     from spd_jax.embedded import resolve_model_path
 
     path = resolve_model_path(model)
     if path.is_dir():
+        from transformers import AutoConfig  # imports torch where installed (~3 s): HF folders only
+
         if not (path / "config.json").is_file():
             raise WeightLoadError(f"{path}: no config.json (expected a Hugging Face model directory)")
         try:
