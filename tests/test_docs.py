@@ -115,7 +115,7 @@ def _tracked_text_files():
 
 def test_the_project_speaks_of_itself_alone():
     # how the work was organised is not the user's business: no numbered work periods or device calls
-    words = re.compile(r"\b(" + "sess" + r"ions? [0-9]|" + "cal" + r"ls? [0-9]|" + "le" + r"nt)\b", re.I)
+    words = re.compile(r"\b(" + "sess" + r"ions? [0-9]+|" + "cal" + r"ls? [0-9]+|" + "le" + r"nt)\b", re.I)
     hits = [f"{name}:{text[:m.start()].count(chr(10)) + 1}: {m.group(0)}"
             for name, text in _tracked_text_files() for m in words.finditer(text)]
     assert not hits, "\n".join(hits[:30])
