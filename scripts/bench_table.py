@@ -108,9 +108,14 @@ def _cut(r: dict) -> float:
     return 1 - 1 / r["speedup_e2e_vs_sync"]
 
 
+ROWS_HEAD = ["| shape | TP | link | config | ttft ms | tpot ms | e2e ms | e2e speed-up vs sync | e2e cut | AR removed "
+             "| decode vs peer |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+ALLREDUCE_HEAD = ["| shape | TP | link | bytes | in-loop us | host-timed us | bus GB/s (in loop) |",
+                  "|---|---|---|---|---|---|---|"]
+
+
 def table_rows(paths: list[str]) -> list[str]:
-    out = ["| shape | TP | link | config | ttft ms | tpot ms | e2e ms | e2e speed-up vs sync | e2e cut | AR removed "
-           "| decode vs peer |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = list(ROWS_HEAD)
     for p in paths:
         out += rows(_load(p))
     return out
@@ -184,8 +189,7 @@ def table_budget(paths: list[str]) -> list[str]:
 
 
 def table_allreduce(paths: list[str]) -> list[str]:
-    out = ["| shape | TP | link | bytes | in-loop us | host-timed us | bus GB/s (in loop) |",
-           "|---|---|---|---|---|---|---|"]
+    out = list(ALLREDUCE_HEAD)
     for p in paths:
         out += allreduce(_load(p))
     return out
@@ -321,16 +325,10 @@ def main(paths: list[str]) -> None:
     d0 = ds[0]
     print(f"cards: {', '.join(cards)}; batch {d0.get('batch')}, {d0.get('prompt_len')} in / "
           f"{d0.get('new_tokens')} out, RANDOM {d0.get('dtype')} weights\n")
-    print("| shape | TP | link | config | ttft ms | tpot ms | e2e ms | e2e speed-up vs sync | e2e cut | AR removed "
-          "| decode vs peer |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for d in ds:
-        print("\n".join(rows(d)))
+    print("\n".join(ROWS_HEAD + [line for d in ds for line in rows(d)]))
     ar = [line for d in ds for line in allreduce(d)]
     if ar:
-        print("\n| shape | TP | link | bytes | in-loop us | host-timed us | bus GB/s (in loop) |")
-        print("|---|---|---|---|---|---|---|")
-        print("\n".join(ar))
+        print("\n" + "\n".join(ALLREDUCE_HEAD + ar))
 
 
 if __name__ == "__main__":

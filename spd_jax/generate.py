@@ -142,8 +142,9 @@ class Generator:
         key = (_compile_fields(gen), max_new, t_pad, max_len)
         if key not in self._decode:
             windows = attention_windows(t_pad, max_new, max_len, gen.attend_window)
+            path = self.decode_path(gen)
             fwds = {w: self.engine.forward(self.plan, attend_cache=True if w == max_len else w, with_cache=True,
-                                           path=self.decode_path(gen))
+                                           path=path)
                     for _, _, w in windows}
             eos = jnp.asarray(self.cfg.eos_token_ids or (-1,), jnp.int32)
 

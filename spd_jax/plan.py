@@ -56,10 +56,6 @@ class DecodePath:
         """The path of a generation config, its "auto" attention already resolved (`attention`)."""
         return cls(attention, gen.shadow_row, gen.shadow_allreduce, parse_kernel_tune(gen.attention_tune))
 
-    @property
-    def tune_kwargs(self) -> dict[str, int]:
-        return dict(self.tune)
-
 
 @dataclasses.dataclass(frozen=True)
 class SyncPlan:

@@ -120,12 +120,10 @@ def check_inputs(args) -> None:
     from spd_jax.bench import SHAPES
     from spd_jax.cli import check_output_path, parse_list
     from spd_jax.collectives import AUTO, METHODS
+    from spd_jax.config import ConfigError, parse_kernel_tune
 
-    from spd_jax.config import parse_kernel_tune
-
-    parse_kernel_tune(args.attention_tune, "--attention-tune")
+    parse_kernel_tune(args.attention_tune, "--attention-tune")  # first, so the error names the flag
     generation_config(args)  # --decode-chunk, --attend-window, ... (a ConfigError names the field)
-    from spd_jax.config import ConfigError
 
     if args.shape not in SHAPES:
         raise ConfigError(f"--shape {args.shape!r} is not a known shape; known: {', '.join(sorted(SHAPES))}")
