@@ -28,13 +28,16 @@ import jax
 import jax.numpy as jnp
 
 from spd_jax.config import ATTENTION_KERNEL_CHOICES as KERNEL_CHOICES  # "auto" + ATTENTION_KERNELS
-from spd_jax.config import ATTENTION_KERNELS, ConfigError  # noqa: F401 (ATTENTION_KERNELS: re-exported)
+from spd_jax.config import ConfigError
+
 MIN_COMPUTE_CAPABILITY = 8.0  # Triton's bf16 dot (Ampere and newer)
 
 # Caches of at most this many slots are attended in one pass per (sequence, kv head): no split, no combine
 # kernels. Longer caches are split by `split_plan` (flash-decoding). Measured on H200: docs/performance.md.
 SINGLE_PASS_MAX = 512
 NUM_WARPS, NUM_STAGES = 4, 2
+
+
 def split_plan(cache_len: int, target_splits: int = 16) -> tuple[int, int]:
     """(k_splits, block_k) for a cache of `cache_len` slots (a multiple of 16).
 

@@ -4,12 +4,12 @@ import io
 import json
 import math
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from bigbench_util import BIGBENCH
 from spd_jax.evaluation import (
     MCItem,
     Scorer,
@@ -22,12 +22,8 @@ from spd_jax.evaluation import (
 from spd_jax.loading import load_params, open_model
 from spd_jax.plan import SyncPlan
 from spd_jax.runtime import Engine, build_model_def
-from spd_jax.tasks import bigbench_dir, extract_bigbench, load_bigbench, load_task
+from spd_jax.tasks import extract_bigbench, load_bigbench, load_task
 
-# the BIG-bench tasks: the project's own download cache (launch/evaluate.py --download-bigbench), else a copy
-# beside the checkout
-BIGBENCH = next((d for d in (bigbench_dir(), Path(__file__).resolve().parents[2] / "shared" / "data" / "bigbench")
-                 if (d / "social_iqa" / "task.json").is_file()), None)
 
 
 class CharTokenizer:

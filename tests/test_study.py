@@ -1,21 +1,16 @@
 """The accuracy study (`launch/study.py`): a killed study continues from its state folder and ends with the
 rows of an uninterrupted study; its results page keeps the hand-written notes."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bigbench_util import BIGBENCH
 from spd_jax.config import ConfigError
 from spd_jax.pipeline.distill import DistillConfig
 from spd_jax.pipeline.run import PipelineConfig
-from spd_jax.tasks import bigbench_dir
 from spd_jax.study import NOTES_MARKER, StudyState, run_study, write_results_md
 
-# the BIG-bench tasks: the project's own download cache (launch/evaluate.py --download-bigbench), else a copy
-# beside the checkout
-BIGBENCH = next((d for d in (bigbench_dir(), Path(__file__).resolve().parents[2] / "shared" / "data" / "bigbench")
-                 if (d / "social_iqa" / "task.json").is_file()), None)
 
 
 class Killed(Exception):
