@@ -12,7 +12,7 @@ Two pieces of knowledge used to live in many places keyed on parameter names; th
   permutations and parameter counting all read it. A logical axis not in `LOGICAL_AXES` is an error.
 
 Adding a family: a `Family` entry (and its names), a branch in `model_config_from_hf` if its
-transformers config has new fields, and `gguf_meta.GGUF_ARCHS` for GGUF files (docs/design.md).
+transformers config has new fields, and `gguf_arch` for GGUF files (docs/design.md).
 """
 
 from __future__ import annotations
@@ -99,7 +99,20 @@ class Family:
     gguf_rope_permuted: bool = False  # llama.cpp's converter permuted q/k rows (LLaMA-arch GGUFs)
     qk_norm: bool = False  # RMSNorm over head_dim on each q and k head before RoPE (Qwen3)
     mlp_bias: bool = False
+    # attention biases as the family's transformers config decides them: always, never, or by its
+    # `attention_bias` flag (LLaMA, Qwen3)
+    qkv_bias: Literal["yes", "no", "attention_bias"] = "attention_bias"
+    o_bias: Literal["yes", "no", "attention_bias"] = "attention_bias"
+    # sliding-window attention: "config" applies the config's `sliding_window` when it names one (Mistral; a
+    # LLaMA-arch GGUF of a Mistral model), "refuse" refuses a config with `use_sliding_window` (Qwen2/3's
+    # per-layer windows), "none": the family has no window
+    sliding_window: Literal["config", "refuse", "none"] = "none"
+    gguf_arch: str | None = None  # the GGUF `general.architecture` read as this family (None: no GGUF form)
     distill_lr: float = 5e-5  # the paper's block-to-block learning rate for the family
+
+    def bias(self, rule: str, hf_config) -> bool:
+        """A bias rule (`qkv_bias` / `o_bias` value) applied to a transformers config."""
+        return rule == "yes" or (rule == "attention_bias" and bool(getattr(hf_config, "attention_bias", False)))
 
     def names(self, role: str, block: int | None = None) -> tuple[str | None, str | None]:
         """(HF name, GGUF name) prefixes of a role, e.g. ("model.layers.3.self_attn.q_proj", "blk.3.attn_q")."""
@@ -111,14 +124,23 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family("llama", "rms", "swiglu", "rope", _LLAMA_HF, _LLAMA_GGUF, gguf_rope_permuted=True),
+    "llama": Family("llama", "rms", "swiglu", "rope", _LLAMA_HF, _LLAMA_GGUF, gguf_rope_permuted=True,
+                    sliding_window="config", gguf_arch="llama"),
     # Mistral: LLaMA blocks with sliding-window attention (ModelConfig.sliding_window); llama.cpp writes
-    # Mistral-7B as a LLaMA-arch GGUF (permuted q/k rows).
-    "mistral": Family("mistral", "rms", "swiglu", "rope", _LLAMA_HF, _LLAMA_GGUF, gguf_rope_permuted=True),
-    "qwen2": Family("qwen2", "rms", "swiglu", "rope", _LLAMA_HF, _LLAMA_GGUF),
-    "qwen3": Family("qwen3", "rms", "swiglu", "rope", _LLAMA_HF, _LLAMA_GGUF, qk_norm=True),
-    "opt": Family("opt", "layer", "relu", "learned", _OPT_HF, None, mlp_bias=True, distill_lr=1e-6),
+    # Mistral-7B as a LLaMA-arch GGUF (permuted q/k rows), read as "llama" with the window it records.
+    "mistral": Family("mistral", "rms", "swiglu", "rope", _LLAMA_HF, _LLAMA_GGUF, gguf_rope_permuted=True,
+                      o_bias="no", sliding_window="config"),
+    "qwen2": Family("qwen2", "rms", "swiglu", "rope", _LLAMA_HF, _LLAMA_GGUF, qkv_bias="yes", o_bias="no",
+                    sliding_window="refuse", gguf_arch="qwen2"),
+    "qwen3": Family("qwen3", "rms", "swiglu", "rope", _LLAMA_HF, _LLAMA_GGUF, qk_norm=True,
+                    sliding_window="refuse", gguf_arch="qwen3"),
+    "opt": Family("opt", "layer", "relu", "learned", _OPT_HF, None, mlp_bias=True, qkv_bias="yes", o_bias="yes",
+                  distill_lr=1e-6),
 }
+
+
+# GGUF `general.architecture` -> the family it is read as
+GGUF_ARCHS: dict[str, str] = {f.gguf_arch: f.name for f in FAMILIES.values() if f.gguf_arch is not None}
 
 
 def family(arch: str) -> Family:

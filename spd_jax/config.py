@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from spd_jax.arch import FAMILIES  # the family table: the one registry of architecture names
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message says which and what is allowed."""
@@ -83,7 +85,7 @@ def check_types(obj: Any, where: str) -> None:
             raise ConfigError(f"{where}: {f.name} must be a finite number, got {v}")
 
 
-Arch = Literal["llama", "mistral", "qwen2", "qwen3", "opt"]  # the entries of spd_jax.arch.FAMILIES
+Arch = Literal[tuple(FAMILIES)]  # the entries of spd_jax.arch.FAMILIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,9 +122,7 @@ class ModelConfig:
     @property
     def family(self):
         """The architecture's table entry (spd_jax.arch.Family): norm, MLP, positions, names."""
-        from spd_jax.arch import family
-
-        return family(self.arch)
+        return FAMILIES[self.arch]
 
     def check_fits(self, n_tokens: int, what: str, hint: str = "") -> None:
         """Refuse `n_tokens` positions beyond the model's context, for every family alike: learned positions
@@ -170,7 +170,7 @@ def _eos_ids(hf: Any) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
 
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "opt")
+SUPPORTED_ARCHS = tuple(FAMILIES)
 
 
 def model_config_from_hf(hf: Any) -> ModelConfig:
@@ -187,6 +187,7 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
         eos_token_ids=_eos_ids(hf),
         pad_token_id=getattr(hf, "pad_token_id", None),
     )
+    fam = FAMILIES[mt]
     if mt == "opt":
         if not getattr(hf, "do_layer_norm_before", True):
             raise ConfigError("OPT with do_layer_norm_before=False (opt-350m, post-LN) is not supported")
@@ -194,46 +195,24 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
             raise ConfigError("OPT with word_embed_proj_dim != hidden_size (opt-350m) is not supported")
         if not getattr(hf, "enable_bias", True) or not getattr(hf, "layer_norm_elementwise_affine", True):
             raise ConfigError("OPT without biases or affine layer norms is not supported")
-        cfg = ModelConfig(
-            arch="opt",
-            n_kv_heads=hf.num_attention_heads,
-            head_dim=hf.hidden_size // hf.num_attention_heads,
-            intermediate=hf.ffn_dim,
-            max_position=hf.max_position_embeddings,
-            norm_eps=1e-5,
-            rope=None,
-            tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
-            qkv_bias=True,
-            o_bias=True,
-            **common,
-        )
+        shape = dict(n_kv_heads=hf.num_attention_heads, head_dim=hf.hidden_size // hf.num_attention_heads,
+                     intermediate=hf.ffn_dim, norm_eps=1e-5, rope=None,
+                     tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)))
     else:
         if getattr(hf, "hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act {hf.hidden_act!r} not supported for {mt} (only silu)")
         if getattr(hf, "mlp_bias", False):
-            raise ConfigError("llama with mlp_bias=True is not supported")
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        window = None
-        if mt == "mistral":
-            window = getattr(hf, "sliding_window", None)
-        elif mt in ("qwen2", "qwen3") and getattr(hf, "use_sliding_window", False):
-            raise ConfigError(f"{mt} with use_sliding_window=True (per-layer windows) is not supported")
-        elif getattr(hf, "sliding_window", None) is not None and mt == "llama":
-            window = hf.sliding_window  # a LLaMA-arch GGUF of a Mistral model that records its window
-        cfg = ModelConfig(
-            arch=mt,
-            n_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
-            head_dim=head_dim,
-            intermediate=hf.intermediate_size,
-            max_position=hf.max_position_embeddings,
-            norm_eps=float(hf.rms_norm_eps),
-            rope=_rope_from_hf(hf),
-            tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-            qkv_bias=(mt == "qwen2") or bool(getattr(hf, "attention_bias", False)),
-            o_bias=(mt in ("llama", "qwen3")) and bool(getattr(hf, "attention_bias", False)),
-            sliding_window=None if window is None else int(window),
-            **common,
-        )
+            raise ConfigError(f"{mt} with mlp_bias=True is not supported")
+        shape = dict(n_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+                     head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+                     intermediate=hf.intermediate_size, norm_eps=float(hf.rms_norm_eps), rope=_rope_from_hf(hf),
+                     tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)))
+    if fam.sliding_window == "refuse" and getattr(hf, "use_sliding_window", False):
+        raise ConfigError(f"{mt} with use_sliding_window=True (per-layer windows) is not supported")
+    window = getattr(hf, "sliding_window", None) if fam.sliding_window == "config" else None
+    cfg = ModelConfig(arch=mt, max_position=hf.max_position_embeddings, qkv_bias=fam.bias(fam.qkv_bias, hf),
+                      o_bias=fam.bias(fam.o_bias, hf), sliding_window=None if window is None else int(window),
+                      **shape, **common)
     cfg.validate()
     return cfg
 

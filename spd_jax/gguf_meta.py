@@ -15,12 +15,11 @@ import types
 from pathlib import Path
 from typing import Any
 
+from spd_jax.arch import GGUF_ARCHS  # GGUF `general.architecture` -> family (the family table's `gguf_arch`)
 from spd_jax.config import ConfigError, WeightLoadError
 
-# GGUF `general.architecture` -> transformers model_type, for the families spd-jax runs.
 # A Mistral model is a "llama" GGUF (llama.cpp converts it so); its sliding window, when the file records
-# one under `llama.attention.sliding_window`, is applied.
-GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# one under `llama.attention.sliding_window`, is applied (the llama family's sliding_window rule).
 
 # Pre-tokenizer split rules by `tokenizer.ggml.pre` (as transformers' GGUF converter and llama.cpp use
 # them); a kind not listed splits with GPT-2's rule (the byte-level default).
@@ -70,7 +69,7 @@ def hf_config(path: str | Path) -> types.SimpleNamespace:
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab = get("vocab_size", len(tokens) if tokens is not None else None)
     window = get("attention.sliding_window", None, required=False)
-    extra = {"sliding_window": int(window)} if window is not None and arch == "llama" else {}
+    extra = {"sliding_window": int(window)} if window is not None else {}
     return types.SimpleNamespace(**extra,
         model_type=GGUF_ARCHS[arch], vocab_size=int(vocab), hidden_size=hidden,
         num_hidden_layers=int(get("block_count")), num_attention_heads=heads,

@@ -67,6 +67,41 @@ def test_every_family_names_every_role_its_modules_use():
             assert (info.gguf is None) == (fam.gguf is None), (arch, info)
 
 
+@pytest.mark.parametrize("arch,attention_bias,want", [
+    # (qkv_bias, o_bias, sliding_window) as transformers' modelling code builds each family's attention
+    ("llama", False, (False, False, 64)), ("llama", True, (True, True, 64)),  # a window a GGUF records
+    ("mistral", False, (False, False, 64)), ("qwen2", False, (True, False, None)),
+    ("qwen3", True, (True, True, None)), ("opt", False, (True, True, None))])
+def test_biases_and_windows_come_from_the_family_table(arch, attention_bias, want):
+    from types import SimpleNamespace
+
+    from spd_jax.config import model_config_from_hf
+
+    hf = SimpleNamespace(model_type=arch, vocab_size=16, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=8, ffn_dim=8, max_position_embeddings=32,
+                         rms_norm_eps=1e-6, attention_bias=attention_bias, sliding_window=64)
+    cfg = model_config_from_hf(hf)
+    assert (cfg.qkv_bias, cfg.o_bias, cfg.sliding_window) == want
+    if arch in ("qwen2", "qwen3"):  # per-layer windows are refused, not silently ignored
+        with pytest.raises(ConfigError, match="use_sliding_window"):
+            model_config_from_hf(SimpleNamespace(**vars(hf), use_sliding_window=True))
+
+
+def test_family_names_live_in_one_table():
+    from spd_jax.arch import GGUF_ARCHS
+    from spd_jax.config import SUPPORTED_ARCHS, Arch, ModelConfig
+
+    import typing
+
+    assert SUPPORTED_ARCHS == tuple(FAMILIES) == typing.get_args(Arch)
+    assert GGUF_ARCHS == {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # what llama.cpp writes these as
+    with pytest.raises(ConfigError, match="arch must be"):
+        from spd_jax.config import check_types
+
+        check_types(ModelConfig(arch="gpt2", vocab_size=1, hidden=1, n_layers=1, n_heads=1, n_kv_heads=1,
+                                head_dim=1, intermediate=1, max_position=1), "model config")
+
+
 # ----------------------------------------------------------------------------- SyncPlan
 
 
