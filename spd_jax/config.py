@@ -301,15 +301,26 @@ ALLREDUCE_MEASURE = "measure"  # allreduce_table value: measure the choice table
 
 
 @dataclasses.dataclass
-class RunConfig:
+class ModelSettings:
+    """Which model runs and how it is split: the fields every command that loads a model shares (the run
+    config and the pipeline config extend this one declaration; `cli.model_flags` sets them from flags)."""
+
     model: str = "embedded"  # "embedded", an HF model directory, or a .gguf file
     tp: int = 1
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    emulate: bool = False  # run N-way TP on one device (vmap over shards) instead of N devices
+    spd_attn_bias: Literal["full", "none"] = "full"  # see docs/design.md (OPT bias in the MLP input)
+
+    def validate_model_settings(self) -> None:
+        if self.tp < 1:
+            raise ConfigError(f"tp must be >= 1, got {self.tp}")
+
+
+@dataclasses.dataclass
+class RunConfig(ModelSettings):
     spd_blocks: str | None = None  # "none", "all", or "0,2,5-9" (unset: none)
     spd_plan: str | None = None  # plan.json written by the SPD pipeline (with `checkpoint`: used instead of its plan)
     checkpoint: str | None = None  # output dir of the SPD pipeline: distilled params + its plan.json
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    spd_attn_bias: Literal["full", "none"] = "full"  # see docs/design.md (OPT bias in the MLP input)
-    emulate: bool = False  # run N-way TP on one device (vmap over shards) instead of N devices
     # inference layouts (runtime.inference_layout): q/k/v and gate/up as single GEMMs (runtime.fuse_projections),
     # RMSNorm weights folded into the projections (runtime.fold_norms). None = the session's default: on for
     # generation (fold where the family uses RMSNorm; the fastest decode measured, docs/performance.md), off for
@@ -328,16 +339,11 @@ class RunConfig:
 
     def validate(self) -> None:
         check_types(self, "config")
-        if self.tp < 1:
-            raise ConfigError(f"tp must be >= 1, got {self.tp}")
+        self.validate_model_settings()
         if self.spd_blocks is not None and (self.spd_plan or self.checkpoint):
             other = "spd_plan (--spd-plan)" if self.spd_plan else "checkpoint (--checkpoint), which carries its plan"
             raise ConfigError(f"spd_blocks (--spd-blocks {self.spd_blocks}) and {other} both say which blocks drop "
                               f"their sync point: give one of them")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
-        if self.spd_attn_bias not in ("full", "none"):
-            raise ConfigError(f"spd_attn_bias must be 'full' or 'none', got {self.spd_attn_bias!r}")
         if self.allreduce_max_bytes < 0:
             raise ConfigError(f"allreduce_max_bytes must be >= 0, got {self.allreduce_max_bytes}")
         if self.allreduce == "auto" and not self.allreduce_table:

@@ -83,8 +83,6 @@ def test_classification_and_selection():
     assert select_by_ratio(s, 0.4) == [1, 4]  # two least sensitive
     assert select_by_ratio(s, 0.0) == [] and select_by_ratio(s, 1.0) == [0, 1, 2, 3, 4]
     assert thresholds(10.0, None, None, 0.005, 0.02) == (0.05, 0.2)
-    with pytest.raises(ConfigError, match="tau1 < tau2"):
-        classify(s, 1.0, 0.5)
     with pytest.raises(ConfigError, match=r"ratio must be in \[0, 1\]"):
         select_by_ratio(s, 1.5)
     # budget: ppl grows by 1 per dropped block from 10; 25% budget allows 2 blocks
@@ -94,7 +92,8 @@ def test_classification_and_selection():
 
 def test_bad_pipeline_config_values(tmp_path):
     f = tmp_path / "p.yaml"
-    for text, msg in [("tau1: 2.0\ntau2: 1.0\n", "tau1 < tau2"), ("ratio: 1.5\n", r"ratio must be in \[0, 1\]"),
+    for text, msg in [("tau1: 2.0\ntau2: 1.0\n", "tau1 < tau2"), ("tau1: 0.1\n", "give both tau1 and tau2"),
+                      ("tau1_rel: 0.05\n", "tau1_rel < tau2_rel"), ("tp: 1\n", "needs tp >= 2"), ("ratio: 1.5\n", r"ratio must be in \[0, 1\]"),
                       ("ratio: -0.1\n", r"ratio must be in \[0, 1\]"), ("bogus: 1\n", "unknown key"),
                       ("distill:\n  lrr: 1\n", r"distill: unknown key\(s\) \[.lrr.\]"), ("hg_accept: maybe\n", "hg_accept")]:
         f.write_text(text)

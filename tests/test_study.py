@@ -18,7 +18,7 @@ class Killed(Exception):
 
 
 def _config(model, corpus):
-    return PipelineConfig(model=str(model), tp=2, data=str(corpus), calib_samples=4, calib_len=16, eval_tokens=64,
+    return PipelineConfig(model=str(model), tp=2, emulate=True, data=str(corpus), calib_samples=4, calib_len=16, eval_tokens=64,
                           batch_size=2, hg_samples=2, hg_accept="always",
                           distill=DistillConfig(epochs=1, batch_size=2))
 

@@ -15,7 +15,9 @@ import os
 import sys
 from pathlib import Path
 
-from spd_jax.config import ATTENTION_KERNEL_CHOICES, KERNEL_TUNE_KEYS, SHADOW_ALLREDUCE
+from spd_jax.config import ATTENTION_KERNEL_CHOICES, KERNEL_TUNE_KEYS, SHADOW_ALLREDUCE, GenerationConfig
+
+GEN = GenerationConfig()  # the decode settings' defaults: the same as every other command's
 
 
 def parse_args(argv=None):
@@ -41,18 +43,18 @@ def parse_args(argv=None):
                    help="RMSNorm weights folded into the projections, 1/rms after them (runtime.fold_norms); on for "
                         "RMSNorm shapes unless --no-fold-norms")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--decode-chunk", type=int, default=8, help="decode steps between stop-condition checks")
-    p.add_argument("--attend-window", type=int, default=256,
+    p.add_argument("--decode-chunk", type=int, default=GEN.decode_chunk, help="decode steps between stop-condition checks")
+    p.add_argument("--attend-window", type=int, default=GEN.attend_window,
                    help="decode attends over the filled cache in windows doubling from this (0: the whole cache)")
-    p.add_argument("--attention-kernel", choices=ATTENTION_KERNEL_CHOICES, default="auto",
+    p.add_argument("--attention-kernel", choices=ATTENTION_KERNEL_CHOICES, default=GEN.attention_kernel,
                    help="decode attention: masked attention in JAX, our Pallas kernel (spd_jax.kernels), or auto: the "
                         "kernel on CUDA GPUs where it applies (the default)")
     p.add_argument("--no-shadow-row", action="store_true",
                    help="batch-1 decode on one row (each product padded to two) instead of two identical rows")
-    p.add_argument("--shadow-allreduce", choices=SHADOW_ALLREDUCE, default="first",
+    p.add_argument("--shadow-allreduce", choices=SHADOW_ALLREDUCE, default=GEN.shadow_allreduce,
                    help="developer knob: the shadow row's all-reduces carry the first row (default: the message of "
                         "one row) or both (docs/performance.md, \"All-reduce\")")
-    p.add_argument("--attention-tune", default="", metavar="KEY=INT,...",
+    p.add_argument("--attention-tune", default=GEN.attention_tune, metavar="KEY=INT,...",
                    help="developer knob: the attention kernel's Triton settings (keys: " + ", ".join(KERNEL_TUNE_KEYS)
                         + "; e.g. block_k=256,num_warps=8)")
     p.add_argument("--compile-threads", type=int, default=4,

@@ -66,16 +66,13 @@ def sensitivity(ops, params, hidden: np.ndarray, tokens: np.ndarray,
 
 
 def thresholds(base_ppl: float, tau1: float | None, tau2: float | None, tau1_rel: float, tau2_rel: float):
-    t1 = tau1 if tau1 is not None else tau1_rel * base_ppl
-    t2 = tau2 if tau2 is not None else tau2_rel * base_ppl
-    if not t1 < t2:
-        raise ConfigError(f"thresholds must satisfy tau1 < tau2, got tau1={t1:g}, tau2={t2:g}")
-    return t1, t2
+    """(tau1, tau2): the absolute pair if given, else the relative pair times the calibration perplexity
+    (PipelineConfig.validate has checked the pair: both or neither, in order)."""
+    return (tau1, tau2) if tau1 is not None else (tau1_rel * base_ppl, tau2_rel * base_ppl)
 
 
 def classify(s: list[float], tau1: float, tau2: float) -> list[str]:
-    if not tau1 < tau2:
-        raise ConfigError(f"thresholds must satisfy tau1 < tau2, got tau1={tau1:g}, tau2={tau2:g}")
+    """ISB / SB / ESB per block for thresholds tau1 < tau2."""
     return ["ISB" if v <= tau1 else "SB" if v <= tau2 else "ESB" for v in s]
 
 

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from spd_jax.checkpoint import Checkpointer
-from spd_jax.config import ConfigError, apply_overrides, check_types, from_dict, read_yaml
+from spd_jax.config import ConfigError, ModelSettings, apply_overrides, check_types, from_dict, read_yaml
 from spd_jax.data import DataSpec, calibration_tokens, contiguous_sequences, eval_stream
 from spd_jax.distributed import is_main_process
 from spd_jax.loading import load_params, open_model
@@ -46,12 +46,10 @@ from spd_jax.runtime import Engine, build_model_def
 
 
 @dataclasses.dataclass
-class PipelineConfig:
-    model: str = "embedded"
-    tp: int = 3
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    emulate: bool = True  # CPU default: N-way TP maths on one device
-    spd_attn_bias: Literal["full", "none"] = "full"
+class PipelineConfig(ModelSettings):
+    """The pipeline's settings: the model fields every command shares (`config.ModelSettings`: model, tp,
+    dtype, emulate, spd_attn_bias), then calibration, sensitivity, selection, head grouping, distillation."""
+
     data: str = "wiki"
     calib_samples: int = 16
     calib_len: int = 256
@@ -77,6 +75,7 @@ class PipelineConfig:
 
     def validate(self) -> None:
         check_types(self, "pipeline config")
+        self.validate_model_settings()
         self.distill.validate()
         if self.ratio is not None and not 0.0 <= self.ratio <= 1.0:
             raise ConfigError(f"ratio must be in [0, 1], got {self.ratio}")
@@ -84,27 +83,39 @@ class PipelineConfig:
             raise ConfigError("give either ratio or max_ppl_increase")
         if self.max_ppl_increase is not None and self.max_ppl_increase < 0:
             raise ConfigError(f"max_ppl_increase must be >= 0 (percent), got {self.max_ppl_increase}")
-        if self.tau1 is not None and self.tau2 is not None and not self.tau1 < self.tau2:
+        # the thresholds are checked here once: both absolute or both relative, tau1 < tau2 either way
+        if (self.tau1 is None) != (self.tau2 is None):
+            raise ConfigError("give both tau1 and tau2 (absolute thresholds on s_i) or neither (then tau1_rel and "
+                              f"tau2_rel of the calibration perplexity apply), got tau1={self.tau1}, tau2={self.tau2}")
+        if self.tau1 is not None and not self.tau1 < self.tau2:
             raise ConfigError(f"thresholds must satisfy tau1 < tau2, got tau1={self.tau1}, tau2={self.tau2}")
-        if not self.tau1_rel < self.tau2_rel:
-            raise ConfigError(f"tau1_rel must be < tau2_rel, got {self.tau1_rel} >= {self.tau2_rel}")
-        if self.tp < 1:
-            raise ConfigError(f"tp must be >= 1, got {self.tp}")
+        if not 0 <= self.tau1_rel < self.tau2_rel:
+            raise ConfigError(f"thresholds must satisfy 0 <= tau1_rel < tau2_rel, got {self.tau1_rel}, {self.tau2_rel}")
         for n in ("calib_samples", "calib_len", "batch_size", "save_every", "hg_samples", "eval_tokens"):
             if getattr(self, n) < 1:
                 raise ConfigError(f"{n} must be >= 1, got {getattr(self, n)}")
         if self.data != "wiki" and not Path(self.data).expanduser().exists():
             raise ConfigError(f"data file not found: {self.data} (give 'wiki' or an existing .txt/.jsonl file "
                               "or saved dataset folder)")
+        if self.tp < 2:
+            raise ConfigError(f"the SPD pipeline drops the all-reduce between tensor-parallel shards: it needs tp >= 2, "
+                              f"got {self.tp} (e.g. --tp 3 --emulate on one CPU, or --config "
+                              "configs/spd_smollm2_tp3.yaml)")
 
 
 # Fields a resumed run may change without changing what it computes.
 RESUME_SAFE_FIELDS = ("save_every",)
 
 
+# Where a pipeline config leaves them unset, the shared model fields take the CPU setting of the embedded
+# model (TP 3 emulated on one device) instead of ModelSettings' TP 1, at which there is no sync point to drop.
+PIPELINE_DEFAULTS = {"tp": 3, "emulate": True}
+
+
 def load_pipeline_config(path: str | None, overrides: dict[str, Any]) -> PipelineConfig:
-    """The typed YAML loader of the run configs (`spd_jax.config`), then every field validated."""
-    data = read_yaml(path) if path else {}
+    """The typed YAML loader of the run configs (`spd_jax.config`) over PIPELINE_DEFAULTS, then every field
+    validated."""
+    data = {**PIPELINE_DEFAULTS, **(read_yaml(path) if path else {})}
     cfg = apply_overrides(from_dict(PipelineConfig, data, str(path or "pipeline config")), overrides)
     cfg.validate()
     return cfg
