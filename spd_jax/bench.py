@@ -25,7 +25,7 @@ import numpy as np
 from spd_jax.config import ConfigError, GenerationConfig, ModelConfig, RopeConfig
 from spd_jax.generate import Generator
 from spd_jax.runtime import Engine
-from spd_jax.measure import allreduce_microbench, ar_chain, host_times, same_on_every_process  # noqa: F401 (re-exported)
+from spd_jax.measure import host_times
 
 # NCCL settings per interconnect mode, applied before JAX (and NCCL) start. NVLink multicast stays as the
 # environment has it (NCCL_NVLS_ENABLE is never touched). A mode is what NCCL is allowed to use; whether

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spd_jax.config import ConfigError, ContextLengthError, GenerationConfig  # noqa: F401 (ContextLengthError: re-exported)
+from spd_jax.config import ConfigError, GenerationConfig
 from spd_jax.distributed import to_host
 from spd_jax.kernels import resolve_attention_kernel
 from spd_jax.plan import DecodePath, SyncPlan

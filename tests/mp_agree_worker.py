@@ -1,4 +1,4 @@
-"""Worker for the multi-process test of `bench.same_on_every_process`: every process makes up its own
+"""Worker for the multi-process test of `measure.same_on_every_process`: every process makes up its own
 microbenchmark timings (a different method fastest in each), agrees, and writes its choice table.
 
 python tests/mp_agree_worker.py OUT_PREFIX [--coordinator ... --num-processes ... --process-id ...]
@@ -22,7 +22,7 @@ def main():
     maybe_initialize(args)
     import jax
 
-    from spd_jax.bench import same_on_every_process
+    from spd_jax.measure import same_on_every_process
     from spd_jax.collectives import choice_table
 
     pid = jax.process_index()

@@ -147,7 +147,7 @@ def test_the_default_bound_keeps_prefill_on_psum():
 
 def test_choice_table_from_a_measured_microbenchmark():
     """The table is the per-size argmin of what the microbenchmark measured (on simulated devices here)."""
-    from spd_jax.bench import allreduce_microbench
+    from spd_jax.measure import allreduce_microbench
     from spd_jax.collectives import choice_table
 
     rows = allreduce_microbench(make_mesh(4), (8192, 65536), repeats=3, methods=("psum", "gather", "a2a"))
@@ -168,7 +168,7 @@ def test_microbenchmark_loops_compute_what_they_claim(n):
     """The timed loops do the communication they are named after (NumPy reference): k all-reduces scaled by
     1/n leave the rank mean on every rank; k exchanges shift the rows k places round the ring. And the
     cost of one exchange is reported per size when asked for."""
-    from spd_jax.bench import allreduce_microbench, ar_chain
+    from spd_jax.measure import allreduce_microbench, ar_chain
 
     mesh = make_mesh(n)
     x_np = np.arange(n * 8, dtype=np.float32).reshape(n, 8)

@@ -8,7 +8,8 @@ import pytest
 from jaxpr_util import allreduce_rows, count_primitives
 
 from spd_jax.config import GenerationConfig
-from spd_jax.generate import ContextLengthError, Generator
+from spd_jax.config import ContextLengthError
+from spd_jax.generate import Generator
 from spd_jax.loading import load_params, open_model
 from spd_jax.plan import DecodePath, SyncPlan
 from spd_jax.runtime import Engine, build_model_def
