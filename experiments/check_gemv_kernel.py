@@ -38,7 +38,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from spd_jax.bench import host_times  # noqa: E402
+from spd_jax.measure import host_times  # noqa: E402
 from spd_jax.kernels import _out_shape  # noqa: E402
 from spd_jax.model import matmul  # noqa: E402
 

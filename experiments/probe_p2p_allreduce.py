@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from spd_jax.bench import host_times
+    from spd_jax.measure import host_times
     from spd_jax.collectives import gather_sum as reference  # all-gather + float32 sum in rank order
     from spd_jax.distributed import is_main_process, to_host
     from spd_jax.sharding import make_mesh

@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from spd_jax.bench import host_times  # noqa: E402
+from spd_jax.measure import host_times  # noqa: E402
 from spd_jax.kernels import decode_attention, decode_attention_append  # noqa: E402
 from spd_jax.model import attention_core  # noqa: E402
 

@@ -8,13 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import jax
-
 from spd_jax.config import ALLREDUCE_MEASURE as MEASURE
 from spd_jax.config import ConfigError, RunConfig
-from spd_jax.loading import LoadedModel, load_params, open_model
+from spd_jax.loading import LoadedModel, load_weights, open_engine
 from spd_jax.plan import SyncPlan, load_plan
-from spd_jax.runtime import Engine, Params, build_model_def
+from spd_jax.runtime import Engine, Params
 
 
 @dataclasses.dataclass
@@ -100,11 +98,7 @@ def open_session(run: RunConfig, *, params: Params | None = None, verbose: bool 
     mention (fused projections, folded RMSNorms; `runtime.layout_choice`): True for generation, False for
     evaluation, which keeps the reference layout unless asked. check: called with the model's config before
     any weight loads (e.g. a window against the context), so bad input fails in seconds."""
-    loaded = open_model(run.model)
-    if check is not None:
-        check(loaded.cfg)
-    mdef = build_model_def(loaded.cfg, run.tp, run.dtype)
-    engine = Engine.create(mdef, emulate=run.emulate)
+    loaded, engine = open_engine(run, check)
     plan = resolve_plan(run, loaded.cfg.n_layers, engine.mesh, loaded.cfg.hidden)  # before the weights load
     if verbose and plan.allreduce.table and run.allreduce_table == MEASURE:
         print("auto all-reduce, measured at start-up: " + ", ".join(f"{b} B -> {m}" for b, m in plan.allreduce.table),
@@ -114,19 +108,7 @@ def open_session(run: RunConfig, *, params: Params | None = None, verbose: bool 
 
         params, _ = load_checkpoint_params(checkpoint_dirs(run.checkpoint)[1], engine)
     if params is None:
-        import time
-
-        from tqdm.auto import tqdm
-
-        n = len(jax.tree.leaves(mdef.abstract))
-        t0 = time.time()
-        with tqdm(total=n, desc="loading weights", unit="tensor", file=sys.stderr, leave=False,
-                  disable=not verbose) as bar:
-            params = load_params(engine, loaded.source, progress=lambda name: bar.update(1))
-        if verbose:
-            nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(mdef.abstract))
-            print(f"loaded {n} tensors ({nbytes / 2**20:.0f} MiB as {run.dtype}) from {loaded.path.name} in "
-                  f"{time.time() - t0:.1f} s", file=sys.stderr)
+        params = load_weights(engine, loaded, verbose)
     from spd_jax.runtime import inference_layout, layout_choice
 
     fused, fold = layout_choice(loaded.cfg, run.fused_projections, run.fold_norms, default_layout)

@@ -382,3 +382,33 @@ def open_model(model: str | os.PathLike) -> LoadedModel:
         cfg = model_config_from_hf(hf)
         return LoadedModel(cfg, hf, GGUFSource(path, cfg), lambda: gguf_meta.tokenizer(path), path)
     raise ConfigError(f"{path}: expected a Hugging Face model directory or a .gguf file")
+
+
+def open_engine(settings, check: Callable[[ModelConfig], None] | None = None) -> tuple[LoadedModel, Engine]:
+    """The model of `settings` (a `config.ModelSettings`: model, tp, dtype, emulate) opened, and the engine that
+    runs it; `check` sees the model's config before anything is built (bad input fails in seconds)."""
+    from spd_jax.runtime import build_model_def
+
+    loaded = open_model(settings.model)
+    if check is not None:
+        check(loaded.cfg)
+    return loaded, Engine.create(build_model_def(loaded.cfg, settings.tp, settings.dtype), emulate=settings.emulate)
+
+
+def load_weights(engine: Engine, loaded: LoadedModel, verbose: bool = False) -> Params:
+    """`load_params` of the opened model; verbose: a progress bar and a summary line on stderr."""
+    import sys
+    import time
+
+    from tqdm.auto import tqdm
+
+    mdef = engine.mdef
+    n = len(jax.tree.leaves(mdef.abstract))
+    t0 = time.time()
+    with tqdm(total=n, desc="loading weights", unit="tensor", file=sys.stderr, leave=False, disable=not verbose) as bar:
+        params = load_params(engine, loaded.source, progress=lambda name: bar.update(1))
+    if verbose:
+        nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(mdef.abstract))
+        print(f"loaded {n} tensors ({nbytes / 2**20:.0f} MiB as {mdef.dtype}) from {loaded.path.name} in "
+              f"{time.time() - t0:.1f} s", file=sys.stderr)
+    return params

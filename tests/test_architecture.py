@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from spd_jax.arch import FAMILIES, ParamInfo
 from spd_jax.config import ConfigError
-from spd_jax.pipeline.run import load_pipeline_config
+from spd_jax.pipeline.config import load_pipeline_config
 from spd_jax.plan import SyncPlan, plan_from_modes
 from spd_jax.runtime import build_model_def, param_infos
 from spd_jax.sharding import spec_of

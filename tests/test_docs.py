@@ -82,7 +82,7 @@ def test_the_check_fails_on_an_edited_number_and_on_a_missing_raw_file(tmp_path)
 
 
 def test_results_md_is_generated_from_results_json(tmp_path):
-    from spd_jax.study import write_results_md
+    from spd_jax.pipeline.study import write_results_md
 
     study = json.loads((ROOT / "docs/results.json").read_text())
     shutil.copy(ROOT / "docs/results.md", tmp_path / "results.md")  # its hand-written tail is kept on regeneration

@@ -133,7 +133,7 @@ def test_yaml_config_validation_and_overrides(tmp_path):
 
 
 def test_shipped_configs_load():
-    from spd_jax.pipeline.run import load_pipeline_config
+    from spd_jax.pipeline.config import load_pipeline_config
 
     files = sorted((ROOT / "configs").glob("*.yaml"))
     assert len(files) >= 8

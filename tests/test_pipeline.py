@@ -21,7 +21,7 @@ from spd_jax.pipeline.analysis import classify, select_by_budget, select_by_rati
 from spd_jax.pipeline.distill import BlockDistiller, DistillConfig
 from spd_jax.pipeline.grouping import head_group_block, match, permute_block, scatter
 from spd_jax.pipeline.ops import ModelOps
-from spd_jax.pipeline.run import load_pipeline_config
+from spd_jax.pipeline.config import load_pipeline_config
 from spd_jax.plan import SyncPlan
 from spd_jax.runtime import Engine, build_model_def
 
@@ -343,6 +343,26 @@ def _pipeline_cmd(model, corpus, out, *extra):
             "--distill-batch-size", "2", "--save-every", "2", "--no-head-grouping", "--out", str(out), *extra]
 
 
+
+def test_pipeline_state_reads_the_checkpoint_format_earlier_versions_wrote():
+    """The state a checkpoint carries is JSON with block indices as strings; a state written before the stages
+    were typed reads back and writes out unchanged, and a field this version does not know is refused by name."""
+    from spd_jax.pipeline.stages import PipelineState
+
+    saved = {"tp": 2, "config": {"ratio": 0.5}, "inputs": {"model": "m1", "data": "d1"}, "stage": "planned",
+             "hg": {"3": {"applied": False, "reason": "kv heads replicated"}}, "b2b": {"1": {"status": "ok"}},
+             "b2b_current": {"block": 4, "step": 25, "losses": [0.5], "initial_mse": 1.0},
+             "ppl": {"no_spd": {"calib": 10.0, "eval": 11.0}}, "save": 7, "block_files": {"1": "block001_b2b"},
+             "plan": {"blocks": []}}
+    st = PipelineState.from_json(saved, "ck")
+    assert st.block_files == {1: "block001_b2b"} and st.hg[3]["applied"] is False and st.b2b_current["step"] == 25
+    assert st.to_json() == saved
+    oldest = {k: v for k, v in saved.items() if k not in ("inputs", "plan")}  # before fingerprints; not yet planned
+    assert PipelineState.from_json(oldest, "ck").to_json() == {**oldest, "inputs": None}
+    with pytest.raises(ConfigError, match=r"\['phase'\].*another version of spd-jax"):
+        PipelineState.from_json({**saved, "phase": 2}, "ck")
+
+
 def test_resume_after_kill_gives_the_same_parameters(tokenized_tiny, tmp_path):
     model, corpus = tokenized_tiny
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
@@ -412,7 +432,8 @@ def test_b2b_on_student_inputs_trains_each_block_on_the_treated_models_states(to
     already distilled blocks 0..i-1 produces. Checked against a full forward of the final model (blocks
     before i are final when block i starts), not against the pipeline's own propagation."""
     from spd_jax.data import DataSpec, calibration_tokens
-    from spd_jax.pipeline.run import PipelineConfig, run_pipeline
+    from spd_jax.pipeline.config import PipelineConfig
+    from spd_jax.pipeline.run import run_pipeline
 
     model, corpus = tokenized_tiny
     pc = PipelineConfig(model=str(model), tp=2, emulate=False, data=str(corpus), calib_samples=4, calib_len=16,

@@ -20,7 +20,7 @@ from spd_jax.config import ConfigError, load_run_config
 from spd_jax.loading import load_params, open_model
 from spd_jax.pipeline.distill import BlockDistiller, DistillConfig
 from spd_jax.pipeline.ops import ModelOps
-from spd_jax.pipeline.run import config_differences, load_pipeline_config
+from spd_jax.pipeline.config import config_differences, load_pipeline_config
 from spd_jax.plan import modes_from_plan
 from spd_jax.runlock import RunLock
 from spd_jax.runtime import Engine, build_model_def
@@ -252,7 +252,8 @@ def test_windows_beyond_the_context_are_refused_for_every_family(tiny_models, tm
     score NaN (`perplexity: nan`) and the pipeline to fail later on tau1=nan. Now each entry point refuses."""
     from spd_jax.commands.evaluate import main as evaluate_main
     from spd_jax.config import ContextLengthError
-    from spd_jax.pipeline.run import PipelineConfig, run_pipeline
+    from spd_jax.pipeline.config import PipelineConfig
+    from spd_jax.pipeline.run import run_pipeline
 
     opt = tiny_models["opt"][0]
     corpus = tmp_path / "c.txt"
@@ -276,7 +277,8 @@ def test_windows_beyond_the_context_are_refused_for_every_family(tiny_models, tm
 def test_a_run_that_loses_the_lock_race_removes_nothing(tmp_path, monkeypatch):
     """Two runs start on a new --out: the loser created nothing it may remove, and the winner's folder and lock
     stay. Reproduced deterministically: the winner takes the lock just before the loser tries."""
-    from spd_jax.pipeline.run import PipelineConfig, run_pipeline
+    from spd_jax.pipeline.config import PipelineConfig
+    from spd_jax.pipeline.run import run_pipeline
 
     out = tmp_path / "new" / "run"
     real = RunLock.acquire

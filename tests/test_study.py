@@ -8,8 +8,8 @@ import pytest
 from bigbench_util import BIGBENCH
 from spd_jax.config import ConfigError
 from spd_jax.pipeline.distill import DistillConfig
-from spd_jax.pipeline.run import PipelineConfig
-from spd_jax.study import NOTES_MARKER, StudyState, run_study, write_results_md
+from spd_jax.pipeline.config import PipelineConfig
+from spd_jax.pipeline.study import NOTES_MARKER, StudyState, run_study, write_results_md
 
 
 

@@ -161,7 +161,25 @@ def check_inputs(args) -> None:
     check_output_path(args.plot, "--plot")
 
 
+class Phases:
+    """Progress on stderr, and where the wall time went (the JSON's "phases_s")."""
+
+    def __init__(self):
+        import time
+
+        self.clock = time.perf_counter
+        self.marks, self.s = [self.clock()], {}
+
+    def __call__(self, name: str) -> None:
+        self.marks.append(self.clock())
+        self.s[name] = round(self.marks[-1] - self.marks[-2], 2)
+        print(f"[bench +{self.marks[-1] - self.marks[0]:7.1f} s] {name} ({self.s[name]:.1f} s)", file=sys.stderr,
+              flush=True)
+
+
 def main(argv=None) -> int:
+    """The steps of a benchmark run: check the inputs, set up the link and devices, build the model with random
+    weights, list the configurations, compile and time them, then report."""
     args = parse_args(argv)
     check_inputs(args)
     from spd_jax.bench import shape_config
@@ -170,25 +188,23 @@ def main(argv=None) -> int:
     spawned = maybe_spawn(args, __file__, argv, tp=args.tp, model_cfg=shape_config(args.shape))
     if spawned is not None:
         return spawned
-    import time
+    phase = Phases()
+    prepare_environment(args)
+    engine, params, hbm = build_model(args, phase)
+    configs, ar, table, sizes, measured = configurations(args, engine, phase)
+    rows, ar, gens, compile_s = time_configurations(args, engine, params, configs, ar, sizes, measured, phase)
+    result = tabulate(args, engine, configs, rows, ar, table, hbm, compile_s, phase.s)
+    from spd_jax.distributed import is_main_process
 
-    phases, marks = {}, [time.perf_counter()]
+    if is_main_process():
+        report(args, result, len(gens), table)
+    return 0
 
-    def phase(name):  # progress on stderr, and where the wall time went (the JSON's "phases_s")
-        marks.append(time.perf_counter())
-        phases[name] = round(marks[-1] - marks[-2], 2)
-        print(f"[bench +{marks[-1] - marks[0]:7.1f} s] {name} ({phases[name]:.1f} s)", file=sys.stderr, flush=True)
 
-    # Before JAX's backend (and NCCL) start: the interconnect's NCCL variables, and 95% of GPU memory for
-    # JAX only for shapes that need it (an explicit XLA_PYTHON_CLIENT_MEM_FRACTION always wins).
-    from spd_jax.bench import (
-        SHAPES,
-        canonical_interconnect,
-        gpu_memory_gib,
-        memory_fraction,
-        param_count,
-        set_interconnect,
-    )
+def prepare_environment(args) -> None:
+    """Before JAX's backend (and NCCL) start: the interconnect's NCCL variables, 95% of GPU memory for JAX only for
+    shapes that need it (an explicit XLA_PYTHON_CLIENT_MEM_FRACTION always wins), the devices, the compile cache."""
+    from spd_jax.bench import SHAPES, canonical_interconnect, gpu_memory_gib, memory_fraction, param_count, set_interconnect
 
     args.interconnect = canonical_interconnect(args.interconnect)
     set_interconnect(args.interconnect)
@@ -206,27 +222,20 @@ def main(argv=None) -> int:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-    from spd_jax.bench import (
-        NCCL_KEYS,
-        allreduce_microbench,
-        compile_generators,
-        decode_budget,
-        link_check,
-        random_params,
-        read_bandwidth,
-        shape_config,
-        time_generation,
-        weight_bytes_per_device,
-    )
-    from spd_jax.distributed import is_main_process, maybe_initialize
-    from spd_jax.generate import Generator
-    from spd_jax.plan import SyncPlan, load_plan
-    from spd_jax.runtime import Engine, build_model_def
+
+def build_model(args, phase):
+    """(engine, random weights in the inference layout, HBM read bandwidth or None); resolves the layout and
+    attention kernel on `args` (what runs is what the JSON records)."""
+    import jax
+
+    from spd_jax.bench import random_params, read_bandwidth, shape_config
+    from spd_jax.distributed import maybe_initialize
+    from spd_jax.kernels import resolve_attention_kernel
+    from spd_jax.runtime import Engine, build_model_def, inference_layout, layout_choice
 
     maybe_initialize(args)
     cfg = shape_config(args.shape)
-    mdef = build_model_def(cfg, args.tp, args.dtype)
-    engine = Engine.create(mdef)
+    engine = Engine.create(build_model_def(cfg, args.tp, args.dtype))
     phase("start-up (imports, devices)")
     if args.bandwidth_mib is None:
         args.bandwidth_mib = 1024 if jax.default_backend() == "gpu" else 0
@@ -235,20 +244,25 @@ def main(argv=None) -> int:
     params = random_params(engine)
     jax.block_until_ready(params)
     phase("random weights in their shards")
-    from spd_jax.kernels import resolve_attention_kernel
-    from spd_jax.runtime import inference_layout, layout_choice
-
     args.fused_projections, args.fold_norms = layout_choice(cfg, args.fused_projections, args.fold_norms, True)
-    args.attention_kernel = resolve_attention_kernel(args.attention_kernel, cfg.head_dim)  # what runs, in the JSON
+    args.attention_kernel = resolve_attention_kernel(args.attention_kernel, cfg.head_dim)
     engine, params = inference_layout(engine, params, fused=args.fused_projections, fold=args.fold_norms)
-    from spd_jax.collectives import AUTO, AUTO_MARGIN, DEFAULT_MAX_BYTES, METHODS, AllReduce, choice_table
+    return engine, params, hbm
 
+
+def configurations(args, engine, phase):
+    """(label, SyncPlan, all-reduce method) for every ratio or plan row and method (+ the floor); for `auto`, the
+    choice table measured first at this run's own message sizes. Returns (configs, microbenchmark or None, table,
+    sizes, methods measured)."""
+    from spd_jax.measure import allreduce_microbench
+    from spd_jax.collectives import AUTO, DEFAULT_MAX_BYTES, METHODS, AllReduce, choice_table
+    from spd_jax.plan import SyncPlan, load_plan
+
+    cfg = engine.mdef.cfg
+    L = cfg.n_layers
     if args.allreduce_max_bytes is None:
         args.allreduce_max_bytes = DEFAULT_MAX_BYTES
-
-    L = cfg.n_layers
-    methods = args.method_list
-    sizes = tuple(args.allreduce_size_list)
+    methods, sizes = args.method_list, tuple(args.allreduce_size_list)
     measured = [m for m in methods if m != AUTO]
     ar, table = None, ()
     if AUTO in methods:  # the choice table of this link, measured before the configurations that use it
@@ -264,18 +278,28 @@ def main(argv=None) -> int:
 
     def how(m):
         return AllReduce(AUTO, table=table) if m == AUTO else AllReduce(m, args.allreduce_max_bytes)
-    base = []
+
     if args.spd_plan:
         base = [("r=0.00", SyncPlan.sync(L)), ("plan", SyncPlan.from_plan(load_plan(args.spd_plan), L,
                                                                            where=args.spd_plan))]
     else:
         base = [(f"r={r:.2f}", SyncPlan.from_ratio(L, r)) for r in args.spd_ratio_list]
-    configs = []  # (label, plan, method)
+    configs = []
     for m in methods:
         suffix = "" if m == "psum" else f"/{m}"
         configs += [(label + suffix, plan.using(how(m)), m) for label, plan in base]
     if args.floor:
         configs.append(("floor", SyncPlan.floor(L), "none"))
+    return configs, ar, table, sizes, measured
+
+
+def time_configurations(args, engine, params, configs, ar, sizes, measured, phase):
+    """Compile every configuration, time each, then (unless `auto` did already) the all-reduce microbenchmark.
+    Returns (rows, microbenchmark, generators, compile seconds)."""
+    from spd_jax.bench import compile_generators, time_generation
+    from spd_jax.measure import allreduce_microbench
+    from spd_jax.generate import Generator
+
     gens = [Generator(engine, params, plan) for _, plan, _ in configs]
     gcfg = generation_config(args)
     compile_s = compile_generators(gens, gcfg, args.prompt_len, args.batch, args.compile_threads)
@@ -289,19 +313,30 @@ def main(argv=None) -> int:
                                    time_exchange=args.time_exchange)
               if args.tp > 1 else [])
         phase("all-reduce microbenchmark")
+    return rows, ar, gens, compile_s
+
+
+def tabulate(args, engine, configs, rows, ar, table, hbm, compile_s, phases) -> dict:
+    """The run's JSON: its settings, the environment, the link check, the decode budget and every row with its
+    ratios to the sync row of the same all-reduce method, to NCCL's sync row and the share of all-reduce removed."""
+    import jax
+
+    from spd_jax.bench import NCCL_KEYS, decode_budget, link_check, weight_bytes_per_device
+
     method_of = {label: m for label, _, m in configs}
-    sync_of = {m: next((r for r in rows if method_of[r.label] == m and r.n_spd == 0), rows[0]) for m in methods}
+    sync_of = {m: next((r for r in rows if method_of[r.label] == m and r.n_spd == 0), rows[0])
+               for m in args.method_list}
     sync = rows[0]
     floor = next((r for r in rows if r.label == "floor"), None)
     ref = _read_json(args.link_reference, "--link-reference") if args.link_reference else None
     link = link_check(args.interconnect, ar, ref) if args.tp > 1 else {"status": "n/a", "message": "TP 1"}
-    wbytes = weight_bytes_per_device(mdef)
+    wbytes = weight_bytes_per_device(engine.mdef)
     budget = None
     if hbm is not None:
         named = {r.label: r.tpot_ms for r in rows}
         named["sync"] = sync.tpot_ms
-        budget = decode_budget(wbytes, hbm["read_GBps"], L, named)
-    result = {
+        budget = decode_budget(wbytes, hbm["read_GBps"], engine.mdef.cfg.n_layers, named)
+    return {
         "shape": args.shape, "tp": args.tp, "batch": args.batch, "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "dtype": args.dtype, "decode_chunk": args.decode_chunk,
         "attend_window": args.attend_window, "shadow_row": not args.no_shadow_row,
@@ -315,7 +350,7 @@ def main(argv=None) -> int:
         "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(), "jax": jax.__version__,
         "n_processes": jax.process_count(), "link_check": link,
         "weight_bytes_per_device": wbytes, "allreduce": ar, "hbm": hbm, "decode_budget": budget, "phases_s": phases,
-        "allreduce_methods": methods, "allreduce_max_bytes": args.allreduce_max_bytes,
+        "allreduce_methods": args.method_list, "allreduce_max_bytes": args.allreduce_max_bytes,
         "allreduce_table": [list(e) for e in table] or None,
         "rows": [{**r.__dict__, "allreduce_method": method_of[r.label],
                   "speedup_e2e_vs_sync": (s := sync_of.get(method_of[r.label], sync)).e2e_ms / r.e2e_ms,
@@ -324,15 +359,22 @@ def main(argv=None) -> int:
                   "allreduce_time_removed": ((s.tpot_ms - r.tpot_ms) / (s.tpot_ms - floor.tpot_ms)
                                              if floor and s.tpot_ms > floor.tpot_ms else None)}
                  for r in rows],
+        "floor_e2e_ms": None if floor is None else floor.e2e_ms,
     }
-    if not is_main_process():
-        return 0
+
+
+def report(args, result: dict, n_configs: int, table) -> None:
+    """The table on stdout, the ratios to the peers, the JSON and the plot (process 0 only)."""
+    import jax
+
+    from spd_jax.collectives import AUTO_MARGIN
+
     procs = jax.process_count()
     print(f"# {args.shape} tp={args.tp} batch={args.batch} {args.prompt_len}in/{args.new_tokens}out {args.dtype} "
           f"{args.interconnect} on {jax.device_count()}x{jax.devices()[0].device_kind}, "
           f"{'one process per device' if procs == jax.device_count() and procs > 1 else f'{procs} process(es)'} "
           f"(RANDOM weights)")
-    print(f"# link: {link['message']}")
+    print(f"# link: {result['link_check']['message']}")
     print("# e2e x / tpot x: against the sync row of the same all-reduce method; vs psum: against NCCL's sync row")
     print(f"{'config':12s} {'spd':>4s} {'ttft ms':>9s} {'tpot ms':>9s} {'e2e ms':>9s} {'tok/s':>8s} "
           f"{'e2e x':>6s} {'tpot x':>6s} {'vs psum':>7s} {'AR removed':>10s}")
@@ -341,6 +383,7 @@ def main(argv=None) -> int:
         print(f"{r['label']:12s} {r['n_spd']:4d} {r['ttft_ms']:9.2f} {r['tpot_ms']:9.3f} {r['e2e_ms']:9.1f} "
               f"{r['tokens_per_s']:8.1f} {r['speedup_e2e_vs_sync']:6.3f} {r['speedup_tpot_vs_sync']:6.3f} "
               f"{r['vs_psum_sync_e2e']:7.3f} {'' if rem is None else f'{100 * rem:.0f}%':>10s}")
+    budget, hbm = result["decode_budget"], result["hbm"]
     if budget is not None:
         line = (f"# HBM read {hbm['read_GBps']:.0f} GB/s per device (measured): weight stream {budget['bytes_ms']:.3f} "
                 f"ms/token; sync {budget['x_bytes']['sync']:.2f}x that")
@@ -348,8 +391,8 @@ def main(argv=None) -> int:
             line += (f", floor {budget['x_bytes']['floor']:.2f}x; per-block overhead "
                      f"{budget['overhead_per_block_us']:.1f} us")
         print(line)
-    print(f"compiled {len(gens)} configurations in {compile_s:.1f} s ({args.compile_threads} threads)")
-    for a in ar:
+    print(f"compiled {n_configs} configurations in {result['compile_s']:.1f} s ({args.compile_threads} threads)")
+    for a in result["allreduce"]:
         print(f"all-reduce {a['bytes']:>10d} B: in loop {a['in_loop_us']:9.1f} us (bus {a['bus_GBps']:.2f} GB/s), "
               f"one call from the host {a['median_us']:9.1f} us")
         if "in_loop_us_by_method" in a:
@@ -362,16 +405,7 @@ def main(argv=None) -> int:
         print("auto all-reduce choice table (measured above; psum kept unless another method is "
               f"{AUTO_MARGIN:.0%} faster): " + ", ".join(f"{b} B -> {m}" for b, m in table))
     if args.peer_json:
-        result["peers"] = [_read_json(f, "--peer-json") for f in args.peer_json]
-        for peer in result["peers"]:
-            name = f"TP {peer['tp']} {peer.get('config', 'eager, dynamic cache')}"
-            print(f"peer: transformers {peer.get('transformers')} {name} on {peer['device']}: ttft "
-                  f"{peer['ttft_ms']:.2f} ms, tpot {peer['tpot_ms']:.3f} ms, e2e {peer['e2e_ms']:.1f} ms")
-            for r in result["rows"]:
-                r.setdefault("vs_peers", {})[name] = {"tpot_x": peer["tpot_ms"] / r["tpot_ms"],
-                                                      "e2e_x": peer["e2e_ms"] / r["e2e_ms"]}
-                print(f"  {r['label']:8s} vs that peer: decode {peer['tpot_ms'] / r['tpot_ms']:.2f}x faster, "
-                      f"e2e {peer['e2e_ms'] / r['e2e_ms']:.2f}x faster")
+        compare_to_peers(result, [_read_json(f, "--peer-json") for f in args.peer_json])
     if args.json:
         from spd_jax.measure import provenance
 
@@ -379,24 +413,41 @@ def main(argv=None) -> int:
         text = json.dumps(result, indent=2)
         print(text) if args.json == "-" else Path(args.json).write_text(text)
     if args.plot:
-        import matplotlib
+        plot(args, result)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for m in methods:
-            pts = [r for r in result["rows"] if r["label"].startswith("r=") and r["allreduce_method"] == m]
-            ax.plot([float(r["label"][2:].split("/")[0]) * 100 for r in pts], [r["e2e_ms"] for r in pts],
-                    marker="o", label=f"e2e ({m})")
-        if floor:
-            ax.axhline(floor.e2e_ms, ls="--", c="gray", label="no all-reduce (floor)")
-        ax.set(xlabel="SPD ratio (%)", ylabel="request latency (ms)",
-               title=f"{args.shape} TP{args.tp} {args.interconnect} ({jax.devices()[0].device_kind})")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
-    return 0
+def compare_to_peers(result: dict, peers: list[dict]) -> None:
+    """Each row's decode and end-to-end ratio to each peer's run (recorded in the rows and printed)."""
+    result["peers"] = peers
+    for peer in peers:
+        name = f"TP {peer['tp']} {peer.get('config', 'eager, dynamic cache')}"
+        print(f"peer: transformers {peer.get('transformers')} {name} on {peer['device']}: ttft "
+              f"{peer['ttft_ms']:.2f} ms, tpot {peer['tpot_ms']:.3f} ms, e2e {peer['e2e_ms']:.1f} ms")
+        for r in result["rows"]:
+            r.setdefault("vs_peers", {})[name] = {"tpot_x": peer["tpot_ms"] / r["tpot_ms"],
+                                                  "e2e_x": peer["e2e_ms"] / r["e2e_ms"]}
+            print(f"  {r['label']:8s} vs that peer: decode {peer['tpot_ms'] / r['tpot_ms']:.2f}x faster, "
+                  f"e2e {peer['e2e_ms'] / r['e2e_ms']:.2f}x faster")
+
+
+def plot(args, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for m in result["allreduce_methods"]:
+        pts = [r for r in result["rows"] if r["label"].startswith("r=") and r["allreduce_method"] == m]
+        ax.plot([float(r["label"][2:].split("/")[0]) * 100 for r in pts], [r["e2e_ms"] for r in pts],
+                marker="o", label=f"e2e ({m})")
+    if result["floor_e2e_ms"] is not None:
+        ax.axhline(result["floor_e2e_ms"], ls="--", c="gray", label="no all-reduce (floor)")
+    ax.set(xlabel="SPD ratio (%)", ylabel="request latency (ms)",
+           title=f"{args.shape} TP{args.tp} {args.interconnect} ({result['device']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=120)
 
 
 def entry() -> None:

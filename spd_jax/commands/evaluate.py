@@ -57,8 +57,6 @@ def main(argv=None) -> int:
         spawned = spawn_run(args, __file__, argv, run.tp, run.emulate, run.model)
         if spawned is not None:
             return spawned
-    from pathlib import Path
-
     if args.download_bigbench:
         from spd_jax.tasks import download_bigbench
 
@@ -66,6 +64,45 @@ def main(argv=None) -> int:
             print(path)
         return 0
     ensure_devices(args)
+    tasks, src, split = check_args(args)  # before the model loads: a bad file fails in seconds
+    import jax
+
+    from spd_jax.distributed import is_main_process, maybe_initialize
+    from spd_jax.evaluation import Scorer, evaluate_loaded, mean_accuracy, mean_accuracy_stderr
+    from spd_jax.inference import open_session
+
+    maybe_initialize(args)
+    run = run_config_from_args(args)
+
+    def check(cfg):
+        if args.ppl_tokens:
+            cfg.check_fits(args.ppl_len, "--ppl-len: a perplexity window", "lower --ppl-len")
+
+    sess = open_session(run, default_layout=False, check=check)
+    scorer = Scorer(sess.engine, sess.params, sess.plan, batch_size=args.batch_size)
+    out = {"model": str(sess.loaded.path), "tp": run.tp, "emulate": run.emulate,
+           "spd_blocks": sess.plan.spd_blocks, "checkpoint": run.checkpoint,
+           "devices": f"{jax.device_count()}x{jax.devices()[0].device_kind}"}
+    t0 = time.time()
+    if args.ppl_tokens:
+        out.update(perplexity_and_divergence(args, sess, scorer, src, split))
+    results = [evaluate_loaded(scorer, sess.tokenizer, name, fmt, items, sess.cfg.max_position,
+                               progress=not (args.no_progress or args.json)) for name, fmt, items in tasks]
+    out["tasks"] = {r.name: {"n": r.n, "acc": r.acc, "acc_stderr": r.acc_stderr, "acc_norm": r.acc_norm,
+                             "acc_norm_stderr": r.acc_norm_stderr} for r in results}
+    if results:
+        out["mean_acc"], out["mean_acc_stderr"] = mean_accuracy(results), mean_accuracy_stderr(results)
+    out["seconds"] = time.time() - t0
+    if is_main_process():
+        print(json.dumps(out, indent=2)) if args.json else print_report(out, results)
+    return 0
+
+
+def check_args(args):
+    """Every numeric flag, the task files and the perplexity source checked, before any model loads. Returns
+    (tasks, perplexity source, split)."""
+    from pathlib import Path
+
     from spd_jax.config import ConfigError
     from spd_jax.tasks import DEFAULT_TASKS, load_task
 
@@ -78,7 +115,6 @@ def main(argv=None) -> int:
     if args.ppl_len < 2 or (args.ppl_stride or args.ppl_len) > args.ppl_len:
         raise ConfigError(f"--ppl-len must be >= 2 and --ppl-stride at most --ppl-len, got {args.ppl_len} and "
                           f"{args.ppl_stride}")
-    # Tasks are read and checked before the model loads: a bad file fails in seconds, not after perplexity.
     if args.tasks is None:
         names = [] if args.task_file else list(DEFAULT_TASKS)
     else:
@@ -88,77 +124,55 @@ def main(argv=None) -> int:
     split = args.ppl_split or ("eval" if src == "wiki" else "all")
     if args.ppl_tokens and src != "wiki" and not Path(src).expanduser().exists():
         raise ConfigError(f"perplexity file not found: {src}")
-    import jax
+    return tasks, src, split
 
+
+def perplexity_and_divergence(args, sess, scorer, src: str, split: str) -> dict:
+    """Standard perplexity of the text as one token stream; with SPD or a checkpoint (unless --no-agreement), top-1
+    agreement and KL against the unmodified model on the same text in non-overlapping windows."""
     from spd_jax.data import text_tokens
-    from spd_jax.distributed import is_main_process, maybe_initialize
-    from spd_jax.evaluation import Scorer, evaluate_loaded, mean_accuracy, mean_accuracy_stderr, stream_perplexity
-    from spd_jax.inference import open_session
+    from spd_jax.evaluation import divergence_from_reference, stream_perplexity
 
-    maybe_initialize(args)
-    run = run_config_from_args(args)
-    def check(cfg):
-        if args.ppl_tokens:
-            cfg.check_fits(args.ppl_len, "--ppl-len: a perplexity window", "lower --ppl-len")
+    run = sess.run
+    stream = text_tokens(src, sess.tokenizer, split)[: args.ppl_tokens]
+    pp = stream_perplexity(scorer, stream, args.ppl_len, args.ppl_stride)
+    out = {"perplexity": {"source": src, "split": split, "value": pp.value, "tokens": pp.tokens,
+                          "stream_tokens": pp.stream_tokens, "window": pp.window, "stride": pp.stride,
+                          "windows": pp.windows, "nll_sum": pp.nll}}
+    if not (sess.plan.any_spd or run.checkpoint) or args.no_agreement:
+        return out
+    n_win = max(1, len(stream) // args.ppl_len)
+    windows = stream[: n_win * args.ppl_len].reshape(n_win, -1) if len(stream) >= args.ppl_len else stream[None]
+    ref = sess.params  # the same weights with every sync point kept; a checkpoint's original weights,
+    if run.checkpoint:  # loaded into the layout this run evaluates (fused / folded or not)
+        import dataclasses
 
-    sess = open_session(run, default_layout=False, check=check)
-    tok, cfg = sess.tokenizer, sess.cfg
-    scorer = Scorer(sess.engine, sess.params, sess.plan, batch_size=args.batch_size)
-    out = {"model": str(sess.loaded.path), "tp": run.tp, "emulate": run.emulate,
-           "spd_blocks": sess.plan.spd_blocks, "checkpoint": run.checkpoint,
-           "devices": f"{jax.device_count()}x{jax.devices()[0].device_kind}"}
-    t0 = time.time()
-    if args.ppl_tokens:
-        stream = text_tokens(src, tok, split)[: args.ppl_tokens]
-        pp = stream_perplexity(scorer, stream, args.ppl_len, args.ppl_stride)
-        out["perplexity"] = {"source": src, "split": split, "value": pp.value, "tokens": pp.tokens,
-                             "stream_tokens": pp.stream_tokens, "window": pp.window, "stride": pp.stride,
-                             "windows": pp.windows, "nll_sum": pp.nll}
-        n_win = max(1, len(stream) // args.ppl_len)  # agreement / KL: the same text in non-overlapping windows
-        windows = stream[: n_win * args.ppl_len].reshape(n_win, -1) if len(stream) >= args.ppl_len else stream[None]
-        if (sess.plan.any_spd or run.checkpoint) and not args.no_agreement:
-            import dataclasses
+        from spd_jax.loading import load_weights
+        from spd_jax.runtime import build_model_def, inference_layout
 
-            from spd_jax.evaluation import divergence_from_reference
-            from spd_jax.loading import load_params
-            from spd_jax.runtime import build_model_def, inference_layout
+        base = dataclasses.replace(sess.engine, mdef=build_model_def(sess.cfg, run.tp, run.dtype))
+        _, ref = inference_layout(base, load_weights(base, sess.loaded), fused=run.fused_projections,
+                                  fold=run.fold_norms)
+    out["vs_unmodified"] = divergence_from_reference(sess.engine, ref, sess.params, sess.plan, windows,
+                                                     batch_size=min(args.batch_size, len(windows)))
+    return out
 
-            ref = sess.params  # the same weights with every sync point kept; a checkpoint's original weights,
-            if run.checkpoint:  # loaded into the layout this run evaluates (fused / folded or not)
-                base = dataclasses.replace(sess.engine, mdef=build_model_def(cfg, run.tp, run.dtype))
-                _, ref = inference_layout(base, load_params(base, sess.loaded.source), fused=run.fused_projections,
-                                          fold=run.fold_norms)
-            out["vs_unmodified"] = divergence_from_reference(sess.engine, ref, sess.params, sess.plan, windows,
-                                                             batch_size=min(args.batch_size, len(windows)))
-    results = []
-    for name, fmt, items in tasks:
-        results.append(evaluate_loaded(scorer, tok, name, fmt, items, cfg.max_position,
-                                       progress=not (args.no_progress or args.json)))
-    out["tasks"] = {r.name: {"n": r.n, "acc": r.acc, "acc_stderr": r.acc_stderr, "acc_norm": r.acc_norm,
-                             "acc_norm_stderr": r.acc_norm_stderr} for r in results}
+
+def print_report(out: dict, results) -> None:
+    if "perplexity" in out:
+        p = out["perplexity"]
+        which = "held-out split" if p["split"] == "eval" else "all documents"
+        print(f"perplexity ({p['source']}, {which}): {p['value']:.3f} over {p['tokens']} scored tokens of "
+              f"{p['stream_tokens']} (one token stream, window {p['window']}, stride {p['stride']})")
+    if "vs_unmodified" in out:
+        v = out["vs_unmodified"]
+        print(f"vs the unmodified model on the same text: top-1 agreement {100 * v['top1_agreement']:.2f}%, "
+              f"mean KL {v['kl_mean']:.4f} nats ({v['positions']} positions)")
+    for r in results:
+        print(f"{r.name:40s} n={r.n:5d}  acc={r.acc:.4f} ± {r.acc_stderr:.4f}  "
+              f"acc_norm={r.acc_norm:.4f} ± {r.acc_norm_stderr:.4f}")
     if results:
-        out["mean_acc"], out["mean_acc_stderr"] = mean_accuracy(results), mean_accuracy_stderr(results)
-    out["seconds"] = time.time() - t0
-    if not is_main_process():
-        return 0
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        if "perplexity" in out:
-            p = out["perplexity"]
-            which = "held-out split" if p["split"] == "eval" else "all documents"
-            print(f"perplexity ({p['source']}, {which}): {p['value']:.3f} over {p['tokens']} scored tokens of "
-                  f"{p['stream_tokens']} (one token stream, window {p['window']}, stride {p['stride']})")
-        if "vs_unmodified" in out:
-            v = out["vs_unmodified"]
-            print(f"vs the unmodified model on the same text: top-1 agreement {100 * v['top1_agreement']:.2f}%, "
-                  f"mean KL {v['kl_mean']:.4f} nats ({v['positions']} positions)")
-        for r in results:
-            print(f"{r.name:40s} n={r.n:5d}  acc={r.acc:.4f} ± {r.acc_stderr:.4f}  "
-                  f"acc_norm={r.acc_norm:.4f} ± {r.acc_norm_stderr:.4f}")
-        if results:
-            print(f"{'mean acc':40s}          {out['mean_acc']:.4f} ± {out['mean_acc_stderr']:.4f}  (± one standard error)")
-    return 0
+        print(f"{'mean acc':40s}          {out['mean_acc']:.4f} ± {out['mean_acc_stderr']:.4f}  (± one standard error)")
 
 
 def entry() -> None:

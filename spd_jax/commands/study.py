@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     if args.from_json:
         import json
 
-        from spd_jax.study import write_results_md
+        from spd_jax.pipeline.study import write_results_md
 
         study = json.loads(Path(args.from_json).read_text())
         docs = Path(args.docs)
@@ -40,8 +40,8 @@ def main(argv=None) -> int:
         print(f"wrote {docs / 'results.md'} from {args.from_json}")
         return 0
     ensure_devices(args)
-    from spd_jax.pipeline.run import load_pipeline_config
-    from spd_jax.study import run_study, write_results_md
+    from spd_jax.pipeline.config import load_pipeline_config
+    from spd_jax.pipeline.study import run_study, write_results_md
 
     pc = load_pipeline_config(args.config, {})
     docs = Path(args.docs)

@@ -51,7 +51,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from spd_jax.pipeline.run import load_pipeline_config, run_pipeline
+    from spd_jax.pipeline.config import load_pipeline_config
+    from spd_jax.pipeline.run import run_pipeline
 
     pc = load_pipeline_config(args.config, {
         "model": args.model, "tp": args.tp, "data": args.data, "calib_samples": args.calib_samples,

@@ -95,9 +95,120 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status)
 
 
+class Completions:
+    """What the two completion endpoints share: the request checked against the model and its context, the request
+    queued on the engine, and the answer collected (or streamed as server-sent events)."""
+
+    def __init__(self, engine: ServingEngine, model_name: str, context: int, default_max_tokens: int):
+        self.engine, self.model_name, self.context, self.default_max_tokens = engine, model_name, context, default_max_tokens
+
+    def sampling(self, body: _Sampling, prompt_ids: list[int]) -> Sampling:
+        if self.engine.failure is not None:
+            raise APIError(503, f"the server cannot decode: {self.engine.failure}", "server_error", code="engine_failed")
+        if body.model != self.model_name:
+            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+        if not prompt_ids:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        max_tokens = body.max_completion_tokens or body.max_tokens or self.default_max_tokens
+        if len(prompt_ids) + max_tokens > self.context:
+            raise APIError(400, f"the prompt's {len(prompt_ids)} tokens + max_tokens {max_tokens} exceed the model's "
+                                f"context of {self.context} tokens", param="max_tokens", code="context_length_exceeded")
+        seed = body.seed if body.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
+        return Sampling(max_tokens, body.temperature, body.top_p, seed % (1 << 31))
+
+    async def __call__(self, http: HTTPRequest, body: _Sampling, prompt_ids: list[int], chat: bool):
+        sampling = self.sampling(body, prompt_ids)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        req = Request(prompt_ids, sampling, tuple(body.stop or ()),
+                      emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        try:
+            self.engine.submit(req)
+        except QueueFull as e:
+            raise APIError(503, str(e), "server_overloaded", code="queue_full") from None
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        obj = "chat.completion" if chat else "text_completion"
+        if body.stream:
+            return StreamingResponse(self.stream(req, events, rid, obj, chat), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        collected = await self.collect(http, req, events)
+        if collected is None:  # the client went away
+            return None
+        text, finish = collected
+        choice = {"index": 0, "finish_reason": finish, "logprobs": None}
+        choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+        return {"id": rid, "object": obj, "created": int(time.time()), "model": self.model_name, "choices": [choice],
+                "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": req.completion_tokens,
+                          "total_tokens": len(prompt_ids) + req.completion_tokens}}
+
+    async def collect(self, http: HTTPRequest, req: Request, events: asyncio.Queue) -> tuple[str, str] | None:
+        """(the completion's text, its finish reason), or None when the client disconnected (the request is then
+        cancelled: the engine drops it at its next chunk)."""
+        parts = []
+        try:
+            while True:
+                try:
+                    kind, *rest = await asyncio.wait_for(events.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        req.cancelled.set()
+                        return None
+                    if self.engine.failure is not None:
+                        raise APIError(503, f"the server cannot decode: {self.engine.failure}", "server_error",
+                                       code="engine_failed") from None
+                    continue
+                if kind == "delta":
+                    parts.append(rest[0])
+                elif kind == "error":
+                    raise APIError(500, rest[0], "server_error")
+                else:
+                    return "".join(parts), rest[0]
+        except asyncio.CancelledError:
+            req.cancelled.set()
+            raise
+
+    async def stream(self, req: Request, events: asyncio.Queue, rid: str, obj: str, chat: bool):
+        obj = obj + (".chunk" if chat else "")
+
+        def chunk(delta_text=None, finish=None, first=False):
+            if chat:
+                delta = ({"role": "assistant", "content": ""} if first else
+                         {} if delta_text is None else {"content": delta_text})
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": delta_text or "", "finish_reason": finish, "logprobs": None}
+            body = {"id": rid, "object": obj, "created": int(time.time()), "model": self.model_name, "choices": [choice]}
+            return f"data: {json.dumps(body)}\n\n"
+
+        try:
+            if chat:
+                yield chunk(first=True)
+            while True:
+                try:
+                    kind, *rest = await asyncio.wait_for(events.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if self.engine.failure is None:
+                        continue
+                    kind, rest = "error", [f"the server cannot decode: {self.engine.failure}"]
+                if kind == "delta":
+                    if rest[0]:
+                        yield chunk(rest[0])
+                elif kind == "error":
+                    yield f"data: {json.dumps({'error': {'message': rest[0], 'type': 'server_error'}})}\n\n"
+                    return
+                else:
+                    yield chunk(None, rest[0])
+                    yield "data: [DONE]\n\n"
+                    return
+        finally:  # the client went away (or the stream ended): the engine drops the request at its next chunk
+            req.cancelled.set()
+
+
 def create_app(engine: ServingEngine, model_name: str, context: int, default_max_tokens: int = 16) -> FastAPI:
     app = FastAPI(title="spd-serve", docs_url=None, redoc_url=None)
     created = int(time.time())
+    complete = Completions(engine, model_name, context, default_max_tokens)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_req, exc: RequestValidationError):
@@ -128,107 +239,11 @@ def create_app(engine: ServingEngine, model_name: str, context: int, default_max
     async def metrics():
         return PlainTextResponse(engine.metrics_text(model_name), media_type="text/plain; version=0.0.4")
 
-    def check(body: _Sampling, prompt_ids: list[int]) -> Sampling:
-        if engine.failure is not None:
-            raise APIError(503, f"the server cannot decode: {engine.failure}", "server_error", code="engine_failed")
-        if body.model != model_name:
-            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
-        if not prompt_ids:
-            raise APIError(400, "the prompt is empty", param="prompt")
-        max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens
-        if len(prompt_ids) + max_tokens > context:
-            raise APIError(400, f"the prompt's {len(prompt_ids)} tokens + max_tokens {max_tokens} exceed the model's "
-                                f"context of {context} tokens", param="max_tokens", code="context_length_exceeded")
-        seed = body.seed if body.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
-        return Sampling(max_tokens, body.temperature, body.top_p, seed % (1 << 31))
-
-    async def run(http: HTTPRequest, body: _Sampling, prompt_ids: list[int], chat: bool):
-        sampling = check(body, prompt_ids)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        req = Request(prompt_ids, sampling, tuple(body.stop or ()),
-                      emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
-        try:
-            engine.submit(req)
-        except QueueFull as e:
-            raise APIError(503, str(e), "server_overloaded", code="queue_full") from None
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        usage = lambda: {"prompt_tokens": len(prompt_ids), "completion_tokens": req.completion_tokens,  # noqa: E731
-                         "total_tokens": len(prompt_ids) + req.completion_tokens}
-        obj = "chat.completion" if chat else "text_completion"
-        if body.stream:
-            return StreamingResponse(_stream(http, req, events, rid, obj, chat, usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        parts, finish = [], None
-        try:
-            while True:
-                try:
-                    kind, *rest = await asyncio.wait_for(events.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await http.is_disconnected():
-                        req.cancelled.set()
-                        return None
-                    if engine.failure is not None:
-                        raise APIError(503, f"the server cannot decode: {engine.failure}", "server_error",
-                                       code="engine_failed") from None
-                    continue
-                if kind == "delta":
-                    parts.append(rest[0])
-                elif kind == "error":
-                    raise APIError(500, rest[0], "server_error")
-                else:
-                    finish = rest[0]
-                    break
-        except asyncio.CancelledError:
-            req.cancelled.set()
-            raise
-        text = "".join(parts)
-        choice = {"index": 0, "finish_reason": finish, "logprobs": None}
-        choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-        return {"id": rid, "object": obj, "created": int(time.time()), "model": model_name, "choices": [choice],
-                "usage": usage()}
-
-    async def _stream(http, req, events, rid, obj, chat, usage):
-        obj = obj + (".chunk" if chat else "")
-
-        def chunk(delta_text=None, finish=None, first=False):
-            if chat:
-                delta = ({"role": "assistant", "content": ""} if first else
-                         {} if delta_text is None else {"content": delta_text})
-                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": delta_text or "", "finish_reason": finish, "logprobs": None}
-            return f"data: {json.dumps({'id': rid, 'object': obj, 'created': int(time.time()), 'model': model_name, 'choices': [choice]})}\n\n"
-
-        try:
-            if chat:
-                yield chunk(first=True)
-            while True:
-                try:
-                    kind, *rest = await asyncio.wait_for(events.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if engine.failure is None:
-                        continue
-                    kind, rest = "error", [f"the server cannot decode: {engine.failure}"]
-                if kind == "delta":
-                    if rest[0]:
-                        yield chunk(rest[0])
-                elif kind == "error":
-                    yield f"data: {json.dumps({'error': {'message': rest[0], 'type': 'server_error'}})}\n\n"
-                    return
-                else:
-                    yield chunk(None, rest[0])
-                    yield "data: [DONE]\n\n"
-                    return
-        finally:  # the client went away (or the stream ended): the engine drops the request at its next chunk
-            req.cancelled.set()
-
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest, body: CompletionRequest):
         if body.echo or body.logprobs:
             raise APIError(400, "echo and logprobs are not supported", param="echo" if body.echo else "logprobs")
-        return await run(http, body, engine.tok(body.prompt, add_special_tokens=True)["input_ids"], chat=False)
+        return await complete(http, body, engine.tok(body.prompt, add_special_tokens=True)["input_ids"], chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(http: HTTPRequest, body: ChatRequest):
@@ -239,7 +254,6 @@ def create_app(engine: ServingEngine, model_name: str, context: int, default_max
             raise APIError(400, f"the chat template refused the messages: {e}", param="messages") from None
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
-        return await run(http, body, list(ids), chat=True)
+        return await complete(http, body, list(ids), chat=True)
 
     return app
-

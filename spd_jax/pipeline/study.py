@@ -31,7 +31,6 @@ import numpy as np
 
 from spd_jax.checkpoint import Checkpointer
 from spd_jax.config import ConfigError
-from spd_jax.data import DataSpec, calibration_tokens, contiguous_sequences, eval_stream
 from spd_jax.evaluation import (
     Scorer,
     TaskResult,
@@ -42,13 +41,10 @@ from spd_jax.evaluation import (
     mean_accuracy_stderr,
     perplexity,
 )
-from spd_jax.loading import load_params, open_model
 from spd_jax.pipeline.analysis import select_by_ratio, sensitivity
+from spd_jax.pipeline.config import PipelineConfig
 from spd_jax.pipeline.distill import BlockDistiller
-from spd_jax.pipeline.grouping import head_group_block
-from spd_jax.pipeline.ops import ModelOps
-from spd_jax.pipeline.run import PipelineConfig, _with_block
-from spd_jax.runtime import Engine, build_model_def
+from spd_jax.pipeline.stages import head_group_accepted, prepare, with_block
 from spd_jax.tasks import DEFAULT_TASKS, load_task
 
 METHODS = ("ZS", "ZS+B2B", "ZS+B2B+HG")
@@ -126,17 +122,9 @@ def run_study(pc: PipelineConfig, ratios, limit: int, task_dirs, out_json: Path,
     if st and (st.data["blocks"] or st.data["rows"]):
         log(f"[study] resuming from {st.dir}: {len(st.data['blocks'])} blocks distilled, "
             f"{len(st.data['rows'])} rows evaluated")
-    lm = open_model(pc.model)
-    lm.cfg.check_fits(pc.calib_len, "calib_len: a calibration sequence", "lower calib_len")
-    cfg, tok = lm.cfg, lm.tokenizer()
-    eng = Engine.create(build_model_def(cfg, pc.tp, pc.dtype), emulate=pc.emulate)
-    L = cfg.n_layers
-    eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
-    calib = calibration_tokens(DataSpec(pc.data, pc.calib_samples, pc.calib_len, pc.seed), tok, eos)
-    ev = contiguous_sequences(eval_stream(pc.data, tok, eos), pc.calib_len, pc.eval_tokens)
-    orig = load_params(eng, lm.source)
-    ops = ModelOps(eng, pc.batch_size, pc.spd_attn_bias)
-    h = ops.hidden_states(orig, calib)
+    cal = prepare(pc, eval_states=False)  # the pipeline's own set-up: model, data, weights, teacher states
+    eng, orig, h, ops, cfg, L = cal.engine, cal.orig, cal.h_cal, cal.ops, cal.lm.cfg, cal.n_layers
+    ev, calib, tok = cal.ev, cal.calib, cal.tok
     sens = sensitivity(ops, orig, h, calib, pc.sensitivity, progress=False)
     log(f"[study] sensitivity done; base calibration PPL {sens.base_ppl:.3f}")
 
@@ -152,25 +140,13 @@ def run_study(pc: PipelineConfig, ratios, limit: int, task_dirs, out_json: Path,
         res = distiller.distill(i, orig["layers"][i], h[i], h[i + 1], progress=False)
         b2b[i] = res.params
         b2b_info[i] = {"initial_mse": res.initial_mse, "final_mse": res.final_mse, "status": res.status}
-        spec = eng.mdef.specs()["layers"][i]
-        new, info = head_group_block(ops.block_graphdef, ops.block_infos, eng.to_global(orig["layers"][i], spec),
-                                     h[i][: pc.hg_samples], cfg, eng.mdef.layout, pc.spd_attn_bias)
-        kept = False
-        if info["applied"]:
-            new = eng.from_global(new, spec)
-            before, after = distiller.mse(orig["layers"][i], h[i], h[i + 1]), distiller.mse(new, h[i], h[i + 1])
-            kept = pc.hg_accept == "always" or after < before
-            info.update(block_mse_before=before, block_mse_after=after, kept=kept)
+        new, info = head_group_accepted(cal, distiller, orig["layers"][i], i)  # the pipeline's acceptance rule
         hg_info[i] = {k: v for k, v in info.items() if k in ("applied", "kept", "block_mse_before", "block_mse_after")}
-        if kept:
-            r2 = distiller.distill(i, new, h[i], h[i + 1], progress=False)
-            hg_b2b[i] = r2.params
-        else:
-            hg_b2b[i] = b2b[i]
+        hg_b2b[i] = b2b[i] if new is None else distiller.distill(i, new, h[i], h[i + 1], progress=False).params
         if st:
-            st.save_block(eng, i, b2b[i], hg_b2b[i] if kept else None, {"b2b": b2b_info[i], "hg": hg_info[i]})
+            st.save_block(eng, i, b2b[i], hg_b2b[i] if new is not None else None, {"b2b": b2b_info[i], "hg": hg_info[i]})
         log(f"[study] block {i} ({i + 1}/{L}): B2B MSE {res.initial_mse:.4g}->{res.final_mse:.4g}; "
-            f"HG {'kept' if kept else 'not kept'}")
+            f"HG {'kept' if new is not None else 'not kept'}")
 
     tasks = [load_task(t, limit, task_dirs) for t in DEFAULT_TASKS]
     rows = []
@@ -204,7 +180,7 @@ def _evaluate_row(eng, orig, ev, tok, tasks, cfg, chosen, plan, ratio, method, b
     if method != "ZS" and chosen:
         src = b2b if method == "ZS+B2B" else hg_b2b
         for i in chosen:
-            params = _with_block(params, i, src[i])
+            params = with_block(params, i, src[i])
     sc = Scorer(eng, params, plan, batch_size=16)
     ppl = perplexity(sc, ev)
     vs = divergence_from_reference(eng, orig, params, plan, ev, batch_size=8)
