@@ -143,3 +143,71 @@ def test_a_typo_in_a_distill_field_fails_at_load_before_any_work(tmp_path):
     p.write_text("tp: 2\ndistill:\n  optimiser: adam\n")
     with pytest.raises(ConfigError, match="unknown key"):
         load_pipeline_config(str(p), {})
+
+
+# ----------------------------------------------------------------------------- import layers
+
+# Each module imports only from its own layer or below (function-level imports included), and no two modules
+# import each other, directly or through others.
+LAYERS = [
+    {"arch", "gguf_file"},
+    {"config"},
+    {"collectives", "sharding", "kernels", "plan", "data", "embedded", "runlock", "fingerprint", "gguf_meta"},
+    {"model"},
+    {"runtime", "distributed"},
+    {"loading", "checkpoint", "generate", "measure", "evaluation", "tasks"},
+    {"pipeline", "inference", "bench", "peer_hf", "serving"},
+    {"cli"},
+    {"commands"},
+]
+
+
+def _import_graph():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "spd_jax"
+    mods = {}
+    for p in root.rglob("*.py"):
+        parts = p.relative_to(root.parent).with_suffix("").parts
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    graph = {m: set() for m in mods}
+    for m, p in mods.items():
+        pkg = m if p.name == "__init__.py" else m.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(pkg.split(".")[: len(pkg.split(".")) - node.level + 1]) if node.level else ""
+                target = ".".join(x for x in (base, node.module) if x)
+                names = [target] + [f"{target}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            graph[m] |= {n for n in names if n in mods and n not in (m, "spd_jax")}
+    return graph
+
+
+def _layer(module: str) -> int:
+    top = module.split(".")[1]
+    return next(i for i, layer in enumerate(LAYERS) if top in layer)
+
+
+def test_the_import_graph_has_no_cycle_and_no_import_up_the_layers():
+    graph = _import_graph()
+    up = sorted(f"{m} -> {t}" for m, ts in graph.items() if m != "spd_jax" for t in ts if _layer(t) > _layer(m))
+    assert not up, f"imports from a lower layer up to a higher one: {up}"
+    seen, on_path = set(), []
+
+    def visit(m):  # depth-first search for a back edge
+        if m in on_path:
+            raise AssertionError(f"import cycle: {' -> '.join(on_path[on_path.index(m):] + [m])}")
+        if m in seen:
+            return
+        on_path.append(m)
+        for t in sorted(graph[m]):
+            visit(t)
+        on_path.pop()
+        seen.add(m)
+
+    for m in sorted(graph):
+        visit(m)
