@@ -8,7 +8,7 @@ Examples:
 
 One process drives the run's devices (TP over them, or --emulate on one), or with --spawn N one process per GPU:
 process 0 serves HTTP and the others decode in lockstep with it. Requests are queued first in, first out and
-decoded one at a time (batch 1). See README "Serving" for what the server does not do.
+decoded one at a time (batch 1). docs/serving.md says what the server does and does not do.
 """
 
 from __future__ import annotations
