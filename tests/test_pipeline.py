@@ -456,3 +456,63 @@ def test_b2b_on_student_inputs_trains_each_block_on_the_treated_models_states(to
         want = d.mse(orig["layers"][i], h_student[i].astype(h_teacher.dtype), h_teacher[i + 1])
         assert b2b[str(i)]["initial_mse"] == pytest.approx(want, rel=1e-4)
     assert b2b["1"]["initial_mse"] != pytest.approx(d.mse(orig["layers"][1], h_teacher[1], h_teacher[2]), rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- latency at an accuracy budget
+
+CAMPAIGN_7B_TP4 = ROOT / "docs/bench/2026-11-28-h200x4-tp4-campaign/c7/llama2-7b-tp4-nvlink-1proc.json"
+
+
+def test_expected_latency_reads_and_interpolates_a_measured_benchmark():
+    """On the raw JSON of a real 4x H200 run (LLaMA-2-7B shape, TP 4, NVLink): a plan dropping 16 blocks takes the
+    measured r=0.50 row; 20 blocks lie between the rows of 16 and 22; the cut is against the row with none."""
+    from spd_jax.pipeline.latency import expected_latency, read_bench
+
+    raw = {r["label"]: r for r in json.loads(CAMPAIGN_7B_TP4.read_text())["rows"]}
+    bench = read_bench(CAMPAIGN_7B_TP4, 32, 4)
+    at16 = expected_latency(bench, 16)
+    assert at16["how"] == "measured row r=0.50"
+    assert at16["e2e_cut"] == pytest.approx(1 - raw["r=0.50"]["e2e_ms"] / raw["r=0.00"]["e2e_ms"])
+    at20 = expected_latency(bench, 20)
+    lo, hi = raw["r=0.50"], raw["r=0.70"]  # 16 and 22 blocks
+    assert at20["e2e_ms"] == pytest.approx(np.interp(20, [16, 22], [lo["e2e_ms"], hi["e2e_ms"]]))
+    assert at20["tpot_cut"] == pytest.approx(1 - np.interp(20, [16, 22], [lo["tpot_ms"], hi["tpot_ms"]])
+                                             / raw["r=0.00"]["tpot_ms"])
+    assert (at20["device"], at20["interconnect"], at20["n_devices"]) == ("NVIDIA H200", "nvlink", 4)
+    with pytest.raises(ConfigError, match=r"llama2-7b \(32 blocks\) at TP 4; this model has 3 blocks at TP 2"):
+        read_bench(CAMPAIGN_7B_TP4, 3, 2)
+
+
+def test_the_pipeline_report_states_the_latency_its_plan_buys(tokenized_tiny, tmp_path):
+    """A real CPU benchmark of the 4-block `tiny` shape at TP 2, and a pipeline run on a 4-block model: the report
+    gives the latency of the chosen plan from that benchmark; a model of another depth is refused before any work."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from spd_jax.pipeline.config import PipelineConfig
+    from spd_jax.pipeline.run import run_pipeline
+
+    bench = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, str(ROOT / "launch/bench.py"), "--shape", "tiny", "--tp", "2", "--prompt-len",
+                        "8", "--new-tokens", "4", "--repeats", "1", "--spd-ratios", "0,0.5,1", "--json", str(bench)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    model3, corpus = tokenized_tiny
+    settings = dict(tp=2, emulate=True, data=str(corpus), calib_samples=2, calib_len=16, eval_tokens=64, ratio=0.5,
+                    head_grouping=False, latency_from=str(bench))
+    with pytest.raises(ConfigError, match=r"tiny \(4 blocks\) at TP 2; this model has 3 blocks"):
+        run_pipeline(PipelineConfig(model=str(model3), **settings), tmp_path / "refused", progress=False)
+    assert not (tmp_path / "refused").exists()
+    model4 = tmp_path / "model4"
+    torch.manual_seed(0)
+    tok = PreTrainedTokenizerFast.from_pretrained(model3)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32,
+                                 intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=128, tie_word_embeddings=True)).save_pretrained(model4)
+    tok.save_pretrained(model4)
+    pc = PipelineConfig(model=str(model4), **settings)
+    pc.distill.epochs = 0
+    lat = run_pipeline(pc, tmp_path / "run", progress=False)["expected_latency"]
+    rows = {r["label"]: r for r in json.loads(bench.read_text())["rows"]}
+    assert (lat["n_spd"], lat["how"]) == (2, "measured row r=0.50")
+    assert lat["e2e_cut"] == pytest.approx(1 - rows["r=0.50"]["e2e_ms"] / rows["r=0.00"]["e2e_ms"])

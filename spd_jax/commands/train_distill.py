@@ -27,6 +27,9 @@ def parse_args(argv=None):
     p.add_argument("--ratio", type=float, help="fraction of blocks whose attention sync is dropped")
     p.add_argument("--max-ppl-increase", type=float, metavar="PCT",
                    help="drop as many syncs as keep calibration perplexity within +PCT%% (overrides --ratio)")
+    p.add_argument("--latency-from", metavar="JSON",
+                   help="a spd-bench --json result of this model's shape and TP degree on the target hardware (e.g. "
+                        "--spd-ratios 0,0.25,0.5,0.75,1): the report states the latency the chosen plan buys there")
     p.add_argument("--tau1", type=float)
     p.add_argument("--tau2", type=float)
     p.add_argument("--sensitivity", choices=["cumulative", "isolated"])
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
         "head_grouping": False if args.no_head_grouping else None,
         "distill.epochs": args.epochs, "distill.lr": args.lr,
         "distill.batch_size": args.distill_batch_size, "distill.inputs": args.distill_inputs, "save_every": args.save_every,
-        "teacher_states": args.teacher_states})
+        "teacher_states": args.teacher_states, "latency_from": args.latency_from})
     spawned = spawn_run(args, __file__, argv, pc.tp, pc.emulate, pc.model)
     if spawned is not None:
         return spawned

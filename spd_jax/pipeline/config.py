@@ -38,6 +38,9 @@ class PipelineConfig(ModelSettings):
     # cache; removed when the run ends)
     teacher_states: Literal["memory", "disk"] = "memory"
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    # a `spd-bench --json` result of this model's shape and TP degree on the target hardware: the report states the
+    # latency the chosen plan buys there (pipeline.latency); it changes nothing the pipeline computes
+    latency_from: str | None = None
 
     def validate(self) -> None:
         check_types(self, "pipeline config")
@@ -63,6 +66,8 @@ class PipelineConfig(ModelSettings):
         if self.data != "wiki" and not Path(self.data).expanduser().exists():
             raise ConfigError(f"data file not found: {self.data} (give 'wiki' or an existing .txt/.jsonl file "
                               "or saved dataset folder)")
+        if self.latency_from is not None and not Path(self.latency_from).expanduser().is_file():
+            raise ConfigError(f"--latency-from {self.latency_from}: file not found (a spd-bench --json result)")
         if self.tp < 2:
             raise ConfigError(f"the SPD pipeline drops the all-reduce between tensor-parallel shards: it needs tp >= 2, "
                               f"got {self.tp} (e.g. --tp 3 --emulate on one CPU, or --config "
@@ -70,7 +75,7 @@ class PipelineConfig(ModelSettings):
 
 
 # Fields a resumed run may change without changing what it computes.
-RESUME_SAFE_FIELDS = ("save_every",)
+RESUME_SAFE_FIELDS = ("save_every", "latency_from")
 
 
 # Where a pipeline config leaves them unset, the shared model fields take the CPU setting of the embedded

@@ -148,6 +148,7 @@ def build_report(run: Run, timer: StageTimer) -> dict:
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "jax": jax.__version__,
                     "devices": f"{jax.device_count()}x{jax.devices()[0].device_kind}"},
         "checkpoint": str(run.out / "checkpoint"),
+        "expected_latency": run.latency,
     }
 
 

@@ -39,6 +39,7 @@ from spd_jax.pipeline.analysis import (
 from spd_jax.pipeline.config import PipelineConfig
 from spd_jax.pipeline.distill import BlockDistiller, make_optimizer
 from spd_jax.pipeline.grouping import head_group_block
+from spd_jax.pipeline.latency import describe, expected_latency, read_bench
 from spd_jax.pipeline.ops import ModelOps
 from spd_jax.plan import PLAN_VERSION, SyncPlan, save_plan
 from spd_jax.runtime import Engine, Params
@@ -129,14 +130,21 @@ class Calibration:
                 "eval": self.ops.ppl(params, self.h_ev, self.ev, plan, bar("evaluation"))}
 
 
+def check_model(pc: PipelineConfig, cfg) -> None:
+    """What the settings ask of the model, checked before anything heavy: the calibration length fits its
+    context; a latency benchmark (`latency_from`) is of its shape and TP degree."""
+    cfg.check_fits(pc.calib_len, "calib_len: a calibration sequence", "lower --calib-len")
+    if pc.latency_from is not None:
+        read_bench(pc.latency_from, cfg.n_layers, pc.tp)
+
+
 def prepare(pc: PipelineConfig, *, progress: bool = False, timer: StageTimer | None = None,
             store: str | None = None, eval_states: bool = True) -> Calibration:
     """Open the model, read the data, load the weights, run the teacher. store: a path prefix for file-backed
     teacher states (`ModelOps.hidden_states`); eval_states: also the held-out tokens' hidden states."""
     timer = timer or StageTimer(quiet=True)
     with timer.stage("data"):
-        lm, engine = open_engine(pc, lambda cfg: cfg.check_fits(pc.calib_len, "calib_len: a calibration sequence",
-                                                                 "lower --calib-len"))
+        lm, engine = open_engine(pc, lambda cfg: check_model(pc, cfg))
         tok = lm.tokenizer()
         eos = lm.cfg.eos_token_ids[0] if lm.cfg.eos_token_ids else None
         calib = calibration_tokens(DataSpec(pc.data, pc.calib_samples, pc.calib_len, pc.seed), tok, eos)
@@ -228,6 +236,7 @@ class Run:
     out: Path
     distiller: BlockDistiller
     opt_state: Any = None  # the optimizer state of a block resumed mid-training
+    latency: dict | None = None  # what the plan buys on the hardware of `latency_from` (pipeline.latency)
 
     @property
     def sync_plan(self) -> SyncPlan:
@@ -417,6 +426,10 @@ def final_stage(run: Run) -> None:
     run.save(full=True)
     run.ckpt.remove_blocks()
     log(f"[ppl] final (SPD plan + treatments) {run.state.ppl['final']}")
+    pc = run.cal.pc
+    if pc.latency_from is not None:  # not part of the state: a resumed run may add or change it
+        run.latency = expected_latency(read_bench(pc.latency_from, run.cal.n_layers, pc.tp), run.sync_plan.n_spd)
+        log(f"[latency] {describe(run.latency)}")
 
 
 STAGES: tuple[tuple[str, Callable[[Run], None]], ...] = (
