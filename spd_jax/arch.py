@@ -141,10 +141,3 @@ FAMILIES: dict[str, Family] = {
 
 # GGUF `general.architecture` -> the family it is read as
 GGUF_ARCHS: dict[str, str] = {f.gguf_arch: f.name for f in FAMILIES.values() if f.gguf_arch is not None}
-
-
-def family(arch: str) -> Family:
-    try:
-        return FAMILIES[arch]
-    except KeyError:
-        raise ValueError(f"unknown architecture {arch!r}; known: {sorted(FAMILIES)}") from None

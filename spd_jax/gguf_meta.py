@@ -18,9 +18,6 @@ from typing import Any
 from spd_jax.arch import GGUF_ARCHS  # GGUF `general.architecture` -> family (the family table's `gguf_arch`)
 from spd_jax.config import ConfigError, WeightLoadError
 
-# A Mistral model is a "llama" GGUF (llama.cpp converts it so); its sliding window, when the file records
-# one under `llama.attention.sliding_window`, is applied (the llama family's sliding_window rule).
-
 # Pre-tokenizer split rules by `tokenizer.ggml.pre` (as transformers' GGUF converter and llama.cpp use
 # them); a kind not listed splits with GPT-2's rule (the byte-level default).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -68,6 +65,8 @@ def hf_config(path: str | Path) -> types.SimpleNamespace:
         rope.update(rope_type="linear", factor=float(get("rope.scaling.factor")))
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab = get("vocab_size", len(tokens) if tokens is not None else None)
+    # a Mistral model is a "llama" GGUF (llama.cpp converts it so): the window it records is applied by the llama
+    # family's sliding_window rule (arch.FAMILIES)
     window = get("attention.sliding_window", None, required=False)
     extra = {"sliding_window": int(window)} if window is not None else {}
     return types.SimpleNamespace(**extra,

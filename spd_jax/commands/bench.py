@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from spd_jax.config import ATTENTION_KERNEL_CHOICES, KERNEL_TUNE_KEYS, SHADOW_ALLREDUCE, GenerationConfig
@@ -165,13 +166,10 @@ class Phases:
     """Progress on stderr, and where the wall time went (the JSON's "phases_s")."""
 
     def __init__(self):
-        import time
-
-        self.clock = time.perf_counter
-        self.marks, self.s = [self.clock()], {}
+        self.marks, self.s = [time.perf_counter()], {}
 
     def __call__(self, name: str) -> None:
-        self.marks.append(self.clock())
+        self.marks.append(time.perf_counter())
         self.s[name] = round(self.marks[-1] - self.marks[-2], 2)
         print(f"[bench +{self.marks[-1] - self.marks[0]:7.1f} s] {name} ({self.s[name]:.1f} s)", file=sys.stderr,
               flush=True)
@@ -359,7 +357,6 @@ def tabulate(args, engine, configs, rows, ar, table, hbm, compile_s, phases) -> 
                   "allreduce_time_removed": ((s.tpot_ms - r.tpot_ms) / (s.tpot_ms - floor.tpot_ms)
                                              if floor and s.tpot_ms > floor.tpot_ms else None)}
                  for r in rows],
-        "floor_e2e_ms": None if floor is None else floor.e2e_ms,
     }
 
 
@@ -441,8 +438,9 @@ def plot(args, result: dict) -> None:
         pts = [r for r in result["rows"] if r["label"].startswith("r=") and r["allreduce_method"] == m]
         ax.plot([float(r["label"][2:].split("/")[0]) * 100 for r in pts], [r["e2e_ms"] for r in pts],
                 marker="o", label=f"e2e ({m})")
-    if result["floor_e2e_ms"] is not None:
-        ax.axhline(result["floor_e2e_ms"], ls="--", c="gray", label="no all-reduce (floor)")
+    floor = next((r for r in result["rows"] if r["label"] == "floor"), None)
+    if floor is not None:
+        ax.axhline(floor["e2e_ms"], ls="--", c="gray", label="no all-reduce (floor)")
     ax.set(xlabel="SPD ratio (%)", ylabel="request latency (ms)",
            title=f"{args.shape} TP{args.tp} {args.interconnect} ({result['device']})")
     ax.legend()

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import platform
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -25,7 +26,7 @@ from spd_jax.checkpoint import Checkpointer
 from spd_jax.config import ConfigError
 from spd_jax.distributed import is_main_process
 from spd_jax.pipeline.config import PipelineConfig, check_resume, input_fingerprints
-from spd_jax.pipeline.stages import STAGES, Run, StageTimer, prepare, start_run
+from spd_jax.pipeline.stages import STAGES, Run, StageTimer, log, prepare, start_run
 from spd_jax.runlock import RunLock
 
 
@@ -129,10 +130,6 @@ def _run_pipeline(pc: PipelineConfig, out: Path, ckpt: Checkpointer, resume: boo
 def build_report(run: Run, timer: StageTimer) -> dict:
     """report.json: the config, plan, perplexities by stage, what head grouping and distillation did, times,
     memory and machine."""
-    import time
-
-    from spd_jax.pipeline.stages import log
-
     st = run.state
     status_counts = {s: sum(v["status"] == s for v in st.b2b.values()) for s in sorted({v["status"] for v in st.b2b.values()})}
     if st.b2b:
