@@ -12,7 +12,7 @@ print("imports", round(time.time()-t0,1), flush=True); t=time.time()
 tasks=[load_task(s, 20, [Path('../shared/data/bigbench')]) for s in DEFAULT_TASKS]
 print("tasks", round(time.time()-t,1)); t=time.time()
 sess=open_session(RunConfig(), default_layout=False)
-print("session", round(time.time()-t,1)); t=time.time()
+print("model opened", round(time.time()-t,1)); t=time.time()
 sc=Scorer(sess.engine, sess.params, sess.plan, batch_size=8)
 stream=text_tokens("wiki", sess.tokenizer, "eval")[:16384]
 print("tokens", round(time.time()-t,1)); t=time.time()
