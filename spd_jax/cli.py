@@ -173,15 +173,22 @@ def run(main) -> None:
     A process that joined a jax.distributed cluster leaves it through a barrier before exiting, so the
     coordinator (process 0) does not vanish under the others (gRPC errors at exit)."""
     import signal
+    import threading
 
     def terminated(signum, _frame):  # SIGTERM unwinds like Ctrl-C: `finally` blocks release locks, remove partial folders
         raise SystemExit(128 + signum)
 
     previous_hook = sys.unraisablehook
+    swallowed: list[SystemExit] = []
 
-    def redeliver(u):  # the handler ran inside a callback (e.g. XLA's gc callback), which swallows exceptions:
+    def redeliver(u):  # the handler ran inside a callback (e.g. a gc callback), which swallows exceptions:
         if isinstance(u.exc_value, SystemExit) and u.exc_value.code == 128 + signal.SIGTERM:
-            os.kill(os.getpid(), signal.SIGTERM)  # deliver the signal again, to be raised where it unwinds
+            # send the signal again from another thread: the handler then runs in the main thread once the
+            # callback has returned (a kill from this thread would run it here, inside the hook, swallowed again)
+            swallowed.append(u.exc_value)
+            redelivery = threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGTERM))
+            redelivery.daemon = True
+            redelivery.start()
             return
         previous_hook(u)
 
@@ -195,4 +202,4 @@ def run(main) -> None:
         from spd_jax.distributed import shutdown
 
         shutdown()
-    sys.exit(code)
+    sys.exit(swallowed[0].code if swallowed else code)  # terminated just as main() returned: still says so

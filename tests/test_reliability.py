@@ -472,6 +472,38 @@ def test_more_one_line_errors(tmp_path, tiny_models):
         load_run_config(None, {"spd_plan": str(tmp_path / "p.json"), "spd_blocks": "all"})
 
 
+_SIGTERM_IN_A_GC_CALLBACK = """
+import gc, os, signal, time
+from spd_jax.cli import run
+
+def main():
+    def callback(phase, _info):  # the signal lands while a gc callback runs (jax registers one)
+        if phase == "start" and not callback.__dict__.get("fired"):
+            callback.fired = True
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(10_000))  # the handler's SystemExit is raised here, and the gc machinery swallows it
+    gc.callbacks.append(callback)
+    try:
+        gc.collect()
+        time.sleep(5)
+        print("ran to the end")
+        return 0
+    finally:
+        print("cleanup ran")
+
+run(main)
+"""
+
+
+def test_sigterm_swallowed_by_a_callback_still_ends_the_run_through_its_cleanup(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(_SIGTERM_IN_A_GC_CALLBACK)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=ENV, timeout=60)
+    assert r.returncode == 143, (r.returncode, r.stdout, r.stderr)  # was: 0, the run went on to the end
+    assert "cleanup ran" in r.stdout and "ran to the end" not in r.stdout
+    assert "Traceback" not in r.stderr, r.stderr
+
+
 def test_sigterm_before_the_first_checkpoint_leaves_no_folder(tokenized_tiny, tmp_path):
     model, corpus = tokenized_tiny
     out = tmp_path / "run"
