@@ -181,12 +181,14 @@ def run(main) -> None:
     previous_hook = sys.unraisablehook
     swallowed: list[SystemExit] = []
 
-    def redeliver(u):  # the handler ran inside a callback (e.g. a gc callback), which swallows exceptions:
-        if isinstance(u.exc_value, SystemExit) and u.exc_value.code == 128 + signal.SIGTERM:
+    def redeliver(u):  # a signal's handler ran inside a callback (e.g. a gc callback), which swallows exceptions:
+        sent = (signal.SIGTERM if isinstance(u.exc_value, SystemExit) and u.exc_value.code == 128 + signal.SIGTERM
+                else signal.SIGINT if isinstance(u.exc_value, KeyboardInterrupt) else None)
+        if sent is not None:
             # send the signal again from another thread: the handler then runs in the main thread once the
             # callback has returned (a kill from this thread would run it here, inside the hook, swallowed again)
-            swallowed.append(u.exc_value)
-            redelivery = threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGTERM))
+            swallowed.append(SystemExit(128 + sent))
+            redelivery = threading.Timer(0.01, os.kill, (os.getpid(), sent))
             redelivery.daemon = True
             redelivery.start()
             return
@@ -196,6 +198,9 @@ def run(main) -> None:
     signal.signal(signal.SIGTERM, terminated)
     try:
         code = main()
+    except KeyboardInterrupt:  # Ctrl-C: `finally` blocks have run; one line, not a traceback
+        print("interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except Exception as e:  # noqa: BLE001
         die(e)
     if "jax" in sys.modules:
