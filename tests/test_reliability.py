@@ -477,6 +477,8 @@ _SIGNAL_IN_A_GC_CALLBACK = """
 import gc, os, signal, time
 from spd_jax.cli import run
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a test worker may ignore SIGINT, and a child inherits it
+
 def main():
     def callback(phase, _info):  # the signal lands while a gc callback runs (jax registers one)
         if phase == "start" and not callback.__dict__.get("fired"):
@@ -500,9 +502,7 @@ run(main)
 def test_a_signal_swallowed_by_a_callback_still_ends_the_run_through_its_cleanup(tmp_path, signum):
     script = tmp_path / "job.py"
     script.write_text(_SIGNAL_IN_A_GC_CALLBACK.replace("SIGNUM", signum))
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=ENV, timeout=60,
-                       # a test worker may ignore SIGINT, and a child inherits that: give it the default, as a shell does
-                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=ENV, timeout=60)
     # was: exit 0, the run went on to the end
     assert r.returncode == 128 + getattr(signal, signum), (r.returncode, r.stdout, r.stderr)
     assert "cleanup ran" in r.stdout and "ran to the end" not in r.stdout
