@@ -179,7 +179,7 @@ def run(main) -> None:
         raise SystemExit(128 + signum)
 
     previous_hook = sys.unraisablehook
-    swallowed: list[SystemExit] = []
+    stopped: list[int] = []  # the exit code of a signal whose handler's exception a callback swallowed
 
     def redeliver(u):  # a signal's handler ran inside a callback (e.g. a gc callback), which swallows exceptions:
         sent = (signal.SIGTERM if isinstance(u.exc_value, SystemExit) and u.exc_value.code == 128 + signal.SIGTERM
@@ -187,7 +187,7 @@ def run(main) -> None:
         if sent is not None:
             # send the signal again from another thread: the handler then runs in the main thread once the
             # callback has returned (a kill from this thread would run it here, inside the hook, swallowed again)
-            swallowed.append(SystemExit(128 + sent))
+            stopped.append(128 + sent)
             redelivery = threading.Timer(0.01, os.kill, (os.getpid(), sent))
             redelivery.daemon = True
             redelivery.start()
@@ -207,4 +207,4 @@ def run(main) -> None:
         from spd_jax.distributed import shutdown
 
         shutdown()
-    sys.exit(swallowed[0].code if swallowed else code)  # terminated just as main() returned: still says so
+    sys.exit(stopped[0] if stopped else code)  # stopped just as main() returned: the exit code still says so
