@@ -15,6 +15,12 @@ from pathlib import Path
 from spd_jax.config import ConfigError
 
 
+def _psum_rows(bench: dict) -> list[dict]:
+    """The rows timed with NCCL's psum (the default all-reduce), the floor row left out, by dropped blocks."""
+    return sorted((r for r in bench["rows"] if r.get("allreduce_method", "psum") == "psum" and r["label"] != "floor"),
+                  key=lambda r: r["n_spd"])
+
+
 def read_bench(path: str | Path, n_layers: int, tp: int) -> dict:
     """A `spd-bench --json` result, checked to be of a shape with `n_layers` blocks at TP `tp` (else a ConfigError
     that says what it holds)."""
@@ -23,14 +29,14 @@ def read_bench(path: str | Path, n_layers: int, tp: int) -> dict:
     p = Path(path).expanduser()
     try:
         bench = json.loads(p.read_text())
-        shape, bench_tp, rows = bench["shape"], bench["tp"], bench["rows"]
+        shape, bench_tp, psum = bench["shape"], bench["tp"], _psum_rows(bench)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"--latency-from {p}: not a readable spd-bench --json result ({type(e).__name__}: {e})") from None
     blocks = shape_config(shape).n_layers
     if (blocks, bench_tp) != (n_layers, tp):
         raise ConfigError(f"--latency-from {p}: measured on {shape} ({blocks} blocks) at TP {bench_tp}; this model has "
                           f"{n_layers} blocks at TP {tp}: benchmark the same shape and TP degree")
-    if not any(r.get("n_spd") == 0 and r.get("allreduce_method", "psum") == "psum" for r in rows):
+    if not any(r["n_spd"] == 0 for r in psum):
         raise ConfigError(f"--latency-from {p}: no row with every sync point kept (r=0.00) to compare with")
     return {**bench, "source": str(p)}
 
@@ -39,8 +45,7 @@ def expected_latency(bench: dict, n_spd: int) -> dict:
     """The request (e2e) and per-token (decode) latency of a plan dropping `n_spd` sync points, against the
     benchmark's run with every sync point kept: a measured row with that many dropped blocks, or the linear
     interpolation between the two rows around it."""
-    rows = sorted((r for r in bench["rows"] if r.get("allreduce_method", "psum") == "psum" and r["label"] != "floor"),
-                  key=lambda r: r["n_spd"])
+    rows = _psum_rows(bench)
     sync = next(r for r in rows if r["n_spd"] == 0)
     exact = next((r for r in rows if r["n_spd"] == n_spd), None)
     if exact is not None:
