@@ -340,9 +340,9 @@ def _chosen(run: Run, classes: tuple[str, ...]) -> list[int]:
 def head_grouping_stage(run: Run) -> None:
     """Head grouping of the chosen ESB blocks, each kept or reverted by `head_group_accepted`."""
     cal, st = run.cal, run.state
-    blocks = _chosen(run, ("ESB",))
     if not cal.pc.head_grouping:
         return
+    blocks = _chosen(run, ("ESB",))
     from tqdm.auto import tqdm
 
     for i in tqdm(blocks, desc="head grouping", disable=not cal.progress, unit="block"):
@@ -420,12 +420,15 @@ def _distill_block(run: Run, i: int, x_in) -> None:
 
 
 def final_stage(run: Run) -> None:
-    """The treated model's perplexities; the full parameters saved (the per-block folders are then removed)."""
-    run.state.ppl["final"] = run.cal.ppls(run.sync_plan, run.params, "final")
-    run.state.stage = "done"
-    run.save(full=True)
+    """The treated model's perplexities; the full parameters saved (the per-block folders are then removed). A
+    resumed finished run has both already."""
+    st = run.state
+    if st.stage != "done":
+        st.ppl["final"] = run.cal.ppls(run.sync_plan, run.params, "final")
+        st.stage = "done"
+        run.save(full=True)
     run.ckpt.remove_blocks()
-    log(f"[ppl] final (SPD plan + treatments) {run.state.ppl['final']}")
+    log(f"[ppl] final (SPD plan + treatments) {st.ppl['final']}")
     pc = run.cal.pc
     if pc.latency_from is not None:  # not part of the state: a resumed run may add or change it
         run.latency = expected_latency(read_bench(pc.latency_from, run.cal.n_layers, pc.tp), run.sync_plan.n_spd)
