@@ -18,6 +18,8 @@ import functools
 import json
 import os
 import struct
+import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -397,9 +399,6 @@ def open_engine(settings, check: Callable[[ModelConfig], None] | None = None) ->
 
 def load_weights(engine: Engine, loaded: LoadedModel, verbose: bool = False) -> Params:
     """`load_params` of the opened model; verbose: a progress bar and a summary line on stderr."""
-    import sys
-    import time
-
     from tqdm.auto import tqdm
 
     mdef = engine.mdef

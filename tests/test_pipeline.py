@@ -343,7 +343,6 @@ def _pipeline_cmd(model, corpus, out, *extra):
             "--distill-batch-size", "2", "--save-every", "2", "--no-head-grouping", "--out", str(out), *extra]
 
 
-
 def test_pipeline_state_reads_the_checkpoint_format_earlier_versions_wrote():
     """The state a checkpoint carries is JSON with block indices as strings; a state written before the stages
     were typed reads back and writes out unchanged, and a field this version does not know is refused by name."""

@@ -102,9 +102,12 @@ class Completions:
     def __init__(self, engine: ServingEngine, model_name: str, context: int, default_max_tokens: int):
         self.engine, self.model_name, self.context, self.default_max_tokens = engine, model_name, context, default_max_tokens
 
+    def engine_failed(self) -> APIError:
+        return APIError(503, f"the server cannot decode: {self.engine.failure}", "server_error", code="engine_failed")
+
     def sampling(self, body: _Sampling, prompt_ids: list[int]) -> Sampling:
         if self.engine.failure is not None:
-            raise APIError(503, f"the server cannot decode: {self.engine.failure}", "server_error", code="engine_failed")
+            raise self.engine_failed()
         if body.model != self.model_name:
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
@@ -155,8 +158,7 @@ class Completions:
                         req.cancelled.set()
                         return None
                     if self.engine.failure is not None:
-                        raise APIError(503, f"the server cannot decode: {self.engine.failure}", "server_error",
-                                       code="engine_failed") from None
+                        raise self.engine_failed() from None
                     continue
                 if kind == "delta":
                     parts.append(rest[0])
@@ -190,7 +192,7 @@ class Completions:
                 except asyncio.TimeoutError:
                     if self.engine.failure is None:
                         continue
-                    kind, rest = "error", [f"the server cannot decode: {self.engine.failure}"]
+                    kind, rest = "error", [self.engine_failed().message]
                 if kind == "delta":
                     if rest[0]:
                         yield chunk(rest[0])
